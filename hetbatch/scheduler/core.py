@@ -1,0 +1,327 @@
+"""The scheduler's decisions: who gets which rows, when a lease lapses, who steals from whom.
+
+Pure and deterministic: no I/O, no threads, no clock of its own (every call takes `now`). The live
+coordinator drives it with the real clock and real workers; the simulator drives the very same
+object with a simulated clock. Dealing follows weighted factoring: an instance asking for work
+gets a share of the remaining rows proportional to its capacity, divided by `factor`, so units
+shrink as the job nears its end and every instance finishes at about the same time. When nothing
+is left to deal, an idle instance steals the unstarted tail of the instance with the longest
+estimated remaining time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hetbatch.scheduler.ranges import RangeSet
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    min_unit_rows: int = 16
+    max_unit_rows: int = 4096
+    factor: float = 2.0
+    lease_timeout_s: float = 120.0
+    max_leases_per_instance: int = 2
+    rate_smoothing: float = 0.3
+
+
+@dataclass
+class Lease:
+    """Rows [start, end) handed to one instance until `deadline` unless renewed."""
+
+    lease_id: int
+    instance: str
+    start: int
+    end: int
+    deadline: float
+    submitted: int = -1
+    done: int = 0
+    release_to: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.submitted < 0:
+            self.submitted = self.start
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+    @property
+    def unfinished_rows(self) -> int:
+        return max(self.rows - self.done, 0)
+
+
+@dataclass
+class InstanceState:
+    instance_id: str
+    planned_weight: float
+    alive: bool = True
+    leases: list[int] = field(default_factory=list)
+    measured_rate: float | None = None
+    last_commit_at: float | None = None
+    rows_committed: int = 0
+
+
+class Wait(Enum):
+    """Why a request got no lease."""
+
+    NOTHING_FREE = "nothing-free"
+    DONE = "done"
+
+
+class CommitStatus(Enum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+
+
+@dataclass(frozen=True)
+class Release:
+    """Ask an instance to give back the rows of `lease_id` from `cut` on (it may cut later)."""
+
+    lease_id: int
+    cut: int
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    releases: list[Release]
+    revoked: list[int]
+
+
+class Scheduler:
+    """Hands out row ranges of one job to instances of unequal, partly unknown speed."""
+
+    def __init__(
+        self,
+        total_rows: int,
+        config: SchedulerConfig | None = None,
+        committed: Sequence[tuple[int, int]] = (),
+        boundaries: Sequence[int] = (),
+    ) -> None:
+        self.config = config or SchedulerConfig()
+        self.total_rows = total_rows
+        self.committed = RangeSet(committed)
+        self.pending = RangeSet([(0, total_rows)])
+        for a, b in self.committed:
+            self.pending.remove(a, b)
+        self.boundaries = sorted(set(boundaries))
+        self.instances: dict[str, InstanceState] = {}
+        self.leases: dict[int, Lease] = {}
+        self._next_lease_id = 1
+
+    # -- membership ---------------------------------------------------------------------------
+
+    def join(self, instance_id: str, planned_weight: float, now: float) -> None:
+        """Register an instance (or re-register one that reconnects)."""
+        state = self.instances.get(instance_id)
+        if state is None:
+            self.instances[instance_id] = InstanceState(instance_id, max(planned_weight, 1e-9))
+        else:
+            state.alive = True
+
+    def leave(self, instance_id: str, now: float) -> list[Lease]:
+        """An instance is gone: its leases go back to the queue at once."""
+        state = self.instances.get(instance_id)
+        if state is None:
+            return []
+        state.alive = False
+        return [self._return_lease(lid) for lid in list(state.leases)]
+
+    # -- dealing ------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return not self.pending and not self.leases
+
+    def request(self, instance_id: str, now: float) -> Lease | Wait:
+        """Give `instance_id` its next unit, or say why not (wait and ask again, or done)."""
+        state = self.instances[instance_id]
+        if self.done:
+            return Wait.DONE
+        if len(state.leases) >= self.config.max_leases_per_instance:
+            return Wait.NOTHING_FREE
+        if not self.pending:
+            self._plan_steal(instance_id)
+            return Wait.NOTHING_FREE
+        start, end = self._cut_unit(self.unit_size(instance_id))
+        return self._issue(instance_id, start, end, now)
+
+    def unit_size(self, instance_id: str) -> int:
+        """Weighted factoring: this instance's share of the remaining rows, over `factor`."""
+        cfg = self.config
+        share = self.rate(instance_id) / self._total_rate()
+        size = math.ceil(self.pending.total * share / cfg.factor)
+        return max(cfg.min_unit_rows, min(cfg.max_unit_rows, size))
+
+    def _cut_unit(self, size: int) -> tuple[int, int]:
+        start, end = self.pending.first()
+        cut = self._align(start + size, start, end)
+        if end - cut < self.config.min_unit_rows:
+            cut = end
+        self.pending.remove(start, cut)
+        return start, cut
+
+    def _align(self, cut: int, start: int, end: int) -> int:
+        """Move a cut to a nearby row-group boundary, so that units read whole row groups."""
+        if cut >= end:
+            return end
+        slack = max((cut - start) // 8, 1)
+        lo = bisect.bisect_left(self.boundaries, cut - slack)
+        for b in self.boundaries[lo : lo + 3]:
+            if start < b < end and abs(b - cut) <= slack:
+                return b
+        return cut
+
+    def _issue(self, instance_id: str, start: int, end: int, now: float) -> Lease:
+        lease = Lease(
+            self._next_lease_id, instance_id, start, end, now + self.config.lease_timeout_s
+        )
+        self._next_lease_id += 1
+        self.leases[lease.lease_id] = lease
+        state = self.instances[instance_id]
+        state.leases.append(lease.lease_id)
+        if state.last_commit_at is None:
+            state.last_commit_at = now
+        return lease
+
+    # -- stealing -----------------------------------------------------------------------------
+
+    def remaining_time(self, instance_id: str) -> float:
+        state = self.instances[instance_id]
+        rows = sum(self.leases[lid].unfinished_rows for lid in state.leases)
+        return rows / self.rate(instance_id)
+
+    def _plan_steal(self, thief: str) -> Release | None:
+        """Mark the unstarted tail of the slowest-to-finish instance for release to the queue."""
+        victims = sorted(
+            (s for s in self.instances.values() if s.alive and s.instance_id != thief and s.leases),
+            key=lambda s: (-self.remaining_time(s.instance_id), s.instance_id),
+        )
+        thief_rate = self.rate(thief)
+        thief_left = self.remaining_time(thief)
+        for victim in victims:
+            lease = self.leases[victim.leases[-1]]
+            if lease.release_to is not None:
+                continue
+            v_rate = self.rate(victim.instance_id)
+            v_left = self.remaining_time(victim.instance_id)
+            if v_left <= thief_left:
+                break
+            # Both finish together: (v_left - x / v_rate) == thief_left + x / thief_rate.
+            take = (v_left - thief_left) * v_rate * thief_rate / (v_rate + thief_rate)
+            cut = max(lease.end - int(take), lease.submitted)
+            if lease.end - cut < self.config.min_unit_rows:
+                continue
+            lease.release_to = cut
+            return Release(lease.lease_id, cut)
+        return None
+
+    def release(self, instance_id: str, lease_id: int, cut: int, now: float) -> None:
+        """The owner gives back rows [cut, end) of a lease (all of it when cut == start)."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.instance != instance_id:
+            return
+        cut = min(max(cut, lease.start), lease.end)
+        lease.release_to = None
+        if cut == lease.start:
+            self._return_lease(lease_id)
+            return
+        self.pending.add(cut, lease.end)
+        lease.end = cut
+
+    # -- liveness -----------------------------------------------------------------------------
+
+    def heartbeat(
+        self, instance_id: str, progress: dict[int, tuple[int, int]], now: float
+    ) -> HeartbeatReply:
+        """Renew the instance's leases, note its progress (submitted, done), pass on releases."""
+        state = self.instances[instance_id]
+        revoked = [lid for lid in progress if lid not in state.leases]
+        releases = []
+        for lid in state.leases:
+            lease = self.leases[lid]
+            lease.deadline = now + self.config.lease_timeout_s
+            if lid in progress:
+                submitted, done = progress[lid]
+                lease.submitted = min(max(submitted, lease.start), lease.end)
+                lease.done = min(done, lease.rows)
+            if lease.release_to is not None:
+                releases.append(Release(lid, max(lease.release_to, lease.submitted)))
+        return HeartbeatReply(releases, revoked)
+
+    def expire(self, now: float) -> list[Lease]:
+        """Leases not renewed in time go back to the queue."""
+        lapsed = [lid for lid, lease in self.leases.items() if lease.deadline < now]
+        return [self._return_lease(lid) for lid in lapsed]
+
+    def _return_lease(self, lease_id: int) -> Lease:
+        lease = self.leases.pop(lease_id)
+        self.instances[lease.instance].leases.remove(lease_id)
+        self.pending.add(lease.start, lease.end)
+        return lease
+
+    # -- commits ------------------------------------------------------------------------------
+
+    def commit(
+        self, instance_id: str, lease_id: int, start: int, end: int, now: float
+    ) -> CommitStatus:
+        """Accept a finished unit exactly once.
+
+        A commit of a live lease is accepted. A late commit of a lapsed lease is accepted too if
+        its rows are all still waiting in the queue (nobody else took them), so a slow worker's
+        work is not thrown away; otherwise it is stale and its shard must be discarded.
+        """
+        lease = self.leases.get(lease_id)
+        if lease is not None and lease.instance == instance_id and (start, end) == (
+            lease.start,
+            lease.end,
+        ):
+            self.leases.pop(lease_id)
+            self.instances[instance_id].leases.remove(lease_id)
+        elif self.committed.contains(start, end):
+            return CommitStatus.DUPLICATE
+        elif self.pending.contains(start, end):
+            self.pending.remove(start, end)
+        else:
+            return CommitStatus.STALE
+        self.committed.add(start, end)
+        self._measure(instance_id, end - start, now)
+        return CommitStatus.ACCEPTED
+
+    # -- capacity -----------------------------------------------------------------------------
+
+    def _measure(self, instance_id: str, rows: int, now: float) -> None:
+        """Correct the instance's capacity from the rows/s it really achieves."""
+        state = self.instances.get(instance_id)
+        if state is None:
+            return
+        state.rows_committed += rows
+        since = state.last_commit_at
+        state.last_commit_at = now
+        if since is None or now <= since:
+            return
+        sample = rows / (now - since)
+        alpha = self.config.rate_smoothing
+        prev = state.measured_rate
+        state.measured_rate = sample if prev is None else (1 - alpha) * prev + alpha * sample
+
+    def rate(self, instance_id: str) -> float:
+        """Estimated rows/s: measured when known, else the planned weight scaled to the
+        measured instances (relative weights only, before any measurement)."""
+        state = self.instances[instance_id]
+        if state.measured_rate is not None:
+            return state.measured_rate
+        measured = [s for s in self.instances.values() if s.measured_rate is not None]
+        if not measured:
+            return state.planned_weight
+        scale = sum(s.measured_rate for s in measured) / sum(s.planned_weight for s in measured)
+        return state.planned_weight * scale
+
+    def _total_rate(self) -> float:
+        return sum(self.rate(i) for i, s in self.instances.items() if s.alive) or 1.0

@@ -1,0 +1,213 @@
+"""The job file: parsed once into typed, validated objects.
+
+Nothing downstream re-reads YAML. Every validation error names the field path (`sampling.top_p`)
+and the file, so that a typo costs one glance rather than a traceback.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hetbatch.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """The model and the engine arguments passed to vLLM as they are."""
+
+    path: str = Field(description="a local folder or a hub name")
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class InputSpec(_Strict):
+    path: str = Field(description="fsspec path: a file, a directory or a glob")
+    prompt_column: str | None = None
+    messages_column: str | None = None
+    id_column: str | None = None
+    keep_columns: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> InputSpec:
+        if (self.prompt_column is None) == (self.messages_column is None):
+            raise ValueError("give exactly one of prompt_column and messages_column")
+        return self
+
+
+class OutputSpec(_Strict):
+    path: str
+    compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = "zstd"
+
+
+class SimEngineSpec(_Strict):
+    """Speed of the simulated engine: aggregate tokens/s at a full batch."""
+
+    tokens_per_s: float = Field(default=2000.0, gt=0)
+    max_num_seqs: int = Field(default=64, ge=1)
+
+
+class PoolSpec(_Strict):
+    """A group of identical nodes: accelerator type x devices per node x nodes."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    accelerator: str
+    devices_per_node: int = Field(ge=1)
+    nodes: int = Field(default=1, ge=1)
+    tensor_parallel_size: int | None = Field(default=None, ge=1)
+    instances_per_node: int | None = Field(default=None, ge=1)
+    capacity_weight: float | None = Field(default=None, gt=0)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    sim: SimEngineSpec | None = None
+
+    @model_validator(mode="after")
+    def _layout_fits(self) -> PoolSpec:
+        tp = self.tensor_parallel_size or 1
+        if tp > self.devices_per_node:
+            raise ValueError(
+                f"tensor_parallel_size {tp} exceeds devices_per_node {self.devices_per_node}"
+            )
+        if self.instances_per_node and self.instances_per_node * tp > self.devices_per_node:
+            raise ValueError(
+                f"instances_per_node {self.instances_per_node} x tensor_parallel_size {tp} "
+                f"needs more than devices_per_node {self.devices_per_node}"
+            )
+        return self
+
+
+class ClusterSpec(_Strict):
+    pools: list[PoolSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ClusterSpec:
+        names = [p.name for p in self.pools]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"pool names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+class SchedulerSpec(_Strict):
+    policy: Literal["hetbatch"] = "hetbatch"
+    min_unit_rows: int = Field(default=16, ge=1)
+    max_unit_rows: int = Field(default=4096, ge=1)
+    factor: float = Field(default=2.0, ge=1.0, description="weighted-factoring divisor")
+    lease_timeout_s: float = Field(default=120.0, gt=0)
+    heartbeat_s: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _unit_bounds(self) -> SchedulerSpec:
+        if self.min_unit_rows > self.max_unit_rows:
+            raise ValueError("min_unit_rows must not exceed max_unit_rows")
+        return self
+
+
+class EngineSpec(_Strict):
+    kind: Literal["vllm", "sim"] = "vllm"
+    sim: SimEngineSpec = Field(default_factory=SimEngineSpec)
+    multiprocessing: bool | None = Field(
+        default=None, description="vLLM engine core in its own process; default: off on cpu"
+    )
+
+
+class CoordinatorSpec(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+
+
+class LaunchSpec(_Strict):
+    max_worker_restarts: int = Field(default=2, ge=0)
+
+
+class JobSpec(_Strict):
+    model: ModelSpec
+    input: InputSpec
+    output: OutputSpec
+    cluster: ClusterSpec
+    prompt_template: str | None = None
+    chat: bool = False
+    sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64})
+    seed: int = 0
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
+    launch: LaunchSpec = Field(default_factory=LaunchSpec)
+
+    @model_validator(mode="after")
+    def _template_and_sampling(self) -> JobSpec:
+        if self.prompt_template is not None:
+            template_fields(self.prompt_template)
+        if "seed" in self.sampling:
+            raise ValueError(
+                "sampling.seed is derived per row from the job's `seed`; set `seed` instead"
+            )
+        if "n" in self.sampling and self.sampling["n"] != 1:
+            raise ValueError("sampling.n must be 1 (one completion per row)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a `str.format` prompt template refers to."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"prompt_template is not a valid format string: {exc}") from None
+    names = [name for _, name, _, _ in parsed if name is not None]
+    if any(not n or not n.isidentifier() for n in names):
+        raise ValueError("prompt_template fields must be column names, as in {prompt}")
+    return names
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ""
+    for part in err["loc"]:
+        loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "required field is missing"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    where = f"{source}: {loc}: " if loc else f"{source}: "
+    return f"{where}{msg}{more}"
+
+
+def parse_job(data: Any, source: str = "job") -> JobSpec:
+    """Validate a job given as a mapping; raise UserError naming the field on any mistake."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the job file must be a mapping of keys to values")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_format_error(source, exc)) from None
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and validate a job file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: job file not found") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read job file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{path}:{line}: {problem}") from None
+    return parse_job(data, str(path))

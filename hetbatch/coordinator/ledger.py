@@ -49,7 +49,9 @@ class OutputStore:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = url_to_fs(self.url)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
         self._records: list[CommitRecord] = []
 
     # -- paths --------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class OutputStore:
 
     def recover(self) -> list[CommitRecord]:
         """Load the ledger, adopt published shards it lacks, and drop unpublished staging."""
-        self._records = self._read_ledger()
+        self._records = self.read_ledger()
         known = {(r.start, r.end) for r in self._records}
         for start, end in self.published_ranges():
             if (start, end) not in known:
@@ -122,7 +124,7 @@ class OutputStore:
         names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
         return sorted(r for r in map(parse_shard_name, names) if r is not None)
 
-    def _read_ledger(self) -> list[CommitRecord]:
+    def read_ledger(self) -> list[CommitRecord]:
         path = self.path(META_DIR, "ledger.jsonl")
         if not self.fs.exists(path):
             return []

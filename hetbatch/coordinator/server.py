@@ -116,8 +116,13 @@ class Coordinator:
         while not self._server.stopping.wait(0.5):
             with self.lock:
                 for lease in self.scheduler.expire(self.clock()):
-                    log.warning("lease %s of %s lapsed: rows [%s, %s) re-queued",
-                                lease.lease_id, lease.instance, lease.start, lease.end)
+                    log.warning(
+                        "lease %s of %s lapsed: rows [%s, %s) re-queued",
+                        lease.lease_id,
+                        lease.instance,
+                        lease.start,
+                        lease.end,
+                    )
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -131,6 +136,9 @@ class Coordinator:
         with self.lock:
             return handler(message, conn_state)
 
+    def _op_job(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
+        return {"job": self.job}
+
     def _op_hello(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
         instance = str(msg["instance"])
         conn["instance"] = instance
@@ -139,7 +147,7 @@ class Coordinator:
         m = self.metrics.setdefault(instance, InstanceMetrics(pool=str(msg.get("pool", ""))))
         m.connected = True
         m.joined_at = m.joined_at or now
-        return {"job": self.job, "done": self.finished.is_set()}
+        return {"done": self.finished.is_set()}
 
     def _op_lease(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
         instance = str(msg["instance"])
@@ -161,7 +169,9 @@ class Coordinator:
         }
 
     def _op_release(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
-        self.scheduler.release(str(msg["instance"]), int(msg["lease"]), int(msg["cut"]), self.clock())
+        self.scheduler.release(
+            str(msg["instance"]), int(msg["lease"]), int(msg["cut"]), self.clock()
+        )
         return {"ok": True}
 
     def _op_commit(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
@@ -176,7 +186,9 @@ class Coordinator:
         self.store.publish(staging, start, end)
         self.store.append(
             CommitRecord(
-                start, end, instance,
+                start,
+                end,
+                instance,
                 prompt_tokens=int(stats.get("prompt_tokens", 0)),
                 completion_tokens=int(stats.get("completion_tokens", 0)),
                 errors=int(stats.get("errors", 0)),
@@ -199,7 +211,9 @@ class Coordinator:
 
     def _disconnect(self, instance: str) -> None:
         for lease in self.scheduler.leave(instance, self.clock()):
-            log.warning("%s left holding rows [%s, %s): re-queued", instance, lease.start, lease.end)
+            log.warning(
+                "%s left holding rows [%s, %s): re-queued", instance, lease.start, lease.end
+            )
         if instance in self.metrics:
             self.metrics[instance].connected = False
 

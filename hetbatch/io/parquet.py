@@ -6,6 +6,7 @@ groups that overlap their unit. Nothing reads the whole dataset into one process
 
 from __future__ import annotations
 
+import base64
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,7 +101,9 @@ def open_dataset(url: str, needed_columns: Sequence[str]) -> InputDataset:
             schema = file_schema
             _check_columns(shown, schema, needed_columns)
         elif not file_schema.equals(schema):
-            raise UserError(f"{shown}: schema differs from the first input file: {_diff(schema, file_schema)}")
+            raise UserError(
+                f"{shown}: schema differs from the first input file: {_diff(schema, file_schema)}"
+            )
         rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         files.append(InputFile(file_path, first_row, rows, fs.size(file_path) or 0))
         first_row += sum(rows)
@@ -181,3 +184,29 @@ def write_table(url: str, table: pa.Table, compression: str) -> None:
     fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "wb") as fh:
         pq.write_table(table, fh, compression=None if compression == "none" else compression)
+
+
+def dataset_to_dict(dataset: InputDataset) -> dict:
+    """Serialisable form, sent to workers so that they need not list the input again."""
+    return {
+        "protocol": dataset.protocol,
+        "files": [
+            {
+                "path": f.path,
+                "first_row": f.first_row,
+                "row_groups": list(f.row_group_rows),
+                "size": f.size,
+            }
+            for f in dataset.files
+        ],
+        "schema": base64.b64encode(dataset.schema.serialize().to_pybytes()).decode(),
+    }
+
+
+def dataset_from_dict(data: dict) -> InputDataset:
+    files = tuple(
+        InputFile(f["path"], f["first_row"], tuple(f["row_groups"]), f["size"])
+        for f in data["files"]
+    )
+    schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["schema"])))
+    return InputDataset(data["protocol"], files, schema)

@@ -278,9 +278,14 @@ class Scheduler:
         work is not thrown away; otherwise it is stale and its shard must be discarded.
         """
         lease = self.leases.get(lease_id)
-        if lease is not None and lease.instance == instance_id and (start, end) == (
-            lease.start,
-            lease.end,
+        if (
+            lease is not None
+            and lease.instance == instance_id
+            and (start, end)
+            == (
+                lease.start,
+                lease.end,
+            )
         ):
             self.leases.pop(lease_id)
             self.instances[instance_id].leases.remove(lease_id)

@@ -19,7 +19,7 @@ class RangeSet:
             self.add(a, b)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return iter(zip(self._starts, self._ends))
+        return iter(zip(self._starts, self._ends, strict=False))
 
     def __len__(self) -> int:
         return len(self._starts)

@@ -1,0 +1,173 @@
+"""What every launcher shares: validate the job against its input and output, resume from the
+ledger, and stand up the coordinator. A launcher subclass only decides where workers run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+from hetbatch.coordinator.ledger import OutputStore
+from hetbatch.coordinator.server import Coordinator
+from hetbatch.errors import UserError
+from hetbatch.io.parquet import InputDataset, dataset_to_dict, open_dataset
+from hetbatch.layout import InstanceSpec, instance_layout
+from hetbatch.scheduler.core import Scheduler, SchedulerConfig
+from hetbatch.spec import JobSpec
+from hetbatch.worker.rows import input_columns
+
+# Fields of the job that change what the output holds: a resume must not mix two of them.
+_OUTPUT_DEFINING = ("model", "input", "prompt_template", "chat", "sampling", "seed")
+
+
+def _absolute(url: str) -> str:
+    """Local paths become absolute, so that workers started elsewhere resolve them alike."""
+    fs, _ = url_to_fs(url)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return os.path.abspath(url.removeprefix("file://"))
+    return url
+
+
+def resolve_job(job: JobSpec) -> JobSpec:
+    """The job with every local path made absolute and the model path checked."""
+    model = job.model.path
+    looks_local = model.startswith(("/", "./", "../", "~")) or os.path.exists(model)
+    if looks_local:
+        model = os.path.abspath(os.path.expanduser(model))
+        if job.engine.kind == "vllm" and not os.path.isdir(model):
+            raise UserError(f"model.path: {job.model.path}: no such model folder")
+    return job.model_copy(
+        update={
+            "model": job.model.model_copy(update={"path": model}),
+            "input": job.input.model_copy(update={"path": _absolute(job.input.path)}),
+            "output": job.output.model_copy(update={"path": _absolute(job.output.path)}),
+        }
+    )
+
+
+@dataclass
+class PreparedRun:
+    job: JobSpec
+    dataset: InputDataset
+    store: OutputStore
+    instances: list[InstanceSpec]
+    committed_rows: int
+    already_complete: bool
+
+    @property
+    def total_rows(self) -> int:
+        return self.dataset.num_rows
+
+
+class Launcher:
+    """Base of the local and Slurm launchers."""
+
+    def __init__(self, job: JobSpec, overwrite: bool = False) -> None:
+        self.job = resolve_job(job)
+        self.overwrite = overwrite
+        self.token = secrets.token_urlsafe(24)
+
+    def prepare(self) -> PreparedRun:
+        """Check everything a user can get wrong before anything is written."""
+        job = self.job
+        dataset = open_dataset(job.input.path, input_columns(job))
+        store = OutputStore(job.output.path)
+        record = self._job_record(dataset)
+        if self.overwrite:
+            store.wipe()
+        elif store.exists():
+            self._check_same_job(store, record)
+        elif store.has_foreign_content():
+            raise UserError(
+                f"{job.output.path}: output folder holds files hetbatch did not write; "
+                "choose an empty or new folder"
+            )
+        instances = instance_layout(job)
+        complete = store.exists() and store.is_complete()
+        committed = 0 if complete else sum(r.end - r.start for r in store.recover())
+        if complete:
+            committed = dataset.num_rows
+        else:
+            store.write_json("job.json", record)
+            store.write_json("layout.json", [i.__dict__ for i in instances])
+        return PreparedRun(job, dataset, store, instances, committed, complete)
+
+    def _job_record(self, dataset: InputDataset) -> dict[str, Any]:
+        spec = self.job.to_dict()
+        return {
+            "spec": spec,
+            "output_defining": {k: spec[k] for k in _OUTPUT_DEFINING},
+            "input_files": dataset.fingerprint(),
+            "rows": dataset.num_rows,
+        }
+
+    def _check_same_job(self, store: OutputStore, record: dict[str, Any]) -> None:
+        old = store.read_json("job.json")
+        for key in _OUTPUT_DEFINING:
+            if old["output_defining"].get(key) != record["output_defining"][key]:
+                raise UserError(
+                    f"{self.job.output.path}: holds the output of a job with a different "
+                    f"`{key}`; use --overwrite to start over, or another output path"
+                )
+        if old["input_files"] != record["input_files"]:
+            raise UserError(
+                f"{self.job.output.path}: the input files changed since this output was "
+                "started; use --overwrite to start over"
+            )
+
+    def start_coordinator(self, run: PreparedRun) -> Coordinator:
+        job = run.job
+        cfg = job.scheduler
+        scheduler = Scheduler(
+            run.dataset.num_rows,
+            SchedulerConfig(cfg.min_unit_rows, cfg.max_unit_rows, cfg.factor, cfg.lease_timeout_s),
+            committed=[(r.start, r.end) for r in run.store.records],
+            boundaries=run.dataset.row_group_boundaries(),
+        )
+        coordinator = Coordinator(
+            scheduler,
+            run.store,
+            self.worker_job(run),
+            self.token,
+            host=job.coordinator.host,
+            port=job.coordinator.port,
+        )
+        coordinator.start()
+        host, port = coordinator.address
+        run.store.write_json("coordinator.json", {"host": host, "port": port, "pid": os.getpid()})
+        return coordinator
+
+    def worker_job(self, run: PreparedRun) -> dict[str, Any]:
+        """What a worker receives on joining: the job, the input's metadata, the instances."""
+        return {
+            "spec": run.job.to_dict(),
+            "dataset": dataset_to_dict(run.dataset),
+            "instances": {
+                i.instance_id: {
+                    "id": i.instance_id,
+                    "pool": i.pool,
+                    "accelerator": i.accelerator,
+                    "devices": list(i.devices),
+                    "weight": i.weight,
+                    "engine_args": i.engine_args,
+                }
+                for i in run.instances
+            },
+        }
+
+
+def log_dir(run: PreparedRun) -> Path:
+    """Worker logs sit beside the ledger on local outputs, in a temp folder otherwise."""
+    if run.store.local:
+        path = Path(run.store.root) / "_hetbatch" / "logs"
+    else:
+        import tempfile
+
+        path = Path(tempfile.gettempdir()) / "hetbatch-logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,29 @@
+"""Human-readable summaries of a job's output: what `run` prints at the end, and `report`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hetbatch.coordinator.ledger import OutputStore
+
+
+def summary_lines(store: OutputStore, metrics: dict[str, Any], wall_s: float) -> list[str]:
+    instances = metrics.get("instances", {})
+    rows = metrics.get("rows_this_run", 0)
+    tokens = sum(m["completion_tokens"] for m in instances.values())
+    errors = sum(m["errors"] for m in instances.values())
+    shards = len(store.published_ranges())
+    lines = [
+        f"done: {rows:,} rows in {wall_s:.1f} s, {tokens / max(wall_s, 1e-9):,.0f} output "
+        f"tokens/s; wrote {store.url} ({shards} shards)"
+        + (f"; {errors:,} rows have an error value" if errors else "")
+    ]
+    if instances:
+        lines.append(f"  {'instance':<16} {'pool':<10} {'rows':>9} {'share':>6} {'out tok/s':>10}")
+        total = max(sum(m["rows"] for m in instances.values()), 1)
+        for name, m in instances.items():
+            lines.append(
+                f"  {name:<16} {m['pool']:<10} {m['rows']:>9,} {100 * m['rows'] / total:>5.1f}% "
+                f"{m['output_tokens_per_s']:>10,.0f}"
+            )
+    return lines

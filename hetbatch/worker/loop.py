@@ -1,0 +1,261 @@
+"""The worker: one per engine instance, keeping the engine's batch full across unit boundaries.
+
+The loop holds up to two leases: the unit being fed to the engine and the next one, read ahead
+in a background thread. Requests go into the engine as slots free up, whichever unit they belong
+to, so the engine never drains at a unit boundary. A finished unit is written to staging and
+committed by a second background thread while the engine keeps stepping.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from hetbatch.coordinator.protocol import Client
+from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
+from hetbatch.io.parquet import InputDataset, read_rows, write_table
+from hetbatch.spec import JobSpec
+from hetbatch.worker.rows import RowPrompt, build_output, build_prompts, input_columns, row_seed
+
+log = logging.getLogger("hetbatch.worker")
+
+
+@dataclass
+class Unit:
+    """One leased row range as the worker sees it."""
+
+    lease_id: int
+    start: int
+    end: int
+    loaded: Future | None = None
+    table: pa.Table | None = None
+    prompts: list[RowPrompt] = field(default_factory=list)
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    next_row: int = 0  # index of the next row to hand to the engine
+    started_at: float | None = None
+
+    @property
+    def submitted(self) -> int:
+        return self.start + self.next_row
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+    def complete(self) -> bool:
+        return self.table is not None and len(self.results) >= self.rows
+
+
+class Worker:
+    def __init__(
+        self,
+        client: Client,
+        instance_id: str,
+        job: JobSpec,
+        dataset: InputDataset,
+        schema: pa.Schema,
+        engine: Engine,
+        heartbeat_s: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.instance_id = instance_id
+        self.job = job
+        self.dataset = dataset
+        self.engine = engine
+        self.heartbeat_s = heartbeat_s
+        self.schema = schema
+        self.columns = input_columns(job)
+        self.units: list[Unit] = []
+        self.in_flight: dict[str, tuple[Unit, int]] = {}
+        self.window = max(2 * engine.max_concurrency, 8)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self._writes: list[Future] = []
+        self._done = False
+        self._next_lease_at = 0.0
+        self._next_heartbeat_at = 0.0
+
+    # -- main loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not (self._done and not self.units and not self.in_flight):
+                self._check_writes()
+                self._maybe_lease()
+                self._maybe_heartbeat()
+                fed = self._feed()
+                if self.engine.has_unfinished():
+                    self._collect(self.engine.step())
+                elif not fed:
+                    time.sleep(0.02)
+                self._finish_units()
+            for f in self._writes:
+                f.result()
+        finally:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._writer.shutdown(wait=True)
+
+    def _maybe_lease(self) -> None:
+        now = time.monotonic()
+        if self._done or len(self.units) >= 2 or now < self._next_lease_at:
+            return
+        if self.units and self._unsubmitted() > self.window:
+            return  # enough queued: ask later, so that the deal reflects the latest rates
+        reply = self.client.call("lease", instance=self.instance_id)
+        if "lease" in reply:
+            lease = reply["lease"]
+            unit = Unit(lease["id"], lease["start"], lease["end"])
+            unit.loaded = self._reader.submit(self._load, unit.start, unit.end)
+            self.units.append(unit)
+        elif reply.get("done"):
+            self._done = True
+        else:
+            self._next_lease_at = now + float(reply.get("wait", 0.25))
+
+    def _unsubmitted(self) -> int:
+        return sum(u.rows - u.next_row for u in self.units)
+
+    def _load(self, start: int, end: int) -> tuple[pa.Table, list[RowPrompt]]:
+        table = read_rows(self.dataset, start, end, self.columns)
+        return table, build_prompts(self.job, table, start, self.engine.apply_chat_template)
+
+    def _maybe_heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self._next_heartbeat_at:
+            return
+        self._next_heartbeat_at = now + self.heartbeat_s
+        progress = {str(u.lease_id): [u.submitted, len(u.results)] for u in self.units}
+        reply = self.client.call("heartbeat", instance=self.instance_id, progress=progress)
+        for lease_id in reply.get("revoked", []):
+            self._drop(lease_id)
+        for lease_id, cut in reply.get("releases", []):
+            self._release(lease_id, cut)
+
+    def _release(self, lease_id: int, cut: int) -> None:
+        """Give back the unstarted tail of a unit; never rows already in the engine."""
+        unit = next((u for u in self.units if u.lease_id == lease_id), None)
+        if unit is None:
+            return
+        cut = min(max(cut, unit.submitted), unit.end)
+        if unit.table is None:
+            unit.loaded.result()  # need its rows settled before shrinking it
+            self._settle(unit)
+        unit.end = cut
+        if unit.table is not None:
+            unit.table = unit.table.slice(0, cut - unit.start)
+            unit.prompts = unit.prompts[: cut - unit.start]
+        self.client.call("release", instance=self.instance_id, lease=lease_id, cut=cut)
+        if cut == unit.start:
+            self.units.remove(unit)
+
+    def _drop(self, lease_id: int) -> None:
+        """The coordinator took this lease back (it lapsed): stop working on it."""
+        unit = next((u for u in self.units if u.lease_id == lease_id), None)
+        if unit is None:
+            return
+        ids = [rid for rid, (u, _) in self.in_flight.items() if u is unit]
+        self.engine.abort(ids)
+        for rid in ids:
+            del self.in_flight[rid]
+        self.units.remove(unit)
+
+    # -- feeding the engine -------------------------------------------------------------------
+
+    def _settle(self, unit: Unit) -> bool:
+        if unit.table is not None:
+            return True
+        if unit.loaded is None or not unit.loaded.done():
+            return False
+        unit.table, unit.prompts = unit.loaded.result()
+        unit.started_at = time.monotonic()
+        return True
+
+    def _feed(self) -> bool:
+        """Hand rows to the engine until `window` requests are in flight."""
+        fed = False
+        for unit in self.units:
+            if len(self.in_flight) >= self.window:
+                break
+            if not self._settle(unit):
+                break
+            while unit.next_row < unit.rows and len(self.in_flight) < self.window:
+                self._submit(unit, unit.next_row)
+                unit.next_row += 1
+                fed = True
+        return fed
+
+    def _submit(self, unit: Unit, i: int) -> None:
+        row = unit.prompts[i]
+        if row.error is not None:
+            unit.results[i] = {"error": row.error}
+            return
+        rid = f"{unit.lease_id}:{i}"
+        sampling = {**self.job.sampling, "seed": row_seed(self.job.seed, row.key)}
+        try:
+            self.engine.add(EngineRequest(rid, row.prompt, sampling))
+        except RequestRejected as exc:
+            unit.results[i] = {"error": str(exc)}
+            return
+        self.in_flight[rid] = (unit, i)
+
+    def _collect(self, completions: list[Completion]) -> None:
+        for c in completions:
+            entry = self.in_flight.pop(c.request_id, None)
+            if entry is None:
+                continue
+            unit, i = entry
+            unit.results[i] = {
+                "generated_text": c.text,
+                "prompt_tokens": c.prompt_tokens,
+                "completion_tokens": c.completion_tokens,
+                "finish_reason": c.finish_reason,
+            }
+
+    # -- committing ---------------------------------------------------------------------------
+
+    def _finish_units(self) -> None:
+        for unit in [u for u in self.units if u.complete()]:
+            self.units.remove(unit)
+            self._writes.append(self._writer.submit(self._write_and_commit, unit))
+
+    def _check_writes(self) -> None:
+        for f in [f for f in self._writes if f.done()]:
+            self._writes.remove(f)
+            f.result()  # re-raise a failed write here, in the main loop
+
+    def _write_and_commit(self, unit: Unit) -> None:
+        results = [unit.results[i] for i in range(unit.rows)]
+        table = build_output(
+            self.job, self.schema, unit.table, unit.start, results, self.instance_id
+        )
+        name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}.parquet"
+        write_table(_staging(self.job, name), table, self.job.output.compression)
+        stats = {
+            "rows": unit.rows,
+            "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in results),
+            "completion_tokens": sum(r.get("completion_tokens") or 0 for r in results),
+            "errors": sum(r.get("error") is not None for r in results),
+            "busy_s": time.monotonic() - (unit.started_at or time.monotonic()),
+        }
+        reply = self.client.call(
+            "commit",
+            instance=self.instance_id,
+            lease=unit.lease_id,
+            start=unit.start,
+            end=unit.end,
+            staging=name,
+            stats=stats,
+        )
+        if reply.get("status") == "stale":
+            log.warning(
+                "unit [%s, %s) was taken over by another instance; discarded", unit.start, unit.end
+            )
+
+
+def _staging(job: JobSpec, name: str) -> str:
+    return f"{job.output.path.rstrip('/')}/_hetbatch/staging/{name}"

@@ -1,0 +1,129 @@
+"""Rows in, rows out: prompts built from input rows, output tables built from completions."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from hetbatch.spec import JobSpec, template_fields
+
+OUTPUT_FIELDS = [
+    pa.field("generated_text", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("completion_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("instance", pa.string()),
+]
+
+
+def row_seed(job_seed: int, row_key: Any) -> int:
+    """A per-row seed from the job seed and the row's id: the same wherever the row runs."""
+    digest = hashlib.blake2b(f"{job_seed}:{row_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF
+
+
+def input_columns(job: JobSpec) -> list[str]:
+    """The input columns a worker reads: prompt source, id, template fields, kept columns."""
+    cols = [job.input.prompt_column or job.input.messages_column]
+    if job.input.id_column:
+        cols.append(job.input.id_column)
+    if job.prompt_template:
+        cols += template_fields(job.prompt_template)
+    cols += job.input.keep_columns
+    return list(dict.fromkeys(c for c in cols if c))
+
+
+def output_schema(job: JobSpec, input_schema: pa.Schema) -> pa.Schema:
+    key = job.input.id_column
+    fields = [input_schema.field(key) if key else pa.field("row_id", pa.int64())]
+    fields += [input_schema.field(c) for c in job.input.keep_columns if c != key]
+    return pa.schema(fields + OUTPUT_FIELDS)
+
+
+@dataclass
+class RowPrompt:
+    """One row ready for the engine, or the reason it cannot be run."""
+
+    key: Any
+    prompt: str | None
+    error: str | None
+
+
+def build_prompts(
+    job: JobSpec, table: pa.Table, first_row: int, chat: Callable[[list[dict[str, str]]], str]
+) -> list[RowPrompt]:
+    """Turn input rows into prompts: template, chat template, and per-row input errors."""
+    cols = table.to_pydict()
+    n = table.num_rows
+    keys = cols[job.input.id_column] if job.input.id_column else range(first_row, first_row + n)
+    out = []
+    for i, key in enumerate(keys):
+        try:
+            prompt = _one_prompt(job, {c: v[i] for c, v in cols.items()}, chat)
+            out.append(RowPrompt(key, prompt, None))
+        except _RowError as exc:
+            out.append(RowPrompt(key, None, str(exc)))
+    return out
+
+
+class _RowError(Exception):
+    pass
+
+
+def _one_prompt(
+    job: JobSpec, row: dict[str, Any], chat: Callable[[list[dict[str, str]]], str]
+) -> str:
+    if job.input.messages_column:
+        messages = row[job.input.messages_column]
+        if not messages:
+            raise _RowError("messages are null or empty")
+        try:
+            return chat([{"role": m["role"], "content": m["content"]} for m in messages])
+        except (KeyError, TypeError) as exc:
+            raise _RowError(f"messages must be a list of {{role, content}}: {exc}") from None
+    value = row[job.input.prompt_column]
+    if value is None:
+        raise _RowError("prompt is null")
+    if job.prompt_template:
+        if any(row.get(f) is None for f in _fields(job)):
+            raise _RowError("a column used by prompt_template is null")
+        value = job.prompt_template.format(**row)
+    if not str(value).strip():
+        raise _RowError("prompt is empty")
+    return chat([{"role": "user", "content": str(value)}]) if job.chat else str(value)
+
+
+def _fields(job: JobSpec) -> list[str]:
+    return template_fields(job.prompt_template or "")
+
+
+def build_output(
+    job: JobSpec,
+    schema: pa.Schema,
+    table: pa.Table,
+    first_row: int,
+    results: list[dict[str, Any]],
+    instance: str,
+) -> pa.Table:
+    """The output shard of one unit: id or row_id, kept columns, then the completion fields."""
+    n = len(results)
+    key = job.input.id_column
+    columns: dict[str, Any] = {}
+    if key:
+        columns[key] = table.column(key)
+    else:
+        columns["row_id"] = pa.array(range(first_row, first_row + n), pa.int64())
+    for c in job.input.keep_columns:
+        if c != key:
+            columns[c] = table.column(c)
+    for f in OUTPUT_FIELDS:
+        if f.name == "instance":
+            columns[f.name] = pa.array([instance] * n, f.type)
+        else:
+            columns[f.name] = pa.array([r.get(f.name) for r in results], f.type)
+    return pa.Table.from_pydict(columns, schema=schema)

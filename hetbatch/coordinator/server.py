@@ -38,7 +38,7 @@ class InstanceMetrics:
     last_commit_at: float | None = None
     connected: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, t0: float = 0.0) -> dict[str, Any]:
         span = (self.last_commit_at or 0) - (self.first_lease_at or 0)
         rate = self.completion_tokens / span if span > 0 else 0.0
         return {
@@ -51,7 +51,13 @@ class InstanceMetrics:
             "busy_s": round(self.busy_s, 3),
             "active_s": round(max(span, 0.0), 3),
             "output_tokens_per_s": round(rate, 2),
+            "first_lease_s": _since(self.first_lease_at, t0),
+            "last_commit_s": _since(self.last_commit_at, t0),
         }
+
+
+def _since(t: float | None, t0: float) -> float | None:
+    return None if t is None else round(t - t0, 3)
 
 
 @dataclass
@@ -249,7 +255,7 @@ class Coordinator:
             "wall_s": round(self.clock() - self.started_at, 3),
             "rows_total": self.scheduler.total_rows,
             "rows_this_run": self.scheduler.committed.total - self._rows_done_at_start,
-            "instances": {k: m.to_dict() for k, m in sorted(self.metrics.items())},
+            "instances": {k: m.to_dict(self.started_at) for k, m in sorted(self.metrics.items())},
         }
 
     def progress(self) -> Progress:
@@ -258,7 +264,7 @@ class Coordinator:
                 total_rows=self.scheduler.total_rows,
                 rows_done=self.scheduler.committed.total,
                 completion_tokens=sum(m.completion_tokens for m in self.metrics.values()),
-                instances={k: m.to_dict() for k, m in sorted(self.metrics.items())},
+                instances={k: m.to_dict(self.started_at) for k, m in sorted(self.metrics.items())},
                 done=self.finished.is_set(),
             )
 

@@ -114,6 +114,8 @@ class Scheduler:
         self.instances: dict[str, InstanceState] = {}
         self.leases: dict[int, Lease] = {}
         self._next_lease_id = 1
+        self._thief_of: dict[int, str] = {}  # lease asked to release -> instance that asked
+        self._reserved: dict[str, tuple[int, int]] = {}  # released rows kept for the thief
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -146,6 +148,10 @@ class Scheduler:
             return Wait.DONE
         if len(state.leases) >= self.config.max_leases_per_instance:
             return Wait.NOTHING_FREE
+        reserved = self._reserved.pop(instance_id, None)
+        if reserved is not None and self.pending.contains(*reserved):
+            self.pending.remove(*reserved)
+            return self._issue(instance_id, *reserved, now)
         if not self.pending:
             self._plan_steal(instance_id)
             return Wait.NOTHING_FREE
@@ -219,6 +225,7 @@ class Scheduler:
             if lease.end - cut < self.config.min_unit_rows:
                 continue
             lease.release_to = cut
+            self._thief_of[lease.lease_id] = thief
             return Release(lease.lease_id, cut)
         return None
 
@@ -229,6 +236,9 @@ class Scheduler:
             return
         cut = min(max(cut, lease.start), lease.end)
         lease.release_to = None
+        thief = self._thief_of.pop(lease_id, None)
+        if thief is not None and cut < lease.end:
+            self._reserved[thief] = (cut, lease.end)
         if cut == lease.start:
             self._return_lease(lease_id)
             return

@@ -1,0 +1,104 @@
+"""Helpers for tests that run whole jobs: inputs, job files, the CLI, and output checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+HETBATCH = [sys.executable, "-m", "hetbatch"]
+
+
+def make_input(path: Path, rows: int, row_group_size: int = 500, words: int = 20) -> Path:
+    ids = [f"r{i:06d}" for i in range(rows)]
+    prompts = [" ".join(["word"] * (1 + i % words)) + f" {i}" for i in range(rows)]
+    table = pa.table({"id": ids, "prompt": prompts, "topic": [f"t{i % 7}" for i in range(rows)]})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def sim_job(tmp: Path, input_path: Path, pools: list[dict], **extra: Any) -> dict[str, Any]:
+    job = {
+        "model": {"path": "simulated"},
+        "input": {"path": str(input_path), "prompt_column": "prompt", "id_column": "id",
+                  "keep_columns": ["topic"]},
+        "output": {"path": str(tmp / "out")},
+        "sampling": {"max_tokens": 8},
+        "engine": {"kind": "sim"},
+        "scheduler": {"max_unit_rows": 256, "heartbeat_s": 0.3},
+        "cluster": {"pools": pools},
+    }
+    for key, value in extra.items():
+        job[key] = {**job[key], **value} if isinstance(value, dict) and key in job else value
+    return job
+
+
+def sim_pool(name: str, tokens_per_s: float, max_num_seqs: int = 64, **kw: Any) -> dict:
+    return {"name": name, "accelerator": "cpu", "devices_per_node": 1,
+            "sim": {"tokens_per_s": tokens_per_s, "max_num_seqs": max_num_seqs}, **kw}
+
+
+def write_job(path: Path, job: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*HETBATCH, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)
+
+
+def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*HETBATCH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=cwd)
+
+
+def read_output(out: Path) -> pl.DataFrame:
+    return pl.read_parquet(str(out / "*.parquet"))
+
+
+def ledger(out: Path) -> list[dict[str, Any]]:
+    path = out / "_hetbatch" / "ledger.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def worker_pids(parent_pid: int) -> list[int]:
+    """Worker processes started by a `hetbatch run` process (children running the worker)."""
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(parent_pid)],
+                         capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "hetbatch.worker" in line]
+
+
+def assert_exactly_once(out: Path, rows: int) -> pl.DataFrame:
+    df = read_output(out)
+    assert df.height == rows, f"{df.height} output rows for {rows} input rows"
+    assert df["id"].n_unique() == rows
+    assert sorted(df["id"].to_list()) == [f"r{i:06d}" for i in range(rows)]
+    assert (out / "_SUCCESS").exists()
+    spans = sorted((r["start"], r["end"]) for r in ledger(out))
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), "ledger overlaps"
+    assert sum(b - a for a, b in spans) == rows
+    return df
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")

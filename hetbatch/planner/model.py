@@ -1,0 +1,272 @@
+"""Throughput and memory model of one vLLM instance.
+
+Memory: each device holds its share of the weights, a fixed reserve (CUDA context, graphs,
+communication buffers), the activation peak of one scheduling step, and the KV cache in what is
+left; the KV cache caps how many sequences run at once.
+
+Time: a batch of B sequences is followed from admission to completion under continuous batching
+with chunked prefill (vLLM's default). Its time is a sum of terms, each a physical quantity at
+the datasheet peak multiplied by a coefficient:
+
+    time = max(GEMM flops/peak / compute_eff, weight bytes/bandwidth / bandwidth_eff)
+         + attention flops/peak / compute_eff + KV bytes/bandwidth / bandwidth_eff
+         + allreduce bytes/interconnect / comm_eff + allreduces * allreduce_latency
+         + steps * step_overhead + generated tokens * token_overhead
+
+Within a step the GEMMs and the streaming of the weights are the same kernels, so only the
+slower of the two counts (a roofline); everything else runs one after another and adds up. Once
+that choice is made the time is linear in the coefficients, which is what lets
+`calibration.fit_calibration` fit them by least squares.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass, fields
+
+from hetbatch.planner.catalog import Accelerator
+from hetbatch.planner.profile import ModelProfile
+
+GIB = 2**30
+BLOCK_TOKENS = 16  # vLLM's KV block size; the average sequence wastes half a block
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Efficiency factors of the time model; the first six are fitted by calibration.
+
+    Defaults are datasheet-relative and justified per field:
+    - compute_eff: large bf16 GEMMs reach 60-75% of dense peak; attention, norms and the
+      ragged shapes of mixed prefill/decode batches pull the whole forward pass lower.
+    - bandwidth_eff: streaming kernels reach 80-90% of HBM peak; decode GEMV/attention kernels
+      in serving engines sit lower, around two thirds.
+    - comm_eff: NCCL/custom allreduce on small messages reaches a fraction of link peak,
+      and the link figures quoted are bidirectional.
+    - allreduce_latency_s: one small allreduce costs ~10-30 us on NVLink.
+    - step_overhead_s: scheduling, input preparation and launch per engine step (~1-3 ms in
+      vLLM with CUDA graphs).
+    - token_overhead_s: per generated token work on the host (sampling, detokenising, output).
+    """
+
+    compute_eff: float = 0.5
+    bandwidth_eff: float = 0.65
+    comm_eff: float = 0.35
+    allreduce_latency_s: float = 2.5e-5
+    step_overhead_s: float = 2.0e-3
+    token_overhead_s: float = 1.0e-5
+    # Not fitted: memory reserve outside weights, activations and KV (context, graphs, NCCL).
+    reserve_gib: float = 1.0
+    # Not fitted: inter-node link for pipeline parallelism (200 Gb/s InfiniBand).
+    internode_gbps: float = 25.0
+    # Not fitted: pipeline bubbles and stage imbalance lose this fraction per extra stage.
+    pp_loss_per_stage: float = 0.08
+
+    def vector(self) -> tuple[float, ...]:
+        """The fitted coefficients as multipliers of `TimeFeatures` (efficiencies inverted)."""
+        return (
+            1.0 / self.compute_eff, 1.0 / self.bandwidth_eff, 1.0 / self.comm_eff,
+            self.allreduce_latency_s, self.step_overhead_s, self.token_overhead_s,
+        )
+
+    @classmethod
+    def from_vector(cls, vec: tuple[float, ...], base: Coefficients) -> Coefficients:
+        return cls(
+            compute_eff=1.0 / vec[0], bandwidth_eff=1.0 / vec[1], comm_eff=1.0 / vec[2],
+            allreduce_latency_s=vec[3], step_overhead_s=vec[4], token_overhead_s=vec[5],
+            reserve_gib=base.reserve_gib, internode_gbps=base.internode_gbps,
+            pp_loss_per_stage=base.pp_loss_per_stage,
+        )
+
+
+FITTED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Coefficients))[:6]
+
+DEFAULT_COEFFICIENTS = Coefficients()
+# Host CPUs: GEMMs reach a small part of AVX/AMX peak in vLLM's CPU backend, steps cost more.
+CPU_COEFFICIENTS = Coefficients(
+    compute_eff=0.3, bandwidth_eff=0.5, comm_eff=0.3, step_overhead_s=5e-3,
+    token_overhead_s=5e-5, reserve_gib=0.5,
+)
+
+
+def default_coefficients(acc: Accelerator) -> Coefficients:
+    return CPU_COEFFICIENTS if acc.kind == "cpu" else DEFAULT_COEFFICIENTS
+
+
+@dataclass(frozen=True)
+class TimeFeatures:
+    """Physical quantities of one batch cycle, each in seconds at 100% of the datasheet figure
+    (or counts); the cycle time is their dot product with `Coefficients.vector()`."""
+
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    allreduces: float
+    steps: float
+    tokens: float
+
+    def time(self, coef: Coefficients) -> float:
+        return sum(f * c for f, c in zip(astuple(self), coef.vector(), strict=True))
+
+    def bound(self, coef: Coefficients) -> str:
+        parts = [f * c for f, c in zip(astuple(self), coef.vector(), strict=True)]
+        named = {
+            "compute": parts[0], "memory": parts[1], "communication": parts[2] + parts[3],
+            "overhead": parts[4] + parts[5],
+        }
+        return max(named, key=lambda k: named[k])
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """Per-device memory budget of one configuration; kv_tokens < 0 means it does not fit."""
+
+    usable_gib: float
+    weights_gib: float
+    activation_gib: float
+    reserve_gib: float
+    kv_tokens: int
+
+    @property
+    def kv_gib(self) -> float:
+        return self.usable_gib - self.weights_gib - self.activation_gib - self.reserve_gib
+
+
+def compute_peak_tflops(acc: Accelerator, quantization: str) -> float:
+    """Peak of the GEMMs for a weight format: FP8/INT8 run at their own rate where supported;
+    weight-only int4 dequantizes to 16-bit, so it runs at the bf16 rate."""
+    if quantization == "fp8" and acc.fp8_tflops:
+        return acc.fp8_tflops * acc.peak_fraction
+    if quantization == "int8" and acc.int8_tops:
+        return acc.int8_tops * acc.peak_fraction
+    return acc.bf16_tflops * acc.peak_fraction
+
+
+def kv_bytes_per_token_per_device(model: ModelProfile, tp: int, pp: int) -> float:
+    """KV heads split over TP ranks (replicated once TP exceeds them), layers over PP stages."""
+    heads_per_rank = max(1.0, model.kv_heads / tp)
+    return 2 * model.layers / pp * heads_per_rank * model.head_dim * model.kv_dtype_bytes
+
+
+def activation_bytes(model: ModelProfile, tp: int, max_num_seqs: int, max_tokens: int) -> float:
+    """Peak activations of a step of max_tokens tokens (hidden buffers and the MLP intermediate)
+    plus float32 logits and their sampling copies for max_num_seqs sequences."""
+    per_token = 8 * model.hidden + 4 * model.intermediate / tp
+    logits = 3 * 4 * max_num_seqs * model.vocab
+    return max_tokens * per_token + logits
+
+
+def memory_fit(
+    model: ModelProfile, acc: Accelerator, coef: Coefficients, tp: int, pp: int,
+    max_num_seqs: int, max_num_batched_tokens: int, gpu_memory_utilization: float,
+) -> MemoryFit:
+    usable = acc.memory_gib * gpu_memory_utilization
+    weights = model.weight_bytes / (tp * pp) / GIB
+    act = activation_bytes(model, tp, max_num_seqs, max_num_batched_tokens) / GIB
+    kv_gib = usable - weights - act - coef.reserve_gib
+    per_token = kv_bytes_per_token_per_device(model, tp, pp)
+    kv_tokens = int(kv_gib * GIB / per_token) if kv_gib > 0 else -1
+    return MemoryFit(usable, weights, act, coef.reserve_gib, kv_tokens)
+
+
+def steady_concurrency(
+    kv_tokens: int, max_num_seqs: int, input_len: float, output_len: float
+) -> int:
+    """Sequences that fit at once: in steady state a sequence holds its prompt and, on average,
+    half its output, plus half a block of slack."""
+    footprint = input_len + output_len / 2 + BLOCK_TOKENS / 2
+    return max(0, min(max_num_seqs, int(kv_tokens / footprint)))
+
+
+def weight_bytes_touched(model: ModelProfile, tokens_per_step: float) -> float:
+    """Weights read in one step: all dense weights, and for MoE the experts that the step's
+    tokens route to (expected distinct experts out of num_experts at top-k routing)."""
+    if not model.is_moe:
+        return model.weight_bytes
+    share = 1.0 - (1.0 - model.experts_per_tok / model.num_experts) ** max(1.0, tokens_per_step)
+    expert_bytes = model.expert_params * model.weight_bytes_per_param
+    return model.weight_bytes - expert_bytes * (1.0 - share)
+
+
+def cycle_features(
+    model: ModelProfile, acc: Accelerator, tp: int, pp: int, batch: int,
+    max_num_batched_tokens: int, input_len: float, output_len: float,
+    coef: Coefficients = DEFAULT_COEFFICIENTS,
+) -> TimeFeatures:
+    """Physical work of taking `batch` sequences from admission to their last token.
+
+    Under continuous batching every step mixes decodes with chunks of new prompts, so steps are
+    alike: each runs the GEMMs of its tokens while streaming the weights once (the same kernels,
+    so the slower of the two counts, judged with `coef`), then attention over the KV cache, the
+    allreduces and the host work, which follow one another and add up.
+    """
+    devices = tp * pp
+    tokens = batch * (input_len + output_len)
+    out_tokens = batch * output_len
+    steps = max(output_len, math.ceil(tokens / max_num_batched_tokens))
+    layers = model.layers
+
+    head = model.vocab * model.hidden
+    linear = model.active_params - head * (1 if model.tie_embeddings else 2)
+    gemm_s = (2 * linear * tokens + 2 * head * out_tokens) / devices / (
+        compute_peak_tflops(acc, model.quantization) * 1e12
+    )
+    bandwidth = acc.memory_bw_gbps * 1e9 * acc.peak_fraction
+    weights_s = steps * weight_bytes_touched(model, tokens / steps) / devices / bandwidth
+    ctx_decode = input_len + output_len / 2
+    attn_flops = 4 * layers * model.heads * model.head_dim * batch * (
+        input_len * input_len / 2 + output_len * ctx_decode
+    )
+    attn_s = attn_flops / devices / (acc.bf16_tflops * acc.peak_fraction * 1e12)
+    kv_s = out_tokens * ctx_decode * kv_bytes_per_token_per_device(model, tp, pp) / bandwidth
+    gemm_bound = gemm_s / coef.compute_eff >= weights_s / coef.bandwidth_eff
+    compute_s = attn_s + (gemm_s if gemm_bound else 0.0)
+    memory_s = kv_s + (0.0 if gemm_bound else weights_s)
+
+    comm_s, allreduces = 0.0, 0.0
+    if tp > 1:
+        ar_bytes = 2 * layers / pp * tokens * model.hidden * 2 * 2 * (tp - 1) / tp
+        comm_s = ar_bytes / (acc.interconnect_gbps * 1e9)
+        allreduces = steps * 2 * layers / pp
+    if pp > 1:
+        comm_s += (pp - 1) * tokens * model.hidden * 2 / (coef.internode_gbps * 1e9) / pp
+    return TimeFeatures(compute_s, memory_s, comm_s, allreduces, float(steps), out_tokens)
+
+
+@dataclass(frozen=True)
+class InstanceEstimate:
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    cycle_s: float
+    bound: str
+
+
+def estimate_instance(
+    model: ModelProfile, acc: Accelerator, coef: Coefficients, tp: int, pp: int, batch: int,
+    max_num_batched_tokens: int, input_len: float, output_len: float,
+) -> InstanceEstimate:
+    """Tokens/s of one instance running `batch` sequences at a time."""
+    feats = cycle_features(
+        model, acc, tp, pp, batch, max_num_batched_tokens, input_len, output_len, coef
+    )
+    cycle = feats.time(coef) * (1.0 + coef.pp_loss_per_stage * (pp - 1))
+    out = batch * output_len / cycle
+    return InstanceEstimate(out, out * (input_len + output_len) / output_len, cycle,
+                            feats.bound(coef))
+
+
+def predict(
+    model: ModelProfile, acc: Accelerator, tp: int, input_len: float, output_len: float,
+    *, pp: int = 1, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+    gpu_memory_utilization: float = 0.9, coef: Coefficients | None = None,
+) -> tuple[InstanceEstimate, int]:
+    """Estimate one instance at the concurrency its KV cache allows; returns it and that
+    concurrency (0 and a zero estimate when nothing fits)."""
+    coef = coef or default_coefficients(acc)
+    fit = memory_fit(model, acc, coef, tp, pp, max_num_seqs, max_num_batched_tokens,
+                     gpu_memory_utilization)
+    batch = steady_concurrency(fit.kv_tokens, max_num_seqs, input_len, output_len)
+    if batch < 1:
+        return InstanceEstimate(0.0, 0.0, math.inf, "memory"), 0
+    est = estimate_instance(model, acc, coef, tp, pp, batch, max_num_batched_tokens,
+                            input_len, output_len)
+    return est, batch

@@ -1,0 +1,103 @@
+"""The coordinator over real TCP: authentication, bounded messages, exactly-once publishing."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pyarrow as pa
+import pytest
+
+from hetbatch.coordinator.ledger import OutputStore
+from hetbatch.coordinator.protocol import (
+    MAX_MESSAGE_BYTES,
+    Client,
+    RejectedByCoordinator,
+    recv_message,
+    send_message,
+)
+from hetbatch.coordinator.server import Coordinator
+from hetbatch.io.parquet import write_table
+from hetbatch.scheduler.core import Scheduler, SchedulerConfig
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def served(tmp_path):
+    clock = FakeClock()
+    store = OutputStore(str(tmp_path / "out"))
+    store.recover()
+    sched = Scheduler(1000, SchedulerConfig(max_unit_rows=100, lease_timeout_s=10))
+    coord = Coordinator(sched, store, {"spec": {}}, token="s3cret", clock=clock)
+    coord.start()
+    yield coord, clock, store
+    coord.stop()
+
+
+def _client(coord: Coordinator, token: str = "s3cret") -> Client:
+    host, port = coord.address
+    return Client(host, port, token, retry_s=2)
+
+
+def _stage(store: OutputStore, name: str, rows: int) -> None:
+    write_table(store.staging_url(name), pa.table({"x": list(range(rows))}), "zstd")
+
+
+def test_request_without_token_is_refused(served) -> None:
+    coord, _, _ = served
+    host, port = coord.address
+    with socket.create_connection((host, port)) as sock:
+        send_message(sock, {"op": "job"})
+        assert recv_message(sock)["error"].startswith("unauthorized")
+        assert sock.recv(1) == b""  # and the connection is closed
+    with pytest.raises(RejectedByCoordinator, match="unauthorized"):
+        _client(coord, token="wrong").call("job")
+    assert _client(coord).call("job") == {"job": {"spec": {}}}
+
+
+def test_oversized_message_is_dropped(served) -> None:
+    coord, _, _ = served
+    with socket.create_connection(coord.address) as sock:
+        sock.sendall(struct.pack(">I", MAX_MESSAGE_BYTES + 1))
+        assert sock.recv(1) == b""
+
+
+def test_stale_commit_is_not_published(served) -> None:
+    coord, clock, store = served
+    a, b = _client(coord), _client(coord)
+    a.call("hello", instance="a", weight=1)
+    b.call("hello", instance="b", weight=1)
+    lease = a.call("lease", instance="a")["lease"]
+    clock.t = 11  # a goes silent past its lease timeout
+    coord.scheduler.expire(clock.t)
+    again = b.call("lease", instance="b")["lease"]
+    assert (again["start"], again["end"]) == (lease["start"], lease["end"])
+    rows = lease["end"] - lease["start"]
+    _stage(store, "b.parquet", rows)
+    assert b.call("commit", instance="b", lease=again["id"], start=again["start"],
+                  end=again["end"], staging="b.parquet")["status"] == "accepted"
+    _stage(store, "a.parquet", rows)
+    assert a.call("commit", instance="a", lease=lease["id"], start=lease["start"],
+                  end=lease["end"], staging="a.parquet")["status"] == "duplicate"
+    assert store.published_ranges() == [(lease["start"], lease["end"])]
+    assert not (store.fs.exists(store.staging_url("a.parquet").split("://")[-1]))
+    assert len(store.read_ledger()) == 1
+
+
+def test_dropped_connection_requeues_leases(served) -> None:
+    coord, _, _ = served
+    a = _client(coord)
+    a.call("hello", instance="a", weight=1)
+    lease = a.call("lease", instance="a")["lease"]
+    a.close()
+    from tests.jobutil import wait_for
+
+    wait_for(lambda: coord.scheduler.pending.contains(lease["start"], lease["end"]), 5,
+             "lease back in the queue")

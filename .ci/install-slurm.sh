@@ -3,14 +3,16 @@
 #
 # Idempotent: exits at once when every package is already installed, so CI can call it on
 # every run. Needs root (CI and developer machines run as root). No service is started here:
-# slurm/testcluster/cluster.py starts and stops the daemons itself.
+# slurm/testcluster/cluster.py starts and stops the daemons itself, with its own munge key and
+# socket, so the /etc/munge/munge.key made by the package is not used.
 set -euo pipefail
 
 packages=(munge slurmctld slurmd slurm-client)
 
 missing=()
 for pkg in "${packages[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q '^install ok installed$'; then
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    if [ "$status" != "install ok installed" ]; then
         missing+=("$pkg")
     fi
 done
@@ -29,13 +31,5 @@ export DEBIAN_FRONTEND=noninteractive
 echo "install-slurm: installing ${missing[*]}"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
-
-# The munge package normally creates its key at install time; make sure it exists, since
-# munged refuses to start without one.
-if [ ! -s /etc/munge/munge.key ]; then
-    mungekey --create --keyfile=/etc/munge/munge.key
-    chown munge:munge /etc/munge/munge.key
-    chmod 0400 /etc/munge/munge.key
-fi
 
 echo "install-slurm: done"

@@ -1,0 +1,1 @@
+"""Loopback Slurm test cluster: see cluster.py."""

@@ -194,30 +194,66 @@ def cycle_features(
 ) -> TimeFeatures:
     """Physical work of taking `batch` sequences from admission to their last token.
 
-    Under continuous batching every step mixes decodes with chunks of new prompts, so steps are
-    alike: each runs the GEMMs of its tokens while streaming the weights once (the same kernels,
-    so the slower of the two counts, judged with `coef`), then attention over the KV cache, the
-    allreduces and the host work, which follow one another and add up.
+    Under continuous batching every step mixes decodes with chunks of new prompts, so the steps
+    of a cycle are alike; there are at least as many as output tokens, more when the prompts do
+    not fit in the spare token budget of the decode steps.
+    """
+    tokens = batch * (input_len + output_len)
+    ctx = input_len + output_len / 2
+    return step_work(
+        model, acc, tp, pp, coef,
+        tokens=tokens,
+        out_tokens=batch * output_len,
+        steps=max(output_len, math.ceil(tokens / max_num_batched_tokens)),
+        attended=batch * (input_len * input_len / 2 + output_len * ctx),
+        kv_read=batch * output_len * ctx,
+    )
+
+
+def decode_step_features(
+    model: ModelProfile, acc: Accelerator, tp: int, pp: int, batch: int, context: float,
+    coef: Coefficients = DEFAULT_COEFFICIENTS,
+) -> TimeFeatures:
+    """One decode step of `batch` sequences that each hold `context` tokens."""
+    return step_work(model, acc, tp, pp, coef, tokens=batch, out_tokens=batch, steps=1,
+                     attended=batch * context, kv_read=batch * context)
+
+
+def prefill_features(
+    model: ModelProfile, acc: Accelerator, tp: int, pp: int, batch: int, input_len: float,
+    max_num_batched_tokens: int, coef: Coefficients = DEFAULT_COEFFICIENTS,
+) -> TimeFeatures:
+    """Prefill of `batch` prompts of `input_len` tokens in chunks of max_num_batched_tokens."""
+    tokens = batch * input_len
+    return step_work(model, acc, tp, pp, coef, tokens=tokens, out_tokens=0,
+                     steps=math.ceil(tokens / max_num_batched_tokens),
+                     attended=batch * input_len * input_len / 2, kv_read=0.0)
+
+
+def step_work(
+    model: ModelProfile, acc: Accelerator, tp: int, pp: int, coef: Coefficients, *,
+    tokens: float, out_tokens: float, steps: float, attended: float, kv_read: float,
+) -> TimeFeatures:
+    """Work of `steps` alike engine steps processing `tokens` tokens, `out_tokens` of which are
+    sampled, with `attended` query-key pairs and `kv_read` token contexts read from the cache.
+
+    Each step runs the GEMMs of its tokens while streaming the weights once (the same kernels,
+    so the slower of the two counts, judged with `coef`), then attention, the allreduces and
+    host work, which follow one another and add up.
     """
     devices = tp * pp
-    tokens = batch * (input_len + output_len)
-    out_tokens = batch * output_len
-    steps = max(output_len, math.ceil(tokens / max_num_batched_tokens))
     layers = model.layers
-
     head = model.vocab * model.hidden
     linear = model.active_params - head * (1 if model.tie_embeddings else 2)
     gemm_s = (2 * linear * tokens + 2 * head * out_tokens) / devices / (
         compute_peak_tflops(acc, model.quantization) * 1e12
     )
     bandwidth = acc.memory_bw_gbps * 1e9 * acc.peak_fraction
-    weights_s = steps * weight_bytes_touched(model, tokens / steps) / devices / bandwidth
-    ctx_decode = input_len + output_len / 2
-    attn_flops = 4 * layers * model.heads * model.head_dim * batch * (
-        input_len * input_len / 2 + output_len * ctx_decode
-    )
+    per_step = tokens / steps if steps else 0.0
+    weights_s = steps * weight_bytes_touched(model, per_step) / devices / bandwidth
+    attn_flops = 4 * layers * model.heads * model.head_dim * attended
     attn_s = attn_flops / devices / (acc.bf16_tflops * acc.peak_fraction * 1e12)
-    kv_s = out_tokens * ctx_decode * kv_bytes_per_token_per_device(model, tp, pp) / bandwidth
+    kv_s = kv_read * kv_bytes_per_token_per_device(model, tp, pp) / bandwidth
     gemm_bound = gemm_s / coef.compute_eff >= weights_s / coef.bandwidth_eff
     compute_s = attn_s + (gemm_s if gemm_bound else 0.0)
     memory_s = kv_s + (0.0 if gemm_bound else weights_s)
@@ -229,7 +265,7 @@ def cycle_features(
         allreduces = steps * 2 * layers / pp
     if pp > 1:
         comm_s += (pp - 1) * tokens * model.hidden * 2 / (coef.internode_gbps * 1e9) / pp
-    return TimeFeatures(compute_s, memory_s, comm_s, allreduces, float(steps), out_tokens)
+    return TimeFeatures(compute_s, memory_s, comm_s, allreduces, float(steps), float(out_tokens))
 
 
 @dataclass(frozen=True)

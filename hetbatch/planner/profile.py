@@ -44,6 +44,7 @@ class ModelProfile:
     tie_embeddings: bool
     quantization: str  # weight format: bf16, fp16, fp32, fp8, int8, int4
     kv_dtype_bytes: int = 2
+    checkpoint_format: str = ""  # the format the checkpoint itself declares
 
     @property
     def weight_bytes_per_param(self) -> float:
@@ -208,6 +209,7 @@ def profile_from_config(
         expert_params=layers * expert * experts if experts > 1 else 0,
         num_experts=experts, experts_per_tok=topk, tie_embeddings=tie,
         quantization=(quantization or _config_format(cfg)).lower(),
+        checkpoint_format=_config_format(cfg),
     )
 
 

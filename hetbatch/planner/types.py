@@ -47,8 +47,9 @@ class PoolRequest:
 class Workload:
     """Token lengths of the job's rows; lengths are in tokens.
 
-    `input_len_p95` sizes the context each sequence may need; the means size the work.
-    `output_len_max` (the sampling max_tokens) defaults to twice the mean output length.
+    The means size the work; the maxima size the context reserved per sequence (vLLM's
+    max_model_len), and a row longer than that fails alone. `input_len_max` defaults to twice
+    the p95 and `output_len_max` (the sampling max_tokens) to twice the mean output length.
     """
 
     input_len_mean: float
@@ -94,7 +95,7 @@ class Workload:
 
     @property
     def input_max(self) -> int:
-        return int(self.input_len_max or math.ceil(self.input_len_p95))
+        return int(self.input_len_max or math.ceil(2 * self.input_len_p95))
 
 
 @dataclass(frozen=True)

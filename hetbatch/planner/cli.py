@@ -1,0 +1,227 @@
+"""`hetbatch plan`: print the plan for a job file, or for a what-if cluster given by flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import click
+
+from hetbatch.errors import UserError
+from hetbatch.planner.calibration import Calibration
+from hetbatch.planner.catalog import Catalog
+from hetbatch.planner.profile import ModelProfile, load_model_profile
+from hetbatch.planner.search import plan_cluster
+from hetbatch.planner.types import OBJECTIVES, ClusterPlan, PoolPlan, PoolRequest, Workload
+
+
+@dataclass(frozen=True)
+class JobPlanInputs:
+    """What a job file contributes to planning."""
+
+    model: ModelProfile
+    pools: list[PoolRequest]
+    workload: Workload
+    objective: str = "throughput"
+    deadline_s: float | None = None
+    catalog: Catalog | None = None
+    calibration: Calibration | None = None
+
+
+def _pools_from_job(job_path: str) -> JobPlanInputs:
+    """Read the planning inputs of a job file (model, pools, workload, objective)."""
+    raise UserError(f"planning from a job file is not wired yet ({job_path}); use the flags")
+
+
+@click.command("plan")
+@click.argument("job", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", "model_name", help="Local model folder or a known architecture name.")
+@click.option("--quantization", type=click.Choice(["bf16", "fp16", "fp8", "int8", "int4"]),
+              help="Weight format (default: the checkpoint's).")
+@click.option("--accelerator", help="Accelerator type of the pool, e.g. H100, A100, L4, cpu.")
+@click.option("--devices", type=int, help="Devices per node.")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Nodes in the pool.")
+@click.option("--price", type=float, help="Price per device-hour.")
+@click.option("--tp", type=int, help="Pin the tensor-parallel size.")
+@click.option("--pool", "extra_pools", multiple=True, metavar="ACC:DEVICES[:NODES[:PRICE]]",
+              help="Another pool (repeatable), for a heterogeneous what-if.")
+@click.option("--input-len", type=float, help="Mean prompt length in tokens.")
+@click.option("--input-len-p95", type=float, help="95th percentile prompt length.")
+@click.option("--input-len-max", type=int, help="Longest prompt to reserve context for.")
+@click.option("--output-len", type=float, help="Mean output length in tokens.")
+@click.option("--output-len-max", type=int, help="Sampling max_tokens.")
+@click.option("--rows", type=int, help="Rows in the dataset (for time and cost estimates).")
+@click.option("--objective", type=click.Choice(list(OBJECTIVES)), help="What to optimise.")
+@click.option("--deadline", type=float, help="Seconds to finish the rows (objective deadline).")
+@click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False),
+              help="Calibration JSON fitted from profiling runs.")
+@click.option("--top", "top_k", type=int, default=3, show_default=True,
+              help="Runners-up shown per pool.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_command(job: str | None, **opts: object) -> None:
+    """Plan instances per accelerator pool: TP/PP, batch limits, expected tokens/s.
+
+    Give a JOB file, or describe a cluster with flags, e.g.
+    `hetbatch plan --model meta-llama/Llama-3.1-8B-Instruct --accelerator H100 --devices 8
+    --input-len 512 --output-len 256`.
+    """
+    try:
+        plan = _plan(job, opts)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(UserError.exit_code)
+    if opts["as_json"]:
+        click.echo(json.dumps(plan.to_dict(), indent=2))
+    else:
+        click.echo(render(plan))
+
+
+def _plan(job: str | None, opts: dict[str, object]) -> ClusterPlan:
+    inputs = _pools_from_job(job) if job else _inputs_from_flags(opts)
+    calibration = inputs.calibration
+    if opts.get("calibration_path"):
+        calibration = Calibration.load(str(opts["calibration_path"]))
+    top_k = int(opts["top_k"])  # type: ignore[call-overload]
+    if top_k < 0:
+        raise UserError("--top must be >= 0")
+    return plan_cluster(
+        inputs.model, inputs.pools, inputs.workload,
+        objective=str(opts.get("objective") or inputs.objective),
+        deadline_s=_float(opts.get("deadline")) or inputs.deadline_s,
+        catalog=inputs.catalog, calibration=calibration, top_k=top_k,
+    )
+
+
+def _float(value: object) -> float | None:
+    return None if value is None else float(value)  # type: ignore[arg-type]
+
+
+def _inputs_from_flags(o: dict[str, object]) -> JobPlanInputs:
+    missing = [f"--{k.replace('_', '-')}" for k in ("input_len", "output_len") if o.get(k) is None]
+    if not o.get("model_name"):
+        missing.insert(0, "--model")
+    if not o.get("accelerator") and not o.get("extra_pools"):
+        missing.append("--accelerator (or --pool)")
+    if missing:
+        raise UserError(f"give a JOB file or {', '.join(missing)}")
+    model = load_model_profile(str(o["model_name"]), o.get("quantization"))  # type: ignore[arg-type]
+    pools: list[PoolRequest] = []
+    if o.get("accelerator"):
+        if not o.get("devices"):
+            raise UserError("--accelerator needs --devices (devices per node)")
+        pools.append(PoolRequest(
+            name=str(o["accelerator"]), accelerator=str(o["accelerator"]),
+            devices_per_node=int(o["devices"]), nodes=int(o["nodes"]),  # type: ignore[call-overload]
+            price_per_device_hour=_float(o.get("price")),
+            tensor_parallel_size=o.get("tp"),  # type: ignore[arg-type]
+        ))
+    for spec in o.get("extra_pools") or ():  # type: ignore[attr-defined]
+        pools.append(_parse_pool(spec, {p.name for p in pools}))
+    mean = float(o["input_len"])  # type: ignore[arg-type]
+    workload = Workload(
+        input_len_mean=mean,
+        input_len_p95=_float(o.get("input_len_p95")) or mean,
+        output_len_mean=float(o["output_len"]),  # type: ignore[arg-type]
+        rows=o.get("rows"),  # type: ignore[arg-type]
+        input_len_max=o.get("input_len_max"),  # type: ignore[arg-type]
+        output_len_max=o.get("output_len_max"),  # type: ignore[arg-type]
+    )
+    return JobPlanInputs(model, pools, workload)
+
+
+def _parse_pool(spec: str, taken: set[str]) -> PoolRequest:
+    parts = spec.split(":")
+    try:
+        if not 2 <= len(parts) <= 4:
+            raise ValueError
+        name = parts[0]
+        unique = name
+        while unique in taken:
+            unique = f"{unique}'"
+        return PoolRequest(
+            name=unique, accelerator=name,
+            devices_per_node=int(parts[1]), nodes=int(parts[2]) if len(parts) > 2 else 1,
+            price_per_device_hour=float(parts[3]) if len(parts) > 3 else None,
+        )
+    except ValueError:
+        raise UserError(f"--pool {spec!r}: expected ACC:DEVICES[:NODES[:PRICE]]") from None
+
+
+def render(plan: ClusterPlan) -> str:
+    """The plan as a readable table with runners-up and rejected layouts."""
+    lines = [_headline(plan), ""]
+    header = ("pool", "accelerator", "nodes", "TP", "PP", "inst", "seqs", "batched", "mem",
+              "conc", "out tok/s", "share", "est. time")
+    rows = [header, *(_row(p) for p in plan.pools)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  ".join(c.rjust(w) if i >= 2 else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+    for p in plan.pools:
+        lines.extend(_details(p))
+    if plan.unused_pools:
+        lines.append("")
+        lines.append(f"Unused pools: {', '.join(plan.unused_pools)}")
+    lines.extend(f"Note: {n}" for n in plan.notes)
+    return "\n".join(lines)
+
+
+def _headline(plan: ClusterPlan) -> str:
+    head = (f"Plan for {plan.model} ({plan.quantization}), objective {plan.objective}: "
+            f"{plan.output_tokens_per_s:,.0f} output tok/s ({plan.total_tokens_per_s:,.0f} "
+            "total)")
+    if plan.est_time_s is not None:
+        head += f", rows done in ~{_duration(plan.est_time_s)}"
+    if plan.est_cost is not None:
+        head += f", ~{plan.est_cost:,.2f} at {plan.cost_per_hour:,.2f}/h"
+    return head
+
+
+def _row(p: PoolPlan) -> tuple[str, ...]:
+    c = p.config
+    nodes = f"{p.nodes_used}/{p.nodes}" if p.nodes_used != p.nodes else str(p.nodes)
+    return (p.pool, p.accelerator, nodes, str(c.tensor_parallel_size),
+            str(c.pipeline_parallel_size), str(c.instances), str(c.max_num_seqs),
+            str(c.max_num_batched_tokens), f"{c.gpu_memory_utilization:.2f}", str(p.concurrency),
+            f"{p.output_tokens_per_s:,.0f}", f"{p.share:.1%}",
+            "-" if p.est_time_s is None else _duration(p.est_time_s))
+
+
+def _details(p: PoolPlan) -> list[str]:
+    out = ["", f"{p.pool}: {p.bound}-bound, {p.capacity_weight:,.0f} output tok/s per instance"]
+    for r in p.runners_up:
+        out.append(f"  runner-up {r.config.label()}: {r.why}")
+    for layout, (reason, count) in _rejected_layouts(p).items():
+        out.append(f"  rejected {layout} ({count} configs): {reason}")
+    return out
+
+
+def _rejected_layouts(p: PoolPlan) -> dict[str, tuple[str, int]]:
+    """Per TP/PP layout, how many configs were rejected and the reason of the most permissive."""
+    groups: dict[str, list] = {}
+    for r in p.rejected:
+        key = f"TP={r.config.tensor_parallel_size} PP={r.config.pipeline_parallel_size}"
+        groups.setdefault(key, []).append(r)
+    out: dict[str, tuple[str, int]] = {}
+    for key, rs in groups.items():
+        best = min(rs, key=lambda r: (r.config.max_num_seqs, -r.config.gpu_memory_utilization,
+                                      r.config.max_num_batched_tokens))
+        out[key] = (best.reason, len(rs))
+    return out
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{minutes:.0f}m"
+    hours, mins = divmod(int(minutes), 60)
+    return f"{hours}h{mins:02d}m"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command on its own (the package CLI registers `plan_command` itself)."""
+    plan_command.main(args=list(argv) if argv is not None else None, prog_name="hetbatch plan")

@@ -31,7 +31,12 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         return SimEngine(sim.tokens_per_s, sim.max_num_seqs, max_len, name=instance["id"])
     from hetbatch.engines.vllm_engine import VllmEngine
 
-    return VllmEngine(job.model.path, instance["engine_args"], name=instance["id"])
+    args = dict(instance["engine_args"])
+    if instance["accelerator"].lower() == "cpu":
+        # vLLM's CPU backend crashes on per-request seeds when a prompt's prefill is chunked
+        # ("CPU Generator does not use offset"); every row carries a seed, so prefill whole.
+        args.setdefault("enable_chunked_prefill", False)
+    return VllmEngine(job.model.path, args, name=instance["id"])
 
 
 def vllm_version() -> str | None:

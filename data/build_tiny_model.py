@@ -8,6 +8,7 @@ Usage: python data/build_tiny_model.py [OUT_DIR]   (default: data/tiny-model)
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import sys
@@ -40,8 +41,14 @@ REQUIRED_FILES = (
     "tokenizer_config.json",
 )
 
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
 # Common English words, so that prompts built from ordinary English tokenize compactly.
-WORDS = """
+WORDS = words(
+    """
 the of and to a in is it you that he was for on are with as I his they be at one have this
 from or had by not word but what some we can out other were all there when up use your how
 said an each she which do their time if will way about many then them write would like so
@@ -79,7 +86,8 @@ scale loud spring observe child straight consonant nation dictionary milk speed 
 pay age section dress cloud surprise quiet stone tiny climb cool design poor lot experiment
 bottom key iron single stick flat twenty skin smile crease hole trade summarise translate
 explain describe compare list write answer question text English German French Spanish
-""".split()
+"""
+)
 
 PUNCTUATION = [".", ",", "?", "!", ":", ";"]
 
@@ -137,6 +145,9 @@ def build_model(out_dir: Path, tokenizer_len: int) -> None:
     """Save a seeded random LlamaForCausalLM (head_dim 32: vLLM's CPU attention needs >= 32)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     if tokenizer_len > VOCAB_SIZE:
         raise RuntimeError(f"tokenizer has {tokenizer_len} tokens, model vocab is {VOCAB_SIZE}")
@@ -160,6 +171,15 @@ def build_model(out_dir: Path, tokenizer_len: int) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
+def publish_permissions(folder: Path) -> None:
+    """Give the build the usual umask-based modes (mkdtemp makes it private to its owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
 def build(out_dir: Path = DEFAULT_OUT) -> Path:
     """Build into a temporary sibling folder, then rename, so no half-built model is left."""
     out_dir = Path(out_dir).resolve()
@@ -169,6 +189,7 @@ def build(out_dir: Path = DEFAULT_OUT) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         build_model(tmp, build_tokenizer(tmp))
+        publish_permissions(tmp)
         if out_dir.exists() and not is_complete(out_dir):
             shutil.rmtree(out_dir)
         try:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hetbatch.errors import UserError
-from hetbatch.planner import PoolRequest, Workload, load_model_profile, plan_cluster
+from hetbatch.planner import PoolPlan, PoolRequest, Workload, load_model_profile, plan_cluster
 
 MIXED = [
     PoolRequest("h100", "H100", 8, nodes=2, price_per_device_hour=2.5),
@@ -71,7 +71,7 @@ def test_cost_objective_maximises_tokens_per_dollar(chat_workload: Workload) -> 
     fast = plan_cluster(model, pool, chat_workload, objective="throughput").pools[0]
     cheap = plan_cluster(model, pool, chat_workload, objective="cost").pools[0]
 
-    def per_dollar(p):  # noqa: ANN001, ANN202
+    def per_dollar(p: PoolPlan) -> float:
         return p.output_tokens_per_s / p.cost_per_hour
 
     assert per_dollar(cheap) >= per_dollar(fast) * 0.999

@@ -1,6 +1,8 @@
 """Accelerator catalog: the datasheet figures the throughput model starts from.
 
-Figures are per device as the runtime sees it (one GPU, one NPU, one MI250X GCD). Throughput
+Figures are per device as the runtime sees it (one GPU, one NPU, one MI250X GCD). Memory is the
+capacity the driver reports where it differs from the marketed one (GDDR6 cards with ECC, and
+H100's 81,559 MiB). Throughput
 figures are dense (no sparsity). Interconnect is the vendor's headline intra-node figure
 (bidirectional where the datasheet gives it so); the model's communication efficiency absorbs
 the difference. A job file can add types or override figures through `with_overrides`.
@@ -46,7 +48,7 @@ _BUILTIN: tuple[Accelerator, ...] = (
                 source="NVIDIA H200 Tensor Core GPU datasheet (SXM)"),
     # NVIDIA H100 Tensor Core GPU datasheet (SXM): 80 GB HBM3, 3.35 TB/s, BF16 1,979 / FP8 3,958
     # TFLOPS with sparsity, NVLink 900 GB/s.
-    Accelerator("H100 SXM", 80, 3350, 989, 900, fp8_tflops=1979, int8_tops=1979,
+    Accelerator("H100 SXM", 79.6, 3350, 989, 900, fp8_tflops=1979, int8_tops=1979,
                 source="NVIDIA H100 Tensor Core GPU datasheet (SXM)"),
     # NVIDIA H100 Tensor Core GPU datasheet (PCIe): 80 GB HBM2e, 2 TB/s, BF16 1,513 / FP8 3,026
     # TFLOPS with sparsity, PCIe Gen5 128 GB/s (NVLink bridge pairs only).
@@ -62,15 +64,15 @@ _BUILTIN: tuple[Accelerator, ...] = (
                 source="NVIDIA A100 Tensor Core GPU datasheet (40GB SXM)"),
     # NVIDIA L40S GPU datasheet: 48 GB GDDR6, 864 GB/s, BF16 362 TFLOPS dense (733 sparse), FP8
     # 733 dense (1,466 sparse), PCIe Gen4 x16 64 GB/s.
-    Accelerator("L40S", 48, 864, 362, 64, fp8_tflops=733, int8_tops=733,
+    Accelerator("L40S", 45.0, 864, 362, 64, fp8_tflops=733, int8_tops=733,
                 source="NVIDIA L40S GPU datasheet"),
     # NVIDIA L4 Tensor Core GPU datasheet: 24 GB GDDR6, 300 GB/s, BF16 242 / FP8 485 TFLOPS with
     # sparsity, PCIe Gen4 x16 64 GB/s.
-    Accelerator("L4", 24, 300, 121, 64, fp8_tflops=242, int8_tops=242,
+    Accelerator("L4", 22.5, 300, 121, 64, fp8_tflops=242, int8_tops=242,
                 source="NVIDIA L4 Tensor Core GPU datasheet"),
     # NVIDIA A10 Tensor Core GPU datasheet (A10G is AWS's variant; NVIDIA publishes no separate
     # sheet): 24 GB GDDR6, 600 GB/s, BF16 125 TFLOPS dense (250 sparse), PCIe Gen4 64 GB/s.
-    Accelerator("A10G", 24, 600, 125, 64, int8_tops=250,
+    Accelerator("A10G", 22.5, 600, 125, 64, int8_tops=250,
                 source="NVIDIA A10 Tensor Core GPU datasheet"),
     # NVIDIA V100 Tensor Core GPU datasheet (SXM2 32GB): HBM2 900 GB/s, FP16 tensor 125 TFLOPS,
     # no BF16, NVLink 300 GB/s.
@@ -78,7 +80,7 @@ _BUILTIN: tuple[Accelerator, ...] = (
                 source="NVIDIA V100 Tensor Core GPU datasheet (SXM2)"),
     # NVIDIA T4 Tensor Core GPU datasheet: 16 GB GDDR6, 320 GB/s, FP16 65 TFLOPS, INT8 130 TOPS,
     # no BF16, PCIe Gen3 x16 32 GB/s.
-    Accelerator("T4", 16, 320, 65, 32, int8_tops=130, bf16=False,
+    Accelerator("T4", 15.0, 320, 65, 32, int8_tops=130, bf16=False,
                 source="NVIDIA T4 Tensor Core GPU datasheet"),
     # AMD Instinct MI300X accelerator datasheet: 192 GB HBM3, 5.3 TB/s, BF16 1,307.4 TFLOPS and
     # FP8 2,614.9 TFLOPS dense, Infinity Fabric peak aggregate 896 GB/s. peak_fraction: ROCm

@@ -356,6 +356,8 @@ def _assemble(
             continue
         plans.append(_pool_plan(model, r, chosen[id(r)], nodes_used[id(r)], rates[id(r)],
                                 cluster_out, est_time, workload, top_k, objective))
+        if r.pool.acc.kind == "cpu":
+            notes.append(_cpu_note(model, r.pool, chosen[id(r)].config))
     priced = [p.cost_per_hour for p in plans]
     cost_h = sum(c for c in priced if c is not None) if all(c is not None for c in priced) else None
     return ClusterPlan(
@@ -446,6 +448,15 @@ def _notes(model: ModelProfile, workload: Workload, results: Sequence[_PoolResul
     if model.quantization in ("int4", "int8") and model.checkpoint_format != model.quantization:
         notes.append(f"{model.quantization} needs a checkpoint quantized to it (AWQ/GPTQ/W8A8)")
     return notes
+
+
+def _cpu_note(model: ModelProfile, pool: _Pool, cfg: DeployConfig) -> str:
+    """vLLM's CPU backend sizes its KV cache from an environment variable, not the fraction."""
+    fit = memory_fit(model, pool.acc, pool.coef, cfg.tensor_parallel_size,
+                     cfg.pipeline_parallel_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                     cfg.gpu_memory_utilization)
+    return (f"pool {pool.req.name!r} runs on CPU: set VLLM_CPU_KVCACHE_SPACE="
+            f"{max(1, int(fit.kv_gib))} (GiB) for the KV cache this plan assumes")
 
 
 def _common_reason(rejected: Sequence[Rejected]) -> str:

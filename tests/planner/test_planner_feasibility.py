@@ -167,6 +167,7 @@ def test_tiny_model_on_cpu(tiny_model_dir: Path) -> None:
     assert pool.config.tensor_parallel_size == 1 and pool.instances == 1
     assert pool.output_tokens_per_s > 0 and plan.est_time_s is not None
     assert pool.engine_args["max_model_len"] == 256 + 64
+    assert any("VLLM_CPU_KVCACHE_SPACE=" in n for n in plan.notes)
 
 
 def test_pinned_values_restrict_the_search(chat_workload: Workload) -> None:

@@ -26,7 +26,7 @@ class SchedulerConfig:
     max_unit_rows: int = 4096
     factor: float = 2.0
     lease_timeout_s: float = 120.0
-    max_leases_per_instance: int = 2
+    max_leases_per_instance: int = 3
     rate_smoothing: float = 0.3
 
 

@@ -1,7 +1,7 @@
 """The worker: one per engine instance, keeping the engine's batch full across unit boundaries.
 
-The loop holds up to two leases: the unit being fed to the engine and the next one, read ahead
-in a background thread. Requests go into the engine as slots free up, whichever unit they belong
+The loop holds up to three leases: units whose last requests are finishing in the engine, the
+unit being fed, and the next one, read ahead in a background thread. Requests go into the engine as slots free up, whichever unit they belong
 to, so the engine never drains at a unit boundary. A finished unit is written to staging and
 committed by a second background thread while the engine keeps stepping.
 """
@@ -23,6 +23,9 @@ from hetbatch.spec import JobSpec
 from hetbatch.worker.rows import RowPrompt, build_output, build_prompts, input_columns, row_seed
 
 log = logging.getLogger("hetbatch.worker")
+
+# Units held at once: one finishing in the engine, one being fed, one read ahead.
+MAX_UNITS = 3
 
 
 @dataclass
@@ -102,7 +105,7 @@ class Worker:
 
     def _maybe_lease(self) -> None:
         now = time.monotonic()
-        if self._done or len(self.units) >= 2 or now < self._next_lease_at:
+        if self._done or len(self.units) >= MAX_UNITS or now < self._next_lease_at:
             return
         if self.units and self._unsubmitted() > self.window:
             return  # enough queued: ask later, so that the deal reflects the latest rates

@@ -185,3 +185,14 @@ def test_cards_without_bf16_get_float16(chat_workload: Workload) -> None:
     model = load_model_profile("llama-3.1-8b")
     plan = plan_cluster(model, [PoolRequest("v100", "V100", 8)], chat_workload)
     assert plan.pools[0].engine_args["dtype"] == "float16"
+
+
+def test_planner_imports_no_engine() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, hetbatch.planner, hetbatch.planner.cli; "
+            "print(any(m.split('.')[0] in ('vllm', 'torch') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

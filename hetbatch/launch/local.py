@@ -17,7 +17,7 @@ from typing import IO
 from tqdm import tqdm
 
 from hetbatch.coordinator.server import Coordinator
-from hetbatch.engines.factory import vllm_version
+from hetbatch.engines.vllm_engine import vllm_version
 from hetbatch.launch.base import Launcher, PreparedRun, log_dir
 from hetbatch.layout import InstanceSpec, device_env
 from hetbatch.report import summary_lines

@@ -5,34 +5,22 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import click
 
 from hetbatch.errors import UserError
 from hetbatch.planner.calibration import Calibration
-from hetbatch.planner.catalog import Catalog
-from hetbatch.planner.profile import ModelProfile, load_model_profile
+from hetbatch.planner.job import JobPlanInputs, job_plan_inputs
+from hetbatch.planner.profile import load_model_profile
 from hetbatch.planner.search import plan_cluster
 from hetbatch.planner.types import OBJECTIVES, ClusterPlan, PoolPlan, PoolRequest, Workload
 
 
-@dataclass(frozen=True)
-class JobPlanInputs:
-    """What a job file contributes to planning."""
+def _pools_from_job(job_path: str, sample_rows: int = 2000) -> JobPlanInputs:
+    """Read the planning inputs of a job file (model, pools, workload sampled from its input)."""
+    from hetbatch.spec import load_job
 
-    model: ModelProfile
-    pools: list[PoolRequest]
-    workload: Workload
-    objective: str = "throughput"
-    deadline_s: float | None = None
-    catalog: Catalog | None = None
-    calibration: Calibration | None = None
-
-
-def _pools_from_job(job_path: str) -> JobPlanInputs:
-    """Read the planning inputs of a job file (model, pools, workload, objective)."""
-    raise UserError(f"planning from a job file is not wired yet ({job_path}); use the flags")
+    return job_plan_inputs(load_job(job_path), sample_rows=sample_rows)
 
 
 @click.command("plan")
@@ -57,6 +45,8 @@ def _pools_from_job(job_path: str) -> JobPlanInputs:
 @click.option("--deadline", type=float, help="Seconds to finish the rows (objective deadline).")
 @click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False),
               help="Calibration JSON fitted from profiling runs.")
+@click.option("--sample-rows", type=int, default=2000, show_default=True,
+              help="Input rows a JOB's prompt lengths are measured on.")
 @click.option("--top", "top_k", type=int, default=3, show_default=True,
               help="Runners-up shown per pool.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
@@ -79,7 +69,10 @@ def plan_command(job: str | None, **opts: object) -> None:
 
 
 def _plan(job: str | None, opts: dict[str, object]) -> ClusterPlan:
-    inputs = _pools_from_job(job) if job else _inputs_from_flags(opts)
+    if job:
+        inputs = _pools_from_job(job, int(opts.get("sample_rows") or 2000))  # type: ignore[call-overload]
+    else:
+        inputs = _inputs_from_flags(opts)
     calibration = inputs.calibration
     if opts.get("calibration_path"):
         calibration = Calibration.load(str(opts["calibration_path"]))

@@ -202,8 +202,11 @@ def _search_layout(
     instances = (pool.req.nodes // pp) * ipn
     if problem is None and instances < 1:
         problem = f"PP={pp} needs more than the pool's {pool.req.nodes} nodes"
-    for seqs in SEQS_GRID:
-        for tokens in TOKENS_GRID:
+    seqs_grid = (pool.req.max_num_seqs,) if pool.req.max_num_seqs else SEQS_GRID
+    tokens_grid = ((pool.req.max_num_batched_tokens,) if pool.req.max_num_batched_tokens
+                   else TOKENS_GRID)
+    for seqs in seqs_grid:
+        for tokens in tokens_grid:
             for mem in MEMORY_GRID:
                 cfg = DeployConfig(tp, pp, ipn, instances, seqs, tokens, mem)
                 reason = problem or _evaluate(model, pool, workload, objective, cfg, feasible)

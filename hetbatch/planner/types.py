@@ -21,7 +21,8 @@ OBJECTIVES: tuple[str, ...] = ("throughput", "cost", "deadline")
 class PoolRequest:
     """One homogeneous part of the cluster: `nodes` machines with `devices_per_node` cards each.
 
-    Pinned values (tensor_parallel_size, instances_per_node) restrict the search to them.
+    Pinned values (tensor_parallel_size, instances_per_node, max_num_seqs,
+    max_num_batched_tokens) restrict the search to them.
     """
 
     name: str
@@ -31,6 +32,8 @@ class PoolRequest:
     price_per_device_hour: float | None = None
     tensor_parallel_size: int | None = None
     instances_per_node: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.devices_per_node < 1 or self.nodes < 1:
@@ -41,6 +44,10 @@ class PoolRequest:
             raise UserError(f"pool {self.name!r}: tensor_parallel_size must be >= 1")
         if self.instances_per_node is not None and self.instances_per_node < 1:
             raise UserError(f"pool {self.name!r}: instances_per_node must be >= 1")
+        for key in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UserError(f"pool {self.name!r}: {key} must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,179 @@
+"""`hetbatch profile JOB`: time the real engine on this machine and fit a calibration file.
+
+For every accelerator type among the job's pools, a child process pinned to the devices of the
+pool's first instance runs the job's model with its engine arguments at a few concurrencies and
+two shapes (the job's own prompt/output lengths, and long prompts with short outputs), and the
+planner's coefficients are fitted to the timings by least squares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from hetbatch.errors import UserError
+from hetbatch.planner.calibration import (
+    Calibration,
+    Measurement,
+    fit_calibration,
+    measured_time,
+    measurement_features,
+)
+from hetbatch.planner.catalog import DEFAULT_CATALOG
+from hetbatch.planner.job import model_from_job, workload_from_job
+from hetbatch.planner.model import Coefficients, default_coefficients
+from hetbatch.spec import JobSpec, PoolSpec, load_job
+
+DEFAULT_CONCURRENCY = (1, 8, 32, 128)
+CHILD_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    """The fitted calibration and the measurements it came from."""
+
+    calibration: Calibration
+    measurements: tuple[Measurement, ...]
+
+
+def default_out(job_path: str) -> Path:
+    """`jobs/demo.yaml` -> `jobs/demo.calibration.json`."""
+    path = Path(job_path)
+    return path.with_name(f"{path.stem}.calibration.json")
+
+
+def profile_job(
+    job_path: str, concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
+    pools: Sequence[str] = (), base: Calibration | None = None,
+) -> ProfileResult:
+    """Benchmark one pool per accelerator type and fit its coefficients."""
+    job = load_job(job_path)
+    points = profile_points(job, concurrency)
+    found: list[Measurement] = []
+    for pool in _pools_to_profile(job, pools):
+        found.extend(_run_child(job_path, job, pool, points))
+    model = model_from_job(job)
+    cal = fit_calibration(found, profiles={job.model.path: model}, base=base)
+    if base is not None:
+        cal = Calibration({**base.coefficients, **cal.coefficients},
+                          {**base.measurements, **cal.measurements})
+    return ProfileResult(cal, tuple(found))
+
+
+def profile_points(job: JobSpec, concurrency: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(concurrency, input_len, output_len): the job's shape at every concurrency, and long
+    prompts with short outputs at the largest, which sets prefill apart from decode."""
+    w = workload_from_job(job, sample_rows=500)
+    limit = int(job.model.engine_args.get("max_model_len") or 2048)
+    inp = max(2, round(w.input_len_mean))
+    out = max(2, round(w.output_len_mean))
+    long_in = max(inp, min(4 * inp, limit - 8))
+    points = [(b, inp, out) for b in sorted(set(concurrency))]
+    points.append((max(concurrency), long_in, max(2, out // 4)))
+    return points
+
+
+def _pools_to_profile(job: JobSpec, names: Sequence[str]) -> list[PoolSpec]:
+    """The first pool of every accelerator type (or the named pools)."""
+    known = {p.name: p for p in job.cluster.pools}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise UserError(f"no pool named {missing[0]!r}; pools: {', '.join(known)}")
+    chosen: dict[str, PoolSpec] = {}
+    for p in (known[n] for n in names) if names else job.cluster.pools:
+        chosen.setdefault(DEFAULT_CATALOG.get(p.accelerator).name, p)
+    return list(chosen.values())
+
+
+def _child_env(job: JobSpec, pool: PoolSpec) -> dict[str, str]:
+    """The environment of the pool's first instance: pinned to its cores or GPUs."""
+    from hetbatch.layout import device_env, instance_layout
+
+    first = next(i for i in instance_layout(job) if i.pool == pool.name)
+    return {**os.environ, **device_env(first)}
+
+
+def _run_child(
+    job_path: str, job: JobSpec, pool: PoolSpec, points: list[tuple[int, int, int]]
+) -> list[Measurement]:
+    with tempfile.TemporaryDirectory(prefix="hetbatch-profile-") as tmp:
+        plan, out = Path(tmp) / "points.json", Path(tmp) / "measurements.json"
+        plan.write_text(json.dumps(points))
+        cmd = [sys.executable, "-m", "hetbatch.planner.profile_run", job_path, pool.name,
+               str(plan), str(out)]
+        try:
+            proc = subprocess.run(cmd, env=_child_env(job, pool), capture_output=True,
+                                  text=True, timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"profiling pool {pool.name!r} took over {CHILD_TIMEOUT_S} s") from None
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"profiling pool {pool.name!r} failed: {tail}")
+        return [Measurement.from_dict(d) for d in json.loads(out.read_text())]
+
+
+def predicted_time(m: Measurement, job: JobSpec, coef: Coefficients) -> float:
+    """What the throughput model says the measured run should take under `coef`."""
+    acc = DEFAULT_CATALOG.get(m.accelerator)
+    return measurement_features(m, model_from_job(job), acc, coef).time(coef)
+
+
+def _report(result: ProfileResult, job: JobSpec) -> list[str]:
+    lines = ["accelerator  conc  in_len  out_len  measured  default  fitted   (seconds)"]
+    for m in result.measurements:
+        acc = DEFAULT_CATALOG.get(m.accelerator)
+        fitted = result.calibration.coefficients_for(acc.name) or default_coefficients(acc)
+        lines.append(
+            f"{acc.name:<11}  {m.concurrency:>4}  {m.input_len:>6.0f}  {m.output_len:>7.0f}  "
+            f"{measured_time(m):>8.3f}  {predicted_time(m, job, default_coefficients(acc)):>7.3f}"
+            f"  {predicted_time(m, job, fitted):>6.3f}"
+        )
+    return lines
+
+
+def _parse_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"--concurrency {text!r}: expected positive integers, e.g. 1,8,32")
+    return values
+
+
+@click.command("profile")
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Calibration file to write (default: JOB's name with .calibration.json).")
+@click.option("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
+              show_default=True, help="Sequences run at once, comma-separated.")
+@click.option("--pool", "pools", multiple=True, help="Profile only this pool (repeatable).")
+@click.option("--fresh", is_flag=True, help="Replace the file rather than update it.")
+def profile_command(
+    job: str, out_path: str | None, concurrency: str, pools: tuple[str, ...], fresh: bool
+) -> None:
+    """Time the job's model on this machine's accelerator and write a calibration file for
+    `hetbatch plan --calibration`. Run it on a node of each accelerator type."""
+    out = Path(out_path) if out_path else default_out(job)
+    try:
+        base = Calibration.load(out) if out.exists() and not fresh else None
+        result = profile_job(job, _parse_ints(concurrency), pools, base)
+        result.calibration.save(out)
+        lines = _report(result, load_job(job))
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(UserError.exit_code)
+    click.echo("\n".join(lines))
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    profile_command.main(prog_name="hetbatch profile")

@@ -70,7 +70,7 @@ class LocalLauncher(Launcher):
         finally:
             # Everything is committed once the coordinator has finished: workers get a moment
             # to leave cleanly, then are stopped rather than waited for.
-            self._stop_all(workers, grace_s=3 if coordinator.finished.is_set() else 10)
+            self._stop_all(workers, grace_s=0.5 if coordinator.finished.is_set() else 10)
             coordinator.stop()
         for line in summary_lines(
             run.store, coordinator.metrics_dict(), time.monotonic() - started

@@ -32,7 +32,7 @@ from hetbatch.planner.job import model_from_job, workload_from_job
 from hetbatch.planner.model import Coefficients, default_coefficients
 from hetbatch.spec import JobSpec, PoolSpec, load_job
 
-DEFAULT_CONCURRENCY = (1, 8, 32, 128)
+DEFAULT_MAX_SEQS = 256  # vLLM's max_num_seqs when the job leaves it unset
 CHILD_TIMEOUT_S = 900
 
 
@@ -51,12 +51,13 @@ def default_out(job_path: str) -> Path:
 
 
 def profile_job(
-    job_path: str, concurrency: Sequence[int] = DEFAULT_CONCURRENCY,
+    job_path: str, concurrency: Sequence[int] = (),
     pools: Sequence[str] = (), base: Calibration | None = None,
 ) -> ProfileResult:
-    """Benchmark one pool per accelerator type and fit its coefficients."""
+    """Benchmark one pool per accelerator type and fit its coefficients; the concurrencies
+    default to an eighth, half and all of the job's max_num_seqs, where the plan operates."""
     job = load_job(job_path)
-    points = profile_points(job, concurrency)
+    points = profile_points(job, concurrency or default_concurrency(job))
     found: list[Measurement] = []
     for pool in _pools_to_profile(job, pools):
         found.extend(_run_child(job_path, job, pool, points))
@@ -66,6 +67,11 @@ def profile_job(
         cal = Calibration({**base.coefficients, **cal.coefficients},
                           {**base.measurements, **cal.measurements})
     return ProfileResult(cal, tuple(found))
+
+
+def default_concurrency(job: JobSpec) -> list[int]:
+    cap = int(job.model.engine_args.get("max_num_seqs") or DEFAULT_MAX_SEQS)
+    return sorted({max(1, cap // 8), max(1, cap // 2), cap})
 
 
 def profile_points(job: JobSpec, concurrency: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -153,8 +159,9 @@ def _parse_ints(text: str) -> list[int]:
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Calibration file to write (default: JOB's name with .calibration.json).")
-@click.option("--concurrency", default=",".join(map(str, DEFAULT_CONCURRENCY)),
-              show_default=True, help="Sequences run at once, comma-separated.")
+@click.option("--concurrency", default="",
+              help="Sequences run at once, comma-separated (default: 1/8, 1/2 and all of the "
+                   "job's max_num_seqs).")
 @click.option("--pool", "pools", multiple=True, help="Profile only this pool (repeatable).")
 @click.option("--fresh", is_flag=True, help="Replace the file rather than update it.")
 def profile_command(
@@ -165,7 +172,8 @@ def profile_command(
     out = Path(out_path) if out_path else default_out(job)
     try:
         base = Calibration.load(out) if out.exists() and not fresh else None
-        result = profile_job(job, _parse_ints(concurrency), pools, base)
+        levels = _parse_ints(concurrency) if concurrency else ()
+        result = profile_job(job, levels, pools, base)
         result.calibration.save(out)
         lines = _report(result, load_job(job))
     except UserError as exc:

@@ -40,13 +40,18 @@ def main() -> None:
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run's output and start over.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for logs).")
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Calibration file from `hetbatch profile`, for pools the planner sizes.",
+)
 @user_errors
-def run(job_file: str, overwrite: bool, no_progress: bool) -> None:
+def run(job_file: str, overwrite: bool, no_progress: bool, calibration: str | None) -> None:
     """Run JOB_FILE on this machine; rerun the same command to resume."""
     from hetbatch.launch.local import JobFailed, LocalLauncher
     from hetbatch.spec import load_job
 
-    launcher = LocalLauncher(load_job(job_file), overwrite=overwrite)
+    launcher = LocalLauncher(load_job(job_file), overwrite=overwrite, calibration=calibration)
     try:
         code = launcher.run(progress=not no_progress and sys.stderr.isatty())
     except JobFailed as exc:
@@ -78,8 +83,10 @@ def status(output: str, as_json: bool) -> None:
 def _register_subsystem_commands() -> None:
     """Commands that live beside their subsystem (planner, simulator, launchers)."""
     from hetbatch.planner.cli import plan_command
+    from hetbatch.planner.profile_cli import profile_command
 
     main.add_command(plan_command, "plan")
+    main.add_command(profile_command, "profile")
 
 
 _register_subsystem_commands()

@@ -8,9 +8,12 @@ pinned to its cores so that instances side by side do not share one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hetbatch.spec import JobSpec, PoolSpec
+
+if TYPE_CHECKING:
+    from hetbatch.planner.types import ClusterPlan
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,30 @@ def pool_weight(job: JobSpec, pool: PoolSpec, tp: int) -> float:
     return float(tp)
 
 
-def instance_layout(job: JobSpec) -> list[InstanceSpec]:
+def needs_plan(job: JobSpec) -> bool:
+    """Whether some pool leaves its instance layout to the planner."""
+    return job.engine.kind == "vllm" and any(
+        p.tensor_parallel_size is None for p in job.cluster.pools
+    )
+
+
+def instance_layout(job: JobSpec, plan: ClusterPlan | None = None) -> list[InstanceSpec]:
+    """Instances of every pool: as the pool pins them, else as the plan sizes them."""
+    planned = {p.pool: p for p in plan.pools} if plan is not None else {}
     instances = []
     for pool in job.cluster.pools:
-        tp, per_node = pool_layout(pool)
-        weight = pool_weight(job, pool, tp)
-        args = {**job.model.engine_args, **pool.engine_args}
-        if tp > 1:
-            args["tensor_parallel_size"] = tp
+        pool_plan = planned.get(pool.name) if pool.tensor_parallel_size is None else None
+        if pool_plan is not None:
+            tp = pool_plan.config.devices_per_instance
+            per_node = pool.instances_per_node or pool_plan.config.instances_per_node
+            weight = pool.capacity_weight or pool_plan.capacity_weight
+            args = {**pool_plan.engine_args, **job.model.engine_args, **pool.engine_args}
+        else:
+            tp, per_node = pool_layout(pool)
+            weight = pool_weight(job, pool, tp)
+            args = {**job.model.engine_args, **pool.engine_args}
+            if tp > 1:
+                args["tensor_parallel_size"] = tp
         for node in range(pool.nodes):
             for k in range(per_node):
                 devices = tuple(range(k * tp, (k + 1) * tp))

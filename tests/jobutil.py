@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -29,8 +30,12 @@ def make_input(path: Path, rows: int, row_group_size: int = 500, words: int = 20
 def sim_job(tmp: Path, input_path: Path, pools: list[dict], **extra: Any) -> dict[str, Any]:
     job = {
         "model": {"path": "simulated"},
-        "input": {"path": str(input_path), "prompt_column": "prompt", "id_column": "id",
-                  "keep_columns": ["topic"]},
+        "input": {
+            "path": str(input_path),
+            "prompt_column": "prompt",
+            "id_column": "id",
+            "keep_columns": ["topic"],
+        },
         "output": {"path": str(tmp / "out")},
         "sampling": {"max_tokens": 8},
         "engine": {"kind": "sim"},
@@ -43,8 +48,13 @@ def sim_job(tmp: Path, input_path: Path, pools: list[dict], **extra: Any) -> dic
 
 
 def sim_pool(name: str, tokens_per_s: float, max_num_seqs: int = 64, **kw: Any) -> dict:
-    return {"name": name, "accelerator": "cpu", "devices_per_node": 1,
-            "sim": {"tokens_per_s": tokens_per_s, "max_num_seqs": max_num_seqs}, **kw}
+    return {
+        "name": name,
+        "accelerator": "cpu",
+        "devices_per_node": 1,
+        "sim": {"tokens_per_s": tokens_per_s, "max_num_seqs": max_num_seqs},
+        **kw,
+    }
 
 
 def write_job(path: Path, job: dict[str, Any]) -> Path:
@@ -52,14 +62,18 @@ def write_job(path: Path, job: dict[str, Any]) -> Path:
     return path
 
 
-def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*HETBATCH, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd)
+def run_cli(
+    *args: str, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*HETBATCH, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
 
 
 def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([*HETBATCH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=cwd)
+    return subprocess.Popen(
+        [*HETBATCH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd
+    )
 
 
 def read_output(out: Path) -> pl.DataFrame:
@@ -84,8 +98,9 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def worker_pids(parent_pid: int) -> list[int]:
     """Worker processes started by a `hetbatch run` process (children running the worker)."""
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(parent_pid)],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(parent_pid)], capture_output=True, text=True
+    ).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "hetbatch.worker" in line]
 
 
@@ -94,11 +109,16 @@ def assert_exactly_once(out: Path, rows: int) -> pl.DataFrame:
     assert df.height == rows, f"{df.height} output rows for {rows} input rows"
     assert df["id"].n_unique() == rows
     assert sorted(df["id"].to_list()) == [f"r{i:06d}" for i in range(rows)]
+    assert_ledger_covers(out, rows)
+    return df
+
+
+def assert_ledger_covers(out: Path, rows: int) -> None:
+    """The job finished and its ledger holds every row exactly once."""
     assert (out / "_SUCCESS").exists()
     spans = sorted((r["start"], r["end"]) for r in ledger(out))
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)), "ledger overlaps"
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), "ledger overlaps"
     assert sum(b - a for a, b in spans) == rows
-    return df
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -28,16 +28,26 @@ def _fails_cleanly(tmp_path, job_file, expected: str) -> None:
     ("mutate", "expected"),
     [
         (lambda j: j.update(sampling_params={"max_tokens": 3}), "sampling_params: unknown key"),
-        (lambda j: j["cluster"]["pools"][0].update(devices_per_node="two"),
-         "cluster.pools[0].devices_per_node: Input should be a valid integer"),
+        (
+            lambda j: j["cluster"]["pools"][0].update(devices_per_node="two"),
+            "cluster.pools[0].devices_per_node: Input should be a valid integer",
+        ),
         (lambda j: j.pop("output"), "output: required field is missing"),
-        (lambda j: j["input"].update(path="/nonexistent/x.parquet"),
-         "/nonexistent/x.parquet: input path does not exist"),
+        (
+            lambda j: j["input"].update(path="/nonexistent/x.parquet"),
+            "/nonexistent/x.parquet: input path does not exist",
+        ),
         (lambda j: j["input"].update(prompt_column="question"), "column 'question' not found"),
         (lambda j: j.update(prompt_template="Q: {question}"), "column 'question' not found"),
     ],
-    ids=["typo-key", "wrong-type", "missing-field", "missing-input", "missing-column",
-         "template-column"],
+    ids=[
+        "typo-key",
+        "wrong-type",
+        "missing-field",
+        "missing-input",
+        "missing-column",
+        "template-column",
+    ],
 )
 def test_bad_job(tmp_path, mutate, expected) -> None:
     job = _job(tmp_path)
@@ -53,8 +63,16 @@ def test_corrupt_parquet(tmp_path) -> None:
 
 def test_empty_dataset(tmp_path) -> None:
     job = _job(tmp_path)
-    pq.write_table(pa.table({"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string()),
-                             "topic": pa.array([], pa.string())}), tmp_path / "in.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([], pa.string()),
+                "prompt": pa.array([], pa.string()),
+                "topic": pa.array([], pa.string()),
+            }
+        ),
+        tmp_path / "in.parquet",
+    )
     _fails_cleanly(tmp_path, write_job(tmp_path / "job.yaml", job), "has no rows")
 
 

@@ -81,11 +81,29 @@ def test_stale_commit_is_not_published(served) -> None:
     assert (again["start"], again["end"]) == (lease["start"], lease["end"])
     rows = lease["end"] - lease["start"]
     _stage(store, "b.parquet", rows)
-    assert b.call("commit", instance="b", lease=again["id"], start=again["start"],
-                  end=again["end"], staging="b.parquet")["status"] == "accepted"
+    assert (
+        b.call(
+            "commit",
+            instance="b",
+            lease=again["id"],
+            start=again["start"],
+            end=again["end"],
+            staging="b.parquet",
+        )["status"]
+        == "accepted"
+    )
     _stage(store, "a.parquet", rows)
-    assert a.call("commit", instance="a", lease=lease["id"], start=lease["start"],
-                  end=lease["end"], staging="a.parquet")["status"] == "duplicate"
+    assert (
+        a.call(
+            "commit",
+            instance="a",
+            lease=lease["id"],
+            start=lease["start"],
+            end=lease["end"],
+            staging="a.parquet",
+        )["status"]
+        == "duplicate"
+    )
     assert store.published_ranges() == [(lease["start"], lease["end"])]
     assert not (store.fs.exists(store.staging_url("a.parquet").split("://")[-1]))
     assert len(store.read_ledger()) == 1
@@ -99,5 +117,8 @@ def test_dropped_connection_requeues_leases(served) -> None:
     a.close()
     from tests.jobutil import wait_for
 
-    wait_for(lambda: coord.scheduler.pending.contains(lease["start"], lease["end"]), 5,
-             "lease back in the queue")
+    wait_for(
+        lambda: coord.scheduler.pending.contains(lease["start"], lease["end"]),
+        5,
+        "lease back in the queue",
+    )

@@ -26,8 +26,11 @@ from tests.jobutil import (
 
 def test_two_speeds_finish_together(tmp_path) -> None:
     rows = 20_000
-    job = sim_job(tmp_path, make_input(tmp_path / "in.parquet", rows),
-                  [sim_pool("fast", 40_000), sim_pool("slow", 10_000)])
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows),
+        [sim_pool("fast", 40_000), sim_pool("slow", 10_000)],
+    )
     result = run_cli("run", str(write_job(tmp_path / "job.yaml", job)))
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
@@ -45,8 +48,12 @@ def test_two_speeds_finish_together(tmp_path) -> None:
 
 def test_resume_after_sigkill_redoes_nothing(tmp_path) -> None:
     rows = 12_000
-    job = sim_job(tmp_path, make_input(tmp_path / "in.parquet", rows),
-                  [sim_pool("a", 6_000), sim_pool("b", 6_000)], scheduler={"max_unit_rows": 200})
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows),
+        [sim_pool("a", 6_000), sim_pool("b", 6_000)],
+        scheduler={"max_unit_rows": 200},
+    )
     job_file = write_job(tmp_path / "job.yaml", job)
     out = tmp_path / "out"
     proc = start_cli("run", str(job_file))
@@ -70,15 +77,19 @@ def test_resume_after_sigkill_redoes_nothing(tmp_path) -> None:
 
 def test_killed_worker_unit_is_redealt(tmp_path) -> None:
     rows = 8_000
-    job = sim_job(tmp_path, make_input(tmp_path / "in.parquet", rows),
-                  [sim_pool("a", 4_000), sim_pool("b", 4_000)],
-                  launch={"max_worker_restarts": 0}, scheduler={"max_unit_rows": 300})
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows),
+        [sim_pool("a", 4_000), sim_pool("b", 4_000)],
+        launch={"max_worker_restarts": 0},
+        scheduler={"max_unit_rows": 300},
+    )
     out = tmp_path / "out"
     proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
     wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
     victim = worker_pids(proc.pid)[0]
     os.kill(victim, signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=120)
+    _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert "re-queued" in stderr
     df = assert_exactly_once(out, rows)
@@ -87,9 +98,12 @@ def test_killed_worker_unit_is_redealt(tmp_path) -> None:
 
 def test_lapsed_lease_is_redealt_and_late_work_discarded(tmp_path) -> None:
     rows = 6_000
-    job = sim_job(tmp_path, make_input(tmp_path / "in.parquet", rows),
-                  [sim_pool("a", 4_000), sim_pool("b", 4_000)],
-                  scheduler={"lease_timeout_s": 1.5, "max_unit_rows": 300})
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows),
+        [sim_pool("a", 4_000), sim_pool("b", 4_000)],
+        scheduler={"lease_timeout_s": 1.5, "max_unit_rows": 300},
+    )
     out = tmp_path / "out"
     proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
     wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
@@ -99,7 +113,7 @@ def test_lapsed_lease_is_redealt_and_late_work_discarded(tmp_path) -> None:
         wait_for(lambda: len(ledger(out)) >= 8, 60, "the other worker to go on")
     finally:
         os.kill(frozen, signal.SIGCONT)
-    stdout, stderr = proc.communicate(timeout=120)
+    _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert "lapsed" in stderr
     assert_exactly_once(out, rows)
@@ -108,10 +122,16 @@ def test_lapsed_lease_is_redealt_and_late_work_discarded(tmp_path) -> None:
 
 def test_row_errors_do_not_stop_the_job(tmp_path) -> None:
     prompts = ["hello there", None, "", "x " * 3000, "fine again"]
-    pq.write_table(pa.table({"id": [f"r{i:06d}" for i in range(5)], "prompt": prompts,
-                             "topic": ["t"] * 5}), tmp_path / "in.parquet")
-    job = sim_job(tmp_path, tmp_path / "in.parquet", [sim_pool("a", 4_000)],
-                  model={"engine_args": {"max_model_len": 512}})
+    pq.write_table(
+        pa.table({"id": [f"r{i:06d}" for i in range(5)], "prompt": prompts, "topic": ["t"] * 5}),
+        tmp_path / "in.parquet",
+    )
+    job = sim_job(
+        tmp_path,
+        tmp_path / "in.parquet",
+        [sim_pool("a", 4_000)],
+        model={"engine_args": {"max_model_len": 512}},
+    )
     result = run_cli("run", str(write_job(tmp_path / "job.yaml", job)))
     assert result.returncode == 0, result.stderr
     df = read_output(tmp_path / "out").sort("id")
@@ -126,10 +146,15 @@ def test_row_errors_do_not_stop_the_job(tmp_path) -> None:
 def test_seeded_output_does_not_depend_on_placement(tmp_path) -> None:
     rows = 2_000
     src = make_input(tmp_path / "in.parquet", rows)
-    one = sim_job(tmp_path / "1", src, [sim_pool("a", 20_000)],
-                  sampling={"max_tokens": 8, "temperature": 0.9})
-    two = sim_job(tmp_path / "2", src, [sim_pool("a", 20_000), sim_pool("b", 5_000)],
-                  sampling={"max_tokens": 8, "temperature": 0.9})
+    one = sim_job(
+        tmp_path / "1", src, [sim_pool("a", 20_000)], sampling={"max_tokens": 8, "temperature": 0.9}
+    )
+    two = sim_job(
+        tmp_path / "2",
+        src,
+        [sim_pool("a", 20_000), sim_pool("b", 5_000)],
+        sampling={"max_tokens": 8, "temperature": 0.9},
+    )
     for job, name in ((one, "1.yaml"), (two, "2.yaml")):
         result = run_cli("run", str(write_job(tmp_path / name, job)))
         assert result.returncode == 0, result.stderr

@@ -11,7 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.jobutil import ledger, read_output, run_cli, start_cli, wait_for, worker_pids, write_job
+from tests.jobutil import (
+    assert_ledger_covers,
+    ledger,
+    read_output,
+    run_cli,
+    start_cli,
+    wait_for,
+    worker_pids,
+    write_job,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -23,12 +32,19 @@ def _input(path: Path, rows: int, bad: bool = False, messages: bool = False) -> 
     df = pl.read_parquet(DATA).head(rows).select("id", "prompt", "source")
     table = df.to_arrow()
     if bad:
-        extra = pa.table({"id": list(BAD_ROWS), "prompt": list(BAD_ROWS.values()),
-                          "source": ["bad"] * len(BAD_ROWS)})
+        extra = pa.table(
+            {
+                "id": list(BAD_ROWS),
+                "prompt": list(BAD_ROWS.values()),
+                "source": ["bad"] * len(BAD_ROWS),
+            }
+        )
         table = pa.concat_tables([table.cast(extra.schema), extra])
     if messages:
-        msgs = [[{"role": "user", "content": p}] if p is not None else None
-                for p in table.column("prompt").to_pylist()]
+        msgs = [
+            [{"role": "user", "content": p}] if p is not None else None
+            for p in table.column("prompt").to_pylist()
+        ]
         table = table.append_column("messages", pa.array(msgs))
     pq.write_table(table, path, row_group_size=100)
     return path
@@ -36,18 +52,28 @@ def _input(path: Path, rows: int, bad: bool = False, messages: bool = False) -> 
 
 def _job(tmp: Path, model: Path, src: Path, devices: int, **extra) -> dict:
     job = {
-        "model": {"path": str(model), "engine_args": {
-            "dtype": "float32", "enforce_eager": True, "max_model_len": 512,
-            "kv_cache_memory_bytes": 64 << 20, "max_num_seqs": 64}},
-        "input": {"path": str(src), "prompt_column": "prompt", "id_column": "id",
-                  "keep_columns": ["source"]},
+        "model": {
+            "path": str(model),
+            "engine_args": {
+                "dtype": "float32",
+                "enforce_eager": True,
+                "max_model_len": 512,
+                "kv_cache_memory_bytes": 64 << 20,
+                "max_num_seqs": 64,
+            },
+        },
+        "input": {
+            "path": str(src),
+            "prompt_column": "prompt",
+            "id_column": "id",
+            "keep_columns": ["source"],
+        },
         "chat": True,
         "sampling": {"max_tokens": 24, "temperature": 0.8, "top_p": 0.95},
         "seed": 11,
         "output": {"path": str(tmp / "out")},
         "scheduler": {"max_unit_rows": 64, "heartbeat_s": 0.5},
-        "cluster": {"pools": [{"name": "cpu", "accelerator": "cpu",
-                               "devices_per_node": devices}]},
+        "cluster": {"pools": [{"name": "cpu", "accelerator": "cpu", "devices_per_node": devices}]},
     }
     job.update(extra)
     return job
@@ -57,10 +83,7 @@ def _check_complete(out: Path, src: Path) -> pl.DataFrame:
     df = read_output(out)
     ids = pq.read_table(src, columns=["id"]).column("id").to_pylist()
     assert df.height == len(ids) and sorted(df["id"].to_list()) == sorted(ids)
-    assert (out / "_SUCCESS").exists()
-    spans = sorted((r["start"], r["end"]) for r in ledger(out))
-    assert sum(b - a for a, b in spans) == len(ids)
-    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert_ledger_covers(out, len(ids))
     return df
 
 
@@ -101,8 +124,9 @@ def test_end_to_end_chat_seeds_and_row_errors(tmp_path, tiny_model) -> None:
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     row = same.row(0, named=True)
     prompt = pl.read_parquet(src).filter(pl.col("id") == row["id"])["prompt"][0]
-    rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     assert row["prompt_tokens"] == len(tok(rendered)["input_ids"])
 
 

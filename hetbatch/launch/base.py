@@ -8,7 +8,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fsspec.core import url_to_fs
 
@@ -16,10 +16,13 @@ from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, open_dataset
-from hetbatch.layout import InstanceSpec, instance_layout
+from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 from hetbatch.spec import JobSpec
 from hetbatch.worker.rows import input_columns
+
+if TYPE_CHECKING:
+    from hetbatch.planner.types import ClusterPlan
 
 # Fields of the job that change what the output holds: a resume must not mix two of them.
 _OUTPUT_DEFINING = ("model", "input", "prompt_template", "chat", "sampling", "seed")
@@ -67,9 +70,12 @@ class PreparedRun:
 class Launcher:
     """Base of the local and Slurm launchers."""
 
-    def __init__(self, job: JobSpec, overwrite: bool = False) -> None:
+    def __init__(
+        self, job: JobSpec, overwrite: bool = False, calibration: str | None = None
+    ) -> None:
         self.job = resolve_job(job)
         self.overwrite = overwrite
+        self.calibration = calibration
         self.token = secrets.token_urlsafe(24)
 
     def prepare(self) -> PreparedRun:
@@ -87,7 +93,8 @@ class Launcher:
                 f"{job.output.path}: output folder holds files hetbatch did not write; "
                 "choose an empty or new folder"
             )
-        instances = instance_layout(job)
+        plan = self._plan()
+        instances = instance_layout(job, plan)
         complete = store.exists() and store.is_complete()
         committed = 0 if complete else sum(r.end - r.start for r in store.recover())
         if complete:
@@ -95,7 +102,19 @@ class Launcher:
         else:
             store.write_json("job.json", record)
             store.write_json("layout.json", [i.__dict__ for i in instances])
+            if plan is not None:
+                store.write_json("plan.json", plan.to_dict())
         return PreparedRun(job, dataset, store, instances, committed, complete)
+
+    def _plan(self) -> ClusterPlan | None:
+        """Size the pools that do not pin their layout; the plan's estimates seed capacity."""
+        if not needs_plan(self.job):
+            return None
+        from hetbatch.planner.calibration import Calibration
+        from hetbatch.planner.job import plan_job
+
+        calibration = Calibration.load(self.calibration) if self.calibration else None
+        return plan_job(self.job, calibration)
 
     def _job_record(self, dataset: InputDataset) -> dict[str, Any]:
         spec = self.job.to_dict()

@@ -1,8 +1,9 @@
 """The worker: one per engine instance, keeping the engine's batch full across unit boundaries.
 
 The loop holds up to three leases: units whose last requests are finishing in the engine, the
-unit being fed, and the next one, read ahead in a background thread. Requests go into the engine as slots free up, whichever unit they belong
-to, so the engine never drains at a unit boundary. A finished unit is written to staging and
+unit being fed, and the next one, read ahead in a background thread. Requests go into the
+engine as slots free up, whichever unit they belong to, so the engine never drains at a unit
+boundary. A finished unit is written to staging and
 committed by a second background thread while the engine keeps stepping.
 """
 

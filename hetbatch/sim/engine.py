@@ -1,0 +1,404 @@
+"""A discrete-event simulation of a job: simulated clock, simulated instances, the real Scheduler.
+
+Instances talk to the scheduler through the calls the coordinator makes for its workers (join,
+request, heartbeat, release, commit, leave, expire) and behave as the worker loop does: hold up
+to three units, ask for the next one when few rows are left unsubmitted, heartbeat with
+(submitted, done) per lease, cut released units at max(cut, submitted).
+
+Each instance is a continuously batching engine: a step takes about the same time whatever the
+batch, so tokens/s grow with the requests in flight up to `max_num_seqs`, where the instance runs
+at its peak `speed`. Units are simulated whole, not per token: a unit of rows occupies the
+instance's pipeline for (its work / speed), queued behind the units before it, and cannot finish
+before its longest request has decoded one token per step (`longest x step time`). That keeps a
+job of millions of rows on a thousand instances to a few events per unit, so the scheduler's own
+decisions dominate the cost.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass, field
+
+from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
+from hetbatch.sim.workload import RowWork
+
+JOIN, REQUEST, COMMIT, HEARTBEAT, LOSE, TICK = range(6)
+
+
+@dataclass(frozen=True)
+class SimInstance:
+    """One simulated instance: planned capacity (what the scheduler is told) and actual speed,
+    both in output tokens/s at a full batch."""
+
+    instance_id: str
+    planned_weight: float
+    speed: float
+    max_num_seqs: int = 256
+    join_at: float = 0.0
+    lost_at: float | None = None
+    pool: str = ""
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    heartbeat_s: float = 1.0
+    wait_s: float = 0.25  # what the coordinator tells an instance to wait after "nothing free"
+    tick_s: float = 1.0  # how often the coordinator expires lapsed leases
+    max_units: int = 3
+    loss: str = "leave"  # "leave": the connection drops; "timeout": only lease expiry notices
+    record: bool = True
+    max_time: float = 1e9
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A committed unit: rows [row0, row1) ran on `instance` from `start` to `end`."""
+
+    instance: str
+    start: float
+    end: float
+    row0: int
+    row1: int
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    busy_s: float
+    idle_s: float
+    rows: int
+    units: int
+
+
+@dataclass(frozen=True)
+class SimResult:
+    completed: bool
+    makespan: float
+    total_rows: int
+    total_work: float
+    lower_bound: float
+    instances: dict[str, InstanceStats]
+    assignments: list[Assignment]
+    scheduler_calls: int
+    scheduler_s: float
+
+    @property
+    def efficiency(self) -> float:
+        return self.lower_bound / self.makespan if self.makespan > 0 else 1.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.total_rows / self.makespan if self.makespan > 0 else 0.0
+
+    @property
+    def work_per_s(self) -> float:
+        return self.total_work / self.makespan if self.makespan > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "completed": self.completed,
+            "makespan_s": round(self.makespan, 3),
+            "rows": self.total_rows,
+            "rows_per_s": round(self.rows_per_s, 3),
+            "tokens_per_s": round(self.work_per_s, 1),
+            "lower_bound_s": round(self.lower_bound, 3),
+            "efficiency": round(self.efficiency, 4),
+            "scheduler_calls": self.scheduler_calls,
+            "instances": {
+                k: {"busy_s": round(v.busy_s, 3), "idle_s": round(v.idle_s, 3),
+                    "rows": v.rows, "units": v.units}
+                for k, v in self.instances.items()
+            },
+        }
+
+
+@dataclass
+class _Unit:
+    lease_id: int
+    start: int
+    end: int
+    granted: float
+    t_start: float = 0.0
+    t_end: float = 0.0
+    done_at: float = 0.0
+    version: int = 0
+
+
+@dataclass
+class _Inst:
+    spec: SimInstance
+    step_s: float
+    alive: bool = False
+    finished: bool = False
+    units: list[_Unit] = field(default_factory=list)
+    free_at: float = 0.0
+    busy_s: float = 0.0
+    rows: int = 0
+    n_units: int = 0
+    request_token: int = 0
+
+
+def fluid_lower_bound(instances: list[SimInstance], work: float) -> float:
+    """The earliest time `work` could be done if it flowed freely to every instance while it is
+    up, at its actual speed."""
+    events = sorted(
+        {0.0, *(i.join_at for i in instances), *(i.lost_at for i in instances if i.lost_at)}
+    )
+    done, t = 0.0, 0.0
+    for k, t in enumerate(events):
+        nxt = events[k + 1] if k + 1 < len(events) else math.inf
+        cap = sum(i.speed for i in instances if i.join_at <= t and (i.lost_at or math.inf) > t)
+        if cap > 0 and done + cap * (nxt - t) >= work:
+            return t + (work - done) / cap
+        if not math.isinf(nxt):
+            done += cap * (nxt - t)
+    return math.inf
+
+
+class Simulation:
+    """One run of `scheduler` over `work` on `instances`."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        instances: list[SimInstance],
+        work: RowWork,
+        config: SimConfig | None = None,
+        trace: list[tuple[str, tuple, object]] | None = None,
+    ) -> None:
+        if work.rows != scheduler.total_rows:
+            raise ValueError("the workload and the scheduler disagree on the number of rows")
+        self.s = scheduler
+        self.cfg = config or SimConfig()
+        self.work = work
+        self.specs = instances
+        self.insts = [_Inst(i, i.max_num_seqs / i.speed) for i in instances]
+        self.by_id = {i.instance_id: k for k, i in enumerate(instances)}
+        self.heap: list[tuple[float, int, int, int, int]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.calls = 0
+        self.sched_s = 0.0
+        self.assignments: list[Assignment] = []
+        self.trace = trace  # every scheduler call (name, args, result), to replay elsewhere
+
+    # -- the event loop -----------------------------------------------------------------------
+
+    def _push(self, t: float, kind: int, idx: int, token: int = 0) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, idx, token))
+
+    def _call(self, fn, *args):
+        """A scheduler decision, timed: it is the cost a simulation of scale measures."""
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.sched_s += time.perf_counter() - t0
+        self.calls += 1
+        if self.trace is not None:
+            self.trace.append((fn.__name__, args, out))
+        return out
+
+    def run(self) -> SimResult:
+        for k, spec in enumerate(self.specs):
+            self._push(spec.join_at, JOIN, k)
+            if spec.lost_at is not None:
+                self._push(spec.lost_at, LOSE, k)
+        self._push(self.cfg.tick_s, TICK, -1)
+        handlers = {
+            JOIN: self._on_join, REQUEST: self._on_request, COMMIT: self._on_commit,
+            HEARTBEAT: self._on_heartbeat, LOSE: self._on_lose, TICK: self._on_tick,
+        }
+        while self.heap and not self.s.done:
+            t, _, kind, idx, token = heapq.heappop(self.heap)
+            if t > self.cfg.max_time:
+                break
+            self.now = t
+            handlers[kind](idx, token)
+        return self._result()
+
+    def _on_join(self, k: int, _: int) -> None:
+        inst = self.insts[k]
+        inst.alive, inst.free_at = True, self.now
+        self._call(self.s.join, inst.spec.instance_id, inst.spec.planned_weight, self.now)
+        self._want_lease(k, self.now)
+        self._push(self.now + self.cfg.heartbeat_s, HEARTBEAT, k)
+
+    def _on_lose(self, k: int, _: int) -> None:
+        inst = self.insts[k]
+        if not inst.alive:
+            return
+        inst.alive = False
+        for u in inst.units:
+            if u.t_start < self.now:
+                inst.busy_s += min(u.t_end, self.now) - u.t_start
+        inst.units.clear()
+        if self.cfg.loss == "leave":
+            self._call(self.s.leave, inst.spec.instance_id, self.now)
+
+    def _on_tick(self, _: int, __: int) -> None:
+        self._call(self.s.expire, self.now)
+        if any(i.alive or i.spec.join_at > self.now for i in self.insts):
+            self._push(self.now + self.cfg.tick_s, TICK, -1)  # else nobody is left to work
+
+    # -- asking for work ----------------------------------------------------------------------
+
+    def _want_lease(self, k: int, t: float) -> None:
+        inst = self.insts[k]
+        inst.request_token += 1
+        self._push(t, REQUEST, k, inst.request_token)
+
+    def _window(self, inst: _Inst) -> int:
+        return max(2 * inst.spec.max_num_seqs, 8)
+
+    def _unsubmitted(self, inst: _Inst) -> int:
+        return sum(u.end - self._progress(inst, u)[0] for u in inst.units)
+
+    def _on_request(self, k: int, token: int) -> None:
+        inst = self.insts[k]
+        if not inst.alive or inst.finished or token != inst.request_token:
+            return
+        if len(inst.units) >= self.cfg.max_units:
+            return  # asked again when a unit commits
+        if inst.units and self._unsubmitted(inst) > self._window(inst):
+            self._want_lease(k, self._when_low(inst))
+            return
+        result = self._call(self.s.request, inst.spec.instance_id, self.now)
+        if isinstance(result, Lease):
+            unit = _Unit(result.lease_id, result.start, result.end, self.now)
+            inst.units.append(unit)
+            self._schedule(k, len(inst.units) - 1)
+            self._want_lease(k, self.now)
+        elif result is Wait.DONE:
+            inst.finished = True
+        else:
+            self._want_lease(k, self.now + self.cfg.wait_s)
+
+    def _when_low(self, inst: _Inst) -> float:
+        """When the queued rows will have dropped to the worker's window (it asks then)."""
+        last = inst.units[-1]
+        per_row = (last.t_end - last.t_start) / max(last.end - last.start, 1)
+        return max(self.now + 1e-6, last.t_end - self._window(inst) * per_row)
+
+    # -- running units ------------------------------------------------------------------------
+
+    def _schedule(self, k: int, first: int) -> None:
+        """(Re)time units from index `first` on: each queues behind the one before it."""
+        inst = self.insts[k]
+        for i in range(first, len(inst.units)):
+            u = inst.units[i]
+            if not (u.version and u.t_start <= self.now):  # a running unit keeps its start
+                prev = inst.units[i - 1].t_end if i > 0 else inst.free_at
+                u.t_start = max(u.granted, prev)
+            u.t_end = u.t_start + self.work.cost(u.start, u.end) / inst.spec.speed
+            floor = u.t_start + self.work.longest(u.start, u.end) * inst.step_s
+            u.done_at = max(u.t_end, floor, self.now)
+            u.version += 1
+            self._push(u.done_at, COMMIT, k, u.lease_id * 1024 + (u.version % 1024))
+
+    def _on_commit(self, k: int, token: int) -> None:
+        inst = self.insts[k]
+        lease_id, version = divmod(token, 1024)
+        unit = next((u for u in inst.units if u.lease_id == lease_id), None)
+        if not inst.alive or unit is None or unit.version % 1024 != version:
+            return
+        inst.units.remove(unit)
+        inst.free_at = max(inst.free_at, unit.t_end)
+        inst.busy_s += unit.t_end - unit.t_start
+        status = self._call(
+            self.s.commit, inst.spec.instance_id, lease_id, unit.start, unit.end, self.now
+        )
+        if status is CommitStatus.ACCEPTED:
+            inst.rows += unit.end - unit.start
+            inst.n_units += 1
+            if self.cfg.record:
+                self.assignments.append(
+                    Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end)
+                )
+        self._want_lease(k, self.now)
+
+    # -- heartbeats ---------------------------------------------------------------------------
+
+    def _progress(self, inst: _Inst, u: _Unit) -> tuple[int, int]:
+        """(submitted, done) rows of a unit now: rows run ahead of completion by a batch."""
+        if u.t_start > self.now:
+            return u.start, 0
+        span = u.t_end - u.t_start
+        frac = 1.0 if span <= 0 else min(1.0, (self.now - u.t_start) / span)
+        rows = u.end - u.start
+        processed = int(frac * rows)
+        return u.start + min(rows, processed + inst.spec.max_num_seqs), processed
+
+    def _on_heartbeat(self, k: int, _: int) -> None:
+        inst = self.insts[k]
+        if not inst.alive or inst.finished:
+            return
+        progress = {u.lease_id: self._progress(inst, u) for u in inst.units}
+        reply = self._call(self.s.heartbeat, inst.spec.instance_id, progress, self.now)
+        for lid in reply.revoked:
+            self._drop(k, lid)
+        for rel in reply.releases:
+            self._release(k, rel.lease_id, rel.cut)
+        self._push(self.now + self.cfg.heartbeat_s, HEARTBEAT, k)
+
+    def _index(self, inst: _Inst, lease_id: int) -> int | None:
+        return next((i for i, u in enumerate(inst.units) if u.lease_id == lease_id), None)
+
+    def _drop(self, k: int, lease_id: int) -> None:
+        inst = self.insts[k]
+        i = self._index(inst, lease_id)
+        if i is None:
+            return
+        u = inst.units.pop(i)
+        if u.t_start < self.now:
+            inst.busy_s += min(u.t_end, self.now) - u.t_start
+            inst.free_at = max(inst.free_at, min(u.t_end, self.now))
+        self._schedule(k, i)
+        self._want_lease(k, self.now)
+
+    def _release(self, k: int, lease_id: int, cut: int) -> None:
+        inst = self.insts[k]
+        i = self._index(inst, lease_id)
+        if i is None:
+            return
+        u = inst.units[i]
+        submitted = self._progress(inst, u)[0]
+        cut = min(max(cut, submitted), u.end)
+        self._call(self.s.release, inst.spec.instance_id, lease_id, cut, self.now)
+        if cut == u.start:
+            inst.units.pop(i)
+        else:
+            u.end = cut
+        self._schedule(k, i)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _result(self) -> SimResult:
+        end = self.now
+        stats = {}
+        for inst in self.insts:
+            spec = inst.spec
+            gone = spec.lost_at if spec.lost_at is not None else end
+            up = max(0.0, min(gone, end) - spec.join_at)
+            busy = min(inst.busy_s, up)
+            stats[spec.instance_id] = InstanceStats(busy, up - busy, inst.rows, inst.n_units)
+        return SimResult(
+            completed=self.s.done,
+            makespan=end if self.s.done else math.inf,
+            total_rows=self.s.total_rows,
+            total_work=self.work.total,
+            lower_bound=fluid_lower_bound(self.specs, self.work.total),
+            instances=stats,
+            assignments=self.assignments,
+            scheduler_calls=self.calls,
+            scheduler_s=self.sched_s,
+        )
+
+
+def simulate(
+    scheduler: Scheduler,
+    instances: list[SimInstance],
+    work: RowWork,
+    config: SimConfig | None = None,
+) -> SimResult:
+    return Simulation(scheduler, instances, work, config).run()

@@ -1,0 +1,144 @@
+"""Scheduling policies side by side in the simulator: efficiency, and throughput vs hetbatch.
+
+Efficiency is the fluid lower bound (all work spread over all capacity while it is up) over the
+makespan. Instance speeds and batch limits come from the planner's plan for Llama-3.1-8B.
+
+    python bench/scheduling.py [--quick] [--seed N]
+"""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import click
+import numpy as np
+
+from hetbatch.planner import PoolRequest, Workload, load_model_profile, plan_cluster
+from hetbatch.scheduler.core import SchedulerConfig
+from hetbatch.scheduler.policies import POLICIES, make_scheduler
+from hetbatch.sim import LengthDist, RowWork, SimConfig, SimInstance, SimResult, simulate
+
+INPUT, OUTPUT = LengthDist(512, 0.6), LengthDist(256, 0.6)
+ACCELERATORS = ("H100", "A100", "L40S", "A10G")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    instances: list[SimInstance]
+    work: RowWork
+    sim: SimConfig = SimConfig()
+
+
+def planned_pools() -> dict[str, tuple[float, int]]:
+    """Per accelerator: (output tokens/s per instance, max_num_seqs) from the planner."""
+    pools = [PoolRequest(a.lower(), a, 8) for a in ACCELERATORS]
+    plan = plan_cluster(load_model_profile("llama-3.1-8b"), pools, Workload(512, 1024, 256))
+    return {p.pool.upper(): (p.capacity_weight, p.config.max_num_seqs) for p in plan.pools}
+
+
+def nodes(pools: dict, kind: str, count: int, per_node: int = 8) -> list[SimInstance]:
+    speed, seqs = pools[kind]
+    name = kind.lower()
+    return [
+        SimInstance(f"{name}-{n}-{k}", speed, speed, seqs, pool=name)
+        for n in range(count)
+        for k in range(per_node)
+    ]
+
+
+def misestimated(insts: list[SimInstance], rng: np.random.Generator) -> list[SimInstance]:
+    """Actual speed = planned x U(0.5, 1.5): every estimate off by up to 50%."""
+    return [replace(i, speed=i.planned_weight * rng.uniform(0.5, 1.5)) for i in insts]
+
+
+def with_losses(insts: list[SimInstance], at: float, late_at: float) -> list[SimInstance]:
+    """Every fourth instance lost at `at`; one more of the fastest kind joins at `late_at`."""
+    out = [replace(i, lost_at=at) if k % 4 == 3 else i for k, i in enumerate(insts)]
+    return [*out, replace(insts[0], instance_id="late-0", join_at=late_at)]
+
+
+def scenarios(seed: int, quick: bool) -> list[Scenario]:
+    pools = planned_pools()
+    rng = np.random.default_rng(seed)
+    rows = 200_000 if quick else 1_000_000
+    work = RowWork.sample(rows, rng, INPUT, OUTPUT)
+    two = nodes(pools, "H100", 1) + nodes(pools, "L40S", 1)
+    four = [i for a in ACCELERATORS for i in nodes(pools, a, 2)]
+    half = _fluid(four, work) / 2
+    tail = RowWork.sample(rows, rng, INPUT, replace(OUTPUT, tail_frac=0.005, tail_mult=20))
+    return [
+        Scenario("a: 2 nodes, 3:1", two, work),
+        Scenario("b: 4 types, 8 nodes", four, work),
+        Scenario("c: (a), estimates +-50%", misestimated(two, rng), work),
+        Scenario("d: (b), 1/4 lost, 1 late", with_losses(four, half, half / 2), work,
+                 SimConfig(loss="timeout")),
+        Scenario("e: heavy-tailed outputs", two, tail),
+    ]
+
+
+def _fluid(insts: list[SimInstance], work: RowWork) -> float:
+    return work.total / sum(i.speed for i in insts)
+
+
+def run_policy(policy: str, sc: Scenario) -> SimResult:
+    sched = make_scheduler(policy, sc.work.rows, SchedulerConfig())
+    return simulate(sched, sc.instances, sc.work, sc.sim)
+
+
+def table(seed: int, quick: bool, echo: Callable[[str], None]) -> None:
+    head = f"{'scenario':28s}" + "".join(f"{p:>22s}" for p in POLICIES)
+    echo("efficiency (lower bound / makespan); in brackets: throughput relative to hetbatch")
+    echo(head)
+    for sc in scenarios(seed, quick):
+        results = {p: run_policy(p, sc) for p in POLICIES}
+        base = results["hetbatch"].makespan
+        cells = []
+        for p in POLICIES:
+            r = results[p]
+            assert r.completed, f"{p} did not finish {sc.name}"
+            cells.append(f"{r.efficiency:.3f} ({base / r.makespan:5.2f}x)")
+        echo(f"{sc.name:28s}" + "".join(f"{c:>22s}" for c in cells))
+        gain = results["round-robin"].makespan / base - 1
+        echo(f"{'':28s}hetbatch over round-robin: {gain:+.1%}")
+
+
+def scale(seed: int, quick: bool, echo: Callable[[str], None]) -> None:
+    """(f): a thousand instances and ten million rows, hetbatch only."""
+    pools = planned_pools()
+    per_kind = 3 if quick else 32  # nodes of 8 per accelerator type: 96 or 1,024 instances
+    insts = [i for a in ACCELERATORS for i in nodes(pools, a, per_kind)][: 96 if quick else 1000]
+    rows = 1_000_000 if quick else 10_000_000
+    work = RowWork.sample(rows, np.random.default_rng(seed), INPUT, OUTPUT)
+    sched = make_scheduler("hetbatch", rows, SchedulerConfig())
+    sim = SimConfig(record=False)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    result = simulate(sched, insts, work, sim)
+    wall = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    echo(
+        f"f: {len(insts)} instances, {rows:,} rows: efficiency {result.efficiency:.3f}, "
+        f"{result.scheduler_calls:,} scheduler calls at "
+        f"{result.scheduler_calls / result.scheduler_s:,.0f}/s (traced), "
+        f"whole simulation {wall:.0f} s; peak traced memory {peak / 2**20:.1f} MiB "
+        f"(scheduler + simulator state; the row lengths are allocated before tracing)"
+    )
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Smaller jobs, and (f) at 96 instances, 1M rows.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--skip-scale", is_flag=True, help="Leave out (f).")
+def main(quick: bool, seed: int, skip_scale: bool) -> None:
+    table(seed, quick, click.echo)
+    if not skip_scale:
+        scale(seed, quick, click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import click
 import numpy as np
@@ -30,7 +30,7 @@ class Scenario:
     name: str
     instances: list[SimInstance]
     work: RowWork
-    sim: SimConfig = SimConfig()
+    sim: SimConfig = field(default_factory=SimConfig)
 
 
 def planned_pools() -> dict[str, tuple[float, int]]:

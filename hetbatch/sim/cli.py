@@ -1,0 +1,191 @@
+"""`hetbatch simulate JOB`: run a job file's cluster in the simulator, with faults on demand."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import click
+import numpy as np
+
+from hetbatch.errors import UserError
+from hetbatch.layout import InstanceSpec, instance_layout
+from hetbatch.scheduler.core import SchedulerConfig
+from hetbatch.scheduler.policies import POLICIES, make_scheduler
+from hetbatch.sim.engine import SimConfig, SimInstance, SimResult, simulate
+from hetbatch.sim.workload import LengthDist, RowWork
+from hetbatch.spec import JobSpec, load_job
+
+
+def _user_errors(fn):
+    """hetbatch.cli's one-line error handling, looked up per call: that module imports this."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from hetbatch.cli import user_errors
+
+        return user_errors(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+def _pool_speeds(job: JobSpec) -> dict[str, tuple[float, int]]:
+    """Per pool: (output tokens/s per instance, max_num_seqs)."""
+    planned = _planner_speeds(job)
+    out = {}
+    for pool in job.cluster.pools:
+        sim = pool.sim or job.engine.sim
+        if job.engine.kind == "sim":
+            out[pool.name] = (sim.tokens_per_s, sim.max_num_seqs)
+        elif pool.capacity_weight is not None:
+            out[pool.name] = (pool.capacity_weight, sim.max_num_seqs)
+        elif pool.name in planned:
+            out[pool.name] = planned[pool.name]
+        else:
+            raise UserError(
+                f"pool {pool.name!r}: no speed known; give capacity_weight or sim.tokens_per_s"
+            )
+    return out
+
+
+def _planner_speeds(job: JobSpec) -> dict[str, tuple[float, int]]:
+    if job.engine.kind == "sim" or all(p.capacity_weight for p in job.cluster.pools):
+        return {}
+    from hetbatch.planner import PoolRequest, Workload, load_model_profile, plan_cluster
+
+    try:
+        model = load_model_profile(job.model.path)
+        pools = [
+            PoolRequest(p.name, p.accelerator, p.devices_per_node, p.nodes,
+                        tensor_parallel_size=p.tensor_parallel_size)
+            for p in job.cluster.pools
+        ]
+        out_len = float(job.sampling.get("max_tokens", 256)) / 2
+        plan = plan_cluster(model, pools, Workload(512, 1024, max(out_len, 1.0)), top_k=0)
+    except UserError:
+        return {}
+    return {p.pool: (p.capacity_weight, p.config.max_num_seqs) for p in plan.pools}
+
+
+def _input_lengths(job: JobSpec, sample: int) -> tuple[np.ndarray, int] | None:
+    """Prompt lengths (bytes / 4) of the first rows of the job's input, and its row count."""
+    column = job.input.prompt_column or job.input.messages_column
+    try:
+        from hetbatch.io.parquet import open_dataset, read_rows
+
+        ds = open_dataset(job.input.path, [column])
+        table = read_rows(ds, 0, min(ds.num_rows, sample), [column])
+    except Exception:
+        return None
+    values = table.column(column).to_pylist()
+    lens = [max(len(str(v).encode()) // 4, 1) for v in values if v is not None]
+    return (np.asarray(lens), ds.num_rows) if lens else None
+
+
+def _parse_at(items: tuple[str, ...], sep: str, what: str, known: set[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, value = item.partition(sep)
+        try:
+            number = float(value)
+        except ValueError:
+            raise UserError(f"{what} {item!r}: expected INSTANCE{sep}NUMBER") from None
+        if name not in known:
+            raise UserError(f"{what} {item!r}: no instance {name!r} (known: {_few(known)})")
+        out[name] = number
+    return out
+
+
+def _few(names: set[str]) -> str:
+    s = sorted(names)
+    return ", ".join(s[:6]) + (", ..." if len(s) > 6 else "")
+
+
+def build_instances(job: JobSpec, lose=(), join=(), slow=()) -> list[SimInstance]:
+    layout: list[InstanceSpec] = instance_layout(job)
+    speeds = _pool_speeds(job)
+    known = {i.instance_id for i in layout}
+    lost = _parse_at(lose, "@", "--lose", known)
+    late = _parse_at(join, "@", "--join", known)
+    factor = _parse_at(slow, "=", "--slow", known)
+    out = []
+    for i in layout:
+        speed, seqs = speeds[i.pool]
+        out.append(SimInstance(i.instance_id, speed, speed, seqs, pool=i.pool))
+    return [
+        replace(s, lost_at=lost.get(s.instance_id), join_at=late.get(s.instance_id, 0.0),
+                speed=s.speed * factor.get(s.instance_id, 1.0))
+        for s in out
+    ]
+
+
+def render(result: SimResult) -> str:
+    lines = [
+        f"makespan {result.makespan:,.1f} s   throughput {result.rows_per_s:,.2f} rows/s, "
+        f"{result.work_per_s:,.0f} tokens/s",
+        f"lower bound {result.lower_bound:,.1f} s   efficiency {result.efficiency:.3f}",
+        "",
+        f"{'instance':24s}{'rows':>10s}{'units':>7s}{'busy s':>11s}{'idle s':>11s}",
+    ]
+    for k, v in result.instances.items():
+        lines.append(f"{k:24s}{v.rows:>10,d}{v.units:>7d}{v.busy_s:>11,.1f}{v.idle_s:>11,.1f}")
+    return "\n".join(lines)
+
+
+def gantt(result: SimResult, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--gantt needs matplotlib (pip install 'hetbatch[dev]')") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result.instances)
+    fig, ax = plt.subplots(figsize=(10, 1 + 0.3 * len(names)))
+    for a in result.assignments:
+        ax.barh(names.index(a.instance), a.end - a.start, left=a.start, height=0.8)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@click.command("simulate")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--policy", type=click.Choice(POLICIES), default="hetbatch", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--rows", type=int, help="Rows to simulate (default: the input's, else 100,000).")
+@click.option("--input-len", type=float, default=512, show_default=True,
+              help="Median prompt tokens when the input cannot be read.")
+@click.option("--output-len", type=float, help="Median output tokens (default: max_tokens / 2).")
+@click.option("--tail", type=float, default=0.0, help="Fraction of rows 20x the median output.")
+@click.option("--lose", multiple=True, metavar="INSTANCE@T", help="Instance lost at time T.")
+@click.option("--join", multiple=True, metavar="INSTANCE@T", help="Instance joins at time T.")
+@click.option("--slow", multiple=True, metavar="INSTANCE=FACTOR", help="Actual = planned x F.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--gantt", "gantt_path", type=click.Path(dir_okay=False), help="Write a PNG.")
+@_user_errors
+def simulate_command(job_file: str, **o) -> None:
+    """Simulate JOB_FILE's cluster and scheduler: makespan, throughput, busy/idle per instance."""
+    job = load_job(job_file)
+    insts = build_instances(job, o["lose"], o["join"], o["slow"])
+    rng = np.random.default_rng(o["seed"])
+    sample = _input_lengths(job, 10_000)
+    rows = o["rows"] or (sample[1] if sample else 100_000)
+    if rows < 1:
+        raise UserError("--rows must be >= 1")
+    out_med = o["output_len"] or max(float(job.sampling.get("max_tokens", 64)) / 2, 1.0)
+    outputs = LengthDist(out_med, tail_frac=o["tail"])
+    work = (RowWork.resample(rows, rng, sample[0], outputs) if sample is not None
+            else RowWork.sample(rows, rng, LengthDist(o["input_len"]), outputs))
+    cfg = job.scheduler
+    sched = make_scheduler(o["policy"], rows, SchedulerConfig(
+        cfg.min_unit_rows, cfg.max_unit_rows, cfg.factor, cfg.lease_timeout_s))
+    result = simulate(sched, insts, work, SimConfig(heartbeat_s=cfg.heartbeat_s))
+    if not result.completed:
+        raise UserError("the simulated job never finished: every instance was lost")
+    click.echo(json.dumps(result.to_dict(), indent=2) if o["as_json"] else render(result))
+    if o["gantt_path"]:
+        gantt(result, o["gantt_path"])

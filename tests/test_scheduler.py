@@ -170,3 +170,24 @@ def test_decisions_are_deterministic() -> None:
 def test_resume_skips_committed_ranges() -> None:
     s = Scheduler(1000, SchedulerConfig(max_unit_rows=10_000), committed=[(0, 400), (600, 700)])
     assert list(s.pending) == [(0 + 400, 600), (700, 1000)]
+
+
+def test_end_game_keeps_the_last_rows_off_slow_turnaround_instances() -> None:
+    """Near the end, an instance whose engine takes long to turn a row around gets no new rows
+    while one that turns rows around fast is asking."""
+    s = _sched(rows=2_000, max_unit_rows=200)
+    s.join("deep", 1.0, 0, concurrency=512)  # 10 rows/s through a 512-deep batch: 51 s a row
+    s.join("quick", 1.0, 0, concurrency=32)  # 10 rows/s through a 32-deep batch: 3.2 s a row
+    t = 0.0
+    for name in ("deep", "quick"):  # measure both at 10 rows/s
+        lease = s.request(name, t)
+        s.commit(name, lease.lease_id, lease.start, lease.end, t + lease.rows / 10)
+    while s.pending.total > 100:
+        t += 1
+        lease = s.request("quick", t)
+        s.commit("quick", lease.lease_id, lease.start, lease.end, t + lease.rows / 10)
+        t += lease.rows / 10
+    assert s.request("deep", t) is Wait.NOTHING_FREE
+    assert isinstance(s.request("quick", t), Lease)
+    s.config = SchedulerConfig(max_unit_rows=200, tail_latency_factor=0)  # the rule off
+    assert isinstance(s.request("deep", t), Lease)

@@ -149,7 +149,10 @@ class Coordinator:
         instance = str(msg["instance"])
         conn["instance"] = instance
         now = self.clock()
-        self.scheduler.join(instance, float(msg.get("weight", 1.0)), now)
+        concurrency = msg.get("concurrency")
+        self.scheduler.join(
+            instance, float(msg.get("weight", 1.0)), now, int(concurrency) if concurrency else None
+        )
         m = self.metrics.setdefault(instance, InstanceMetrics(pool=str(msg.get("pool", ""))))
         m.connected = True
         m.joined_at = m.joined_at or now

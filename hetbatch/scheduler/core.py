@@ -26,8 +26,10 @@ class SchedulerConfig:
     max_unit_rows: int = 4096
     factor: float = 2.0
     lease_timeout_s: float = 120.0
-    max_leases_per_instance: int = 3
+    max_leases_per_instance: int = 16
     rate_smoothing: float = 0.3
+    tail_latency_factor: float = 2.0  # 0 turns the end-game rule off
+    asking_window_s: float = 5.0  # instances that asked for work this recently can take it
 
 
 @dataclass
@@ -65,6 +67,8 @@ class InstanceState:
     measured_rate: float | None = None
     last_commit_at: float | None = None
     rows_committed: int = 0
+    concurrency: int | None = None  # requests the engine runs at once (max_num_seqs)
+    last_request_at: float = -math.inf
 
 
 class Wait(Enum):
@@ -122,13 +126,16 @@ class Scheduler:
 
     # -- membership ---------------------------------------------------------------------------
 
-    def join(self, instance_id: str, planned_weight: float, now: float) -> None:
+    def join(
+        self, instance_id: str, planned_weight: float, now: float, concurrency: int | None = None
+    ) -> None:
         """Register an instance (or re-register one that reconnects)."""
         state = self.instances.get(instance_id)
         if state is None:
-            self.instances[instance_id] = InstanceState(instance_id, max(planned_weight, 1e-9))
-        else:
-            state.alive = True
+            state = InstanceState(instance_id, max(planned_weight, 1e-9))
+            self.instances[instance_id] = state
+        state.alive = True
+        state.concurrency = concurrency or state.concurrency
 
     def leave(self, instance_id: str, now: float) -> list[Lease]:
         """An instance is gone: its leases go back to the queue at once."""
@@ -155,6 +162,9 @@ class Scheduler:
         if reserved is not None and self.pending.contains(*reserved):
             self.pending.remove(*reserved)
             return self._issue(instance_id, *reserved, now)
+        state.last_request_at = now
+        if self._too_late(instance_id, now):
+            return Wait.NOTHING_FREE
         if not self.pending:
             self._plan_steal(instance_id)
             return Wait.NOTHING_FREE
@@ -201,6 +211,42 @@ class Scheduler:
 
     # -- stealing -----------------------------------------------------------------------------
 
+    def latency(self, instance_id: str) -> float | None:
+        """Seconds a row spends in this instance's engine (Little's law: concurrency over
+        rows/s), once its speed has been measured."""
+        state = self.instances[instance_id]
+        if state.concurrency is None or state.measured_rate is None:
+            return None
+        return state.concurrency / state.measured_rate
+
+    def _too_late(self, instance_id: str, now: float) -> bool:
+        """End game: refuse new rows to an instance that would finish them after the job's
+        expected end when another instance would finish them sooner.
+
+        A row's last token comes a whole engine latency after it enters; on an instance with a
+        deep batch and a slow step that latency is long, so the last rows of a job belong on the
+        instances that turn a row around fastest, not on whichever asks first.
+        """
+        if self.config.tail_latency_factor <= 0 or self.latency(instance_id) is None:
+            return False
+        mine = self.finish_time(instance_id)
+        unfinished = self.pending.total + sum(x.unfinished_rows for x in self.leases.values())
+        if mine <= unfinished / self._total_rate():
+            return False
+        recent = now - self.config.asking_window_s
+        return any(
+            s.alive and s.instance_id != instance_id and s.last_request_at >= recent
+            and self.latency(s.instance_id) is not None
+            and self.finish_time(s.instance_id) < mine
+            for s in self.instances.values()
+        )
+
+    def finish_time(self, instance_id: str) -> float:
+        """Seconds until this instance's last row is out: its queue, then one engine latency
+        (of a long request) for the row that entered last."""
+        lat = self.latency(instance_id) or 0.0
+        return self.remaining_time(instance_id) + self.config.tail_latency_factor * lat
+
     def remaining_time(self, instance_id: str) -> float:
         state = self.instances[instance_id]
         rows = sum(self.leases[lid].unfinished_rows for lid in state.leases)
@@ -210,16 +256,16 @@ class Scheduler:
         """Mark the unstarted tail of the slowest-to-finish instance for release to the queue."""
         victims = sorted(
             (s for s in self.instances.values() if s.alive and s.instance_id != thief and s.leases),
-            key=lambda s: (-self.remaining_time(s.instance_id), s.instance_id),
+            key=lambda s: (-self.finish_time(s.instance_id), s.instance_id),
         )
         thief_rate = self.rate(thief)
-        thief_left = self.remaining_time(thief)
+        thief_left = self.finish_time(thief)
         for victim in victims:
             lease = self.leases[victim.leases[-1]]
             if lease.release_to is not None:
                 continue
             v_rate = self.rate(victim.instance_id)
-            v_left = self.remaining_time(victim.instance_id)
+            v_left = self.finish_time(victim.instance_id)
             if v_left <= thief_left:
                 break
             # Both finish together: (v_left - x / v_rate) == thief_left + x / thief_rate.

@@ -9,7 +9,7 @@ Each instance is a continuously batching engine: a step takes about the same tim
 batch, so tokens/s grow with the requests in flight up to `max_num_seqs`, where the instance runs
 at its peak `speed`. Units are simulated whole, not per token: a unit of rows occupies the
 instance's pipeline for (its work / speed), queued behind the units before it, and cannot finish
-before its longest request has decoded one token per step (`longest x step time`). That keeps a
+before its last request has decoded, one token per step, after entering the batch. That keeps a
 job of millions of rows on a thousand instances to a few events per unit, so the scheduler's own
 decisions dominate the cost.
 """
@@ -46,7 +46,8 @@ class SimConfig:
     heartbeat_s: float = 1.0
     wait_s: float = 0.25  # what the coordinator tells an instance to wait after "nothing free"
     tick_s: float = 1.0  # how often the coordinator expires lapsed leases
-    max_units: int = 3
+    max_units: int = 16
+    poll_s: float = 0.1  # the soonest an instance re-checks whether it wants another unit
     loss: str = "leave"  # "leave": the connection drops; "timeout": only lease expiry notices
     record: bool = True
     max_time: float = 1e9
@@ -220,7 +221,8 @@ class Simulation:
     def _on_join(self, k: int, _: int) -> None:
         inst = self.insts[k]
         inst.alive, inst.free_at = True, self.now
-        self._call(self.s.join, inst.spec.instance_id, inst.spec.planned_weight, self.now)
+        self._call(self.s.join, inst.spec.instance_id, inst.spec.planned_weight, self.now,
+                   inst.spec.max_num_seqs)
         self._want_lease(k, self.now)
         self._push(self.now + self.cfg.heartbeat_s, HEARTBEAT, k)
 
@@ -278,7 +280,9 @@ class Simulation:
         """When the queued rows will have dropped to the worker's window (it asks then)."""
         last = inst.units[-1]
         per_row = (last.t_end - last.t_start) / max(last.end - last.start, 1)
-        return max(self.now + 1e-6, last.t_end - self._window(inst) * per_row)
+        # Never sooner than a short poll: the estimate from the last unit alone can lag the
+        # sum over all units, and a zero step would spin the event loop.
+        return max(self.now + self.cfg.poll_s, last.t_end - self._window(inst) * per_row)
 
     # -- running units ------------------------------------------------------------------------
 
@@ -291,7 +295,7 @@ class Simulation:
                 prev = inst.units[i - 1].t_end if i > 0 else inst.free_at
                 u.t_start = max(u.granted, prev)
             u.t_end = u.t_start + self.work.cost(u.start, u.end) / inst.spec.speed
-            floor = u.t_start + self.work.longest(u.start, u.end) * inst.step_s
+            floor = u.t_start + self.work.drain_s(u.start, u.end, inst.spec.speed, inst.step_s)
             u.done_at = max(u.t_end, floor, self.now)
             u.version += 1
             self._push(u.done_at, COMMIT, k, u.lease_id * 1024 + (u.version % 1024))

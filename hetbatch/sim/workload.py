@@ -21,12 +21,16 @@ class LengthDist:
     tail_frac: float = 0.0
     tail_mult: float = 20.0
     minimum: int = 1
+    maximum: int | None = None  # a job's max_tokens caps what the engine generates
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         x = rng.lognormal(np.log(self.median), self.sigma, n)
         if self.tail_frac > 0:
             x = np.where(rng.random(n) < self.tail_frac, self.median * self.tail_mult, x)
-        return np.maximum(np.rint(x), self.minimum).astype(np.int32)
+        x = np.maximum(np.rint(x), self.minimum)
+        if self.maximum is not None:
+            x = np.minimum(x, self.maximum)
+        return x.astype(np.int32)
 
 
 class RowWork:
@@ -73,6 +77,19 @@ class RowWork:
 
     def cost(self, start: int, end: int) -> float:
         return float(self._prefix[end] - self._prefix[start])
+
+    def drain_s(self, start: int, end: int, speed: float, step_s: float) -> float:
+        """Seconds from a unit's first request to its last completion on a full engine.
+
+        Row j enters once the rows before it have gone through (`cost / speed`) and then
+        decodes one token a step for its own output: the unit ends with the latest of these,
+        not with its last submission, so a long request late in a big unit counts as it does
+        in a real engine.
+        """
+        if end <= start:
+            return 0.0
+        entry = (self._prefix[start:end] - self._prefix[start]) / speed
+        return float(np.max(entry + self.output_lens[start:end] * step_s))
 
     def longest(self, start: int, end: int) -> int:
         return int(self.output_lens[start:end].max()) if end > start else 0

@@ -1,7 +1,7 @@
 """The worker: one per engine instance, keeping the engine's batch full across unit boundaries.
 
-The loop holds up to three leases: units whose last requests are finishing in the engine, the
-unit being fed, and the next one, read ahead in a background thread. Requests go into the
+The loop holds several leases: units whose last requests are finishing in the engine, the unit
+being fed, and the next one, read ahead in a background thread. Requests go into the
 engine as slots free up, whichever unit they belong to, so the engine never drains at a unit
 boundary. A finished unit is written to staging and
 committed by a second background thread while the engine keeps stepping.
@@ -25,8 +25,10 @@ from hetbatch.worker.rows import RowPrompt, build_output, build_prompts, input_c
 
 log = logging.getLogger("hetbatch.worker")
 
-# Units held at once: one finishing in the engine, one being fed, one read ahead.
-MAX_UNITS = 3
+# Units held at once. The window of queued rows is what paces lease requests; this cap only
+# bounds memory. It is well above three because a small unit whose one long request is still
+# decoding must not keep the engine from being fed (a tail of small units would starve it).
+MAX_UNITS = 16
 
 
 @dataclass

@@ -64,7 +64,7 @@ def _replay(coord: Coordinator, clock: FakeClock, store: OutputStore, trace: lis
         clock.t = now
         c = clients.setdefault(inst, Client(host, port, "tok", retry_s=2))
         if name == "join":
-            c.call("hello", instance=inst, weight=args[1])
+            c.call("hello", instance=inst, weight=args[1], concurrency=args[3])
             seen.append(None)
         elif name == "request":
             reply = c.call("lease", instance=inst)

@@ -1,9 +1,10 @@
 """`hetbatch profile JOB`: time the real engine on this machine and fit a calibration file.
 
-For every accelerator type among the job's pools, a child process pinned to the devices of the
-pool's first instance runs the job's model with its engine arguments at a few concurrencies and
-two shapes (the job's own prompt/output lengths, and long prompts with short outputs), and the
-planner's coefficients are fitted to the timings by least squares.
+For every accelerator type among the job's pools, one child process per instance of the pool's
+first node, each pinned to that instance's devices and all running at once, runs the job's model
+with its engine arguments at a few concurrencies and two shapes (the job's own prompt/output
+lengths, and long prompts with short outputs); the planner's coefficients are fitted to the
+timings by least squares.
 """
 
 from __future__ import annotations
@@ -99,31 +100,47 @@ def _pools_to_profile(job: JobSpec, names: Sequence[str]) -> list[PoolSpec]:
     return list(chosen.values())
 
 
-def _child_env(job: JobSpec, pool: PoolSpec) -> dict[str, str]:
-    """The environment of the pool's first instance: pinned to its cores or GPUs."""
+def _node_envs(job: JobSpec, pool: PoolSpec) -> list[dict[str, str]]:
+    """The environments of every instance on the pool's first node, each pinned to its own
+    cores or GPUs: they run side by side, as in a real run, and share what a node shares
+    (memory bandwidth, caches, the host)."""
     from hetbatch.layout import device_env, instance_layout
 
-    first = next(i for i in instance_layout(job) if i.pool == pool.name)
-    return {**os.environ, **device_env(first)}
+    node = [i for i in instance_layout(job) if i.pool == pool.name and i.node == 0]
+    return [{**os.environ, **device_env(i)} for i in node]
 
 
 def _run_child(
     job_path: str, job: JobSpec, pool: PoolSpec, points: list[tuple[int, int, int]]
 ) -> list[Measurement]:
+    """Run the points on every instance of one node at once; each instance's timings count."""
     with tempfile.TemporaryDirectory(prefix="hetbatch-profile-") as tmp:
-        plan, out = Path(tmp) / "points.json", Path(tmp) / "measurements.json"
+        plan = Path(tmp) / "points.json"
         plan.write_text(json.dumps(points))
-        cmd = [sys.executable, "-m", "hetbatch.planner.profile_run", job_path, pool.name,
-               str(plan), str(out)]
-        try:
-            proc = subprocess.run(cmd, env=_child_env(job, pool), capture_output=True,
-                                  text=True, timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise UserError(f"profiling pool {pool.name!r} took over {CHILD_TIMEOUT_S} s") from None
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise UserError(f"profiling pool {pool.name!r} failed: {tail}")
-        return [Measurement.from_dict(d) for d in json.loads(out.read_text())]
+        outs = [Path(tmp) / f"measurements-{k}.json" for k in range(len(_node_envs(job, pool)))]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "hetbatch.planner.profile_run", job_path, pool.name,
+                 str(plan), str(out)],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            for env, out in zip(_node_envs(job, pool), outs, strict=True)
+        ]
+        found: list[Measurement] = []
+        for proc, out in zip(procs, outs, strict=True):
+            try:
+                _, stderr = proc.communicate(timeout=CHILD_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+                raise UserError(
+                    f"profiling pool {pool.name!r} took over {CHILD_TIMEOUT_S} s"
+                ) from None
+            if proc.returncode != 0 or not out.exists():
+                tail = (stderr.strip().splitlines() or ["no output"])[-1]
+                raise UserError(f"profiling pool {pool.name!r} failed: {tail}")
+            found.extend(Measurement.from_dict(d) for d in json.loads(out.read_text()))
+        return found
 
 
 def predicted_time(m: Measurement, job: JobSpec, coef: Coefficients) -> float:

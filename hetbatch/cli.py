@@ -61,23 +61,106 @@ def run(job_file: str, overwrite: bool, no_progress: bool, calibration: str | No
 
 
 @main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print the sbatch scripts; submit nothing.")
+@click.option(
+    "--hetjob", is_flag=True, help="One heterogeneous job (coordinator and every pool together)."
+)
+@click.option("--overwrite", is_flag=True, help="Discard an earlier run's output and start over.")
+@click.option(
+    "--calibration",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Calibration file from `hetbatch profile`, for pools the planner sizes.",
+)
+@user_errors
+def submit(
+    job_file: str, dry_run: bool, hetjob: bool, overwrite: bool, calibration: str | None
+) -> None:
+    """Submit JOB_FILE to Slurm: a coordinator job and one job per pool.
+
+    Submitting again submits only what is no longer queued or running (e.g. a coordinator
+    that was killed); the job resumes from its ledger.
+    """
+    from hetbatch.launch.slurm.submit import SlurmLauncher
+    from hetbatch.spec import load_job
+
+    launcher = SlurmLauncher(load_job(job_file), overwrite=overwrite, calibration=calibration)
+    sys.exit(launcher.submit(dry_run=dry_run, hetjob=hetjob))
+
+
+@main.command()
+@click.argument("output")
+@user_errors
+def cancel(output: str) -> None:
+    """Cancel the Slurm jobs submitted for OUTPUT; committed rows stay for a resubmit."""
+    from hetbatch.launch.slurm.submit import cancel as cancel_jobs
+
+    ids = cancel_jobs(output)
+    click.echo(f"cancelled Slurm jobs {', '.join(ids)}" if ids else "no job queued or running")
+
+
+@main.command(hidden=True)
+@click.argument("output")
+@user_errors
+def coordinate(output: str) -> None:
+    """Run the coordinator of a submitted job until every row is committed."""
+    from hetbatch.launch.slurm.coordinate import coordinate as run_coordinator
+
+    logging.getLogger().setLevel(logging.INFO)
+    sys.exit(run_coordinator(output))
+
+
+@main.command()
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @user_errors
 def status(output: str, as_json: bool) -> None:
-    """Progress of the job writing to OUTPUT, from its ledger."""
+    """Progress of the job writing to OUTPUT: ledger, live coordinator, Slurm jobs."""
     from hetbatch.status import job_status
 
     info = job_status(output)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    click.echo(
+    for line in _status_lines(info):
+        click.echo(line)
+
+
+def _status_lines(info: dict[str, Any]) -> list[str]:
+    live = info.get("live")
+    eta = ""
+    if live and live["eta_s"] is not None:
+        eta = f", {live['rows_per_s']:,.0f} rows/s, ETA {_duration(live['eta_s'])}"
+    lines = [
         f"{info['state']}: {info['rows_done']:,} of {info['rows_total']:,} rows "
-        f"({info['percent']:.1f}%) in {info['shards']} shards"
-    )
-    for name, m in sorted(info["instances"].items()):
-        click.echo(f"  {name:<16} {m['rows']:>9,} rows {m['completion_tokens']:>11,} tokens")
+        f"({info['percent']:.1f}%) in {info['shards']} shards{eta}"
+    ]
+    if live:
+        lines.append(f"coordinator {live['coordinator']}, live:")
+        for name, p in sorted(live["pools"].items()):
+            lines.append(
+                f"  pool {name:<11} {p['instances']:>3} instances "
+                f"{p['output_tokens_per_s']:>11,.0f} out tok/s"
+            )
+        for name, m in live["instances"].items():
+            lines.append(
+                f"  {name:<16} {m['rows']:>9,} rows {m['output_tokens_per_s']:>11,.0f} out tok/s"
+            )
+    else:
+        for name, m in sorted(info["instances"].items()):
+            lines.append(
+                f"  {name:<16} {m['rows']:>9,} rows {m['completion_tokens']:>11,} tokens"
+            )
+    for job in info.get("slurm", []):
+        reason = f" ({job['reason']})" if job["reason"] and job["state"] == "PENDING" else ""
+        lines.append(f"  slurm {job['id']:<10} {job['role']:<14} {job['state']}{reason}")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 def _register_subsystem_commands() -> None:

@@ -53,6 +53,45 @@ class SimEngineSpec(_Strict):
     max_num_seqs: int = Field(default=64, ge=1)
 
 
+class SlurmJobOptions(_Strict):
+    """What a cluster's Slurm wants to hear about a job: where it may run and for how long."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = Field(default=None, description="wall time limit, e.g. 24:00:00")
+    constraint: str | None = None
+    mem: str | None = Field(default=None, description="memory per node, e.g. 64G")
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    extra: list[str] = Field(
+        default_factory=list, description="more sbatch options, e.g. --exclusive"
+    )
+
+
+class PoolSlurmSpec(SlurmJobOptions):
+    """Slurm options of one pool's worker jobs."""
+
+    gres_type: str | None = Field(
+        default=None,
+        description="GPU type in --gres=gpu:TYPE:N; default the accelerator in lower case, "
+        "'' for untyped --gres=gpu:N",
+    )
+    array: bool = Field(
+        default=True, description="several nodes as an array of one-node jobs, else one job"
+    )
+
+
+class SlurmSpec(SlurmJobOptions):
+    """Slurm options of the coordinator job, and how long workers wait for a coordinator."""
+
+    job_name: str = Field(default="hetbatch", pattern=r"^[A-Za-z0-9_.-]+$")
+    reconnect_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="how long workers wait for a coordinator that went away (a resubmit)",
+    )
+
+
 class PoolSpec(_Strict):
     """A group of identical nodes: accelerator type x devices per node x nodes."""
 
@@ -65,6 +104,7 @@ class PoolSpec(_Strict):
     capacity_weight: float | None = Field(default=None, gt=0)
     engine_args: dict[str, Any] = Field(default_factory=dict)
     sim: SimEngineSpec | None = None
+    slurm: PoolSlurmSpec = Field(default_factory=PoolSlurmSpec)
 
     @model_validator(mode="after")
     def _layout_fits(self) -> PoolSpec:
@@ -138,6 +178,7 @@ class JobSpec(_Strict):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
     @model_validator(mode="after")
     def _template_and_sampling(self) -> JobSpec:

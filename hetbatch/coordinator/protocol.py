@@ -12,7 +12,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+from fsspec.core import url_to_fs
 
 MAX_MESSAGE_BYTES = 4 << 20
 _HEADER = struct.Struct(">I")
@@ -57,21 +60,76 @@ class CoordinatorUnavailable(Exception):
     """The coordinator could not be reached within the retry window."""
 
 
+class CoordinatorRestarted(Exception):
+    """The coordinator came back as a new process: whatever was leased from the old one is void."""
+
+
+class JobComplete(Exception):
+    """The job is finished and its coordinator gone: there is nothing left to do."""
+
+
+# Where the coordinator is now: (host, port, epoch); the epoch changes when it restarts.
+Locator = Callable[[], tuple[str, int, str]]
+
+
+def file_locator(url: str) -> Locator:
+    """Find the coordinator through the `coordinator.json` it writes once listening.
+
+    A resubmitted coordinator may listen elsewhere; reading the file again on every reconnect
+    follows it. A finished job (its `_SUCCESS` beside `_hetbatch/`) ends the search.
+    """
+    fs, path = url_to_fs(url)
+    root = path.rsplit("/", 2)[0]
+
+    def locate() -> tuple[str, int, str]:
+        fs.invalidate_cache()
+        if fs.exists(f"{root}/_SUCCESS"):
+            raise JobComplete(f"{root}: the job is complete")
+        try:
+            with fs.open(path, "r") as fh:
+                info = json.load(fh)
+            return str(info["host"]), int(info["port"]), str(info.get("epoch", ""))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise OSError(f"no coordinator address in {url} yet ({exc})") from None
+
+    return locate
+
+
 class Client:
     """A worker's connection: one request, one reply, reconnecting when the link drops.
 
-    Thread-safe: the worker's engine loop and its shard writer share one client.
+    Thread-safe: the worker's engine loop and its shard writer share one client. With a
+    `locate` callback the address is looked up again before every connection, and reaching a
+    coordinator of another epoch raises CoordinatorRestarted on every call until the owner
+    calls `acknowledge_restart`, so no thread keeps working on leases the new one never gave.
     """
 
-    def __init__(self, host: str, port: int, token: str, retry_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        retry_s: float = 30.0,
+        locate: Locator | None = None,
+    ) -> None:
         self.host, self.port, self.token, self.retry_s = host, port, token, retry_s
+        self.locate = locate
+        self.epoch: str | None = None
+        self.restarted = False
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self.on_reconnect: Any = None
 
+    def acknowledge_restart(self) -> None:
+        with self._lock:
+            self.restarted = False
+
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
+            if self.restarted:
+                raise CoordinatorRestarted(f"coordinator restarted; {op} refused")
             deadline = time.monotonic() + self.retry_s
+            delay = 0.2
             while True:
                 try:
                     return self._roundtrip({"op": op, "token": self.token, **fields})
@@ -81,13 +139,13 @@ class Client:
                         raise CoordinatorUnavailable(
                             f"coordinator {self.host}:{self.port} unreachable: {exc}"
                         ) from None
-                    time.sleep(0.2)
+                    time.sleep(delay)
+                    delay = min(delay * 1.5, 2.0)  # a long outage is polled gently
 
     def _roundtrip(self, message: dict[str, Any]) -> dict[str, Any]:
         fresh = self._sock is None
         if fresh:
-            self._sock = socket.create_connection((self.host, self.port), timeout=60)
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._connect()
         if fresh and self.on_reconnect is not None and message["op"] != "hello":
             send_message(self._sock, self.on_reconnect())
             recv_message(self._sock)
@@ -96,6 +154,18 @@ class Client:
         if "error" in reply:
             raise RejectedByCoordinator(reply["error"])
         return reply
+
+    def _connect(self) -> None:
+        epoch = None
+        if self.locate is not None:
+            self.host, self.port, epoch = self.locate()
+        self._sock = socket.create_connection((self.host, self.port), timeout=60)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if epoch is not None and epoch != self.epoch:
+            known, self.epoch = self.epoch, epoch
+            if known is not None:
+                self.restarted = True
+                raise CoordinatorRestarted(f"coordinator restarted at {self.host}:{self.port}")
 
     def _close(self) -> None:
         if self._sock is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,14 +79,18 @@ class Launcher:
         self.calibration = calibration
         self.token = secrets.token_urlsafe(24)
 
-    def prepare(self) -> PreparedRun:
-        """Check everything a user can get wrong before anything is written."""
+    def prepare(self, dry_run: bool = False) -> PreparedRun:
+        """Check everything a user can get wrong before anything is written.
+
+        With `dry_run` the same checks run and nothing at all is written or removed.
+        """
         job = self.job
         dataset = open_dataset(job.input.path, input_columns(job))
         store = OutputStore(job.output.path)
         record = self._job_record(dataset)
         if self.overwrite:
-            store.wipe()
+            if not dry_run:
+                store.wipe()
         elif store.exists():
             self._check_same_job(store, record)
         elif store.has_foreign_content():
@@ -93,8 +98,12 @@ class Launcher:
                 f"{job.output.path}: output folder holds files hetbatch did not write; "
                 "choose an empty or new folder"
             )
-        plan = self._plan()
-        instances = instance_layout(job, plan)
+        instances, plan = self._instances()
+        if dry_run:
+            fresh = self.overwrite or not store.exists()
+            complete = not fresh and store.is_complete()
+            committed = 0 if fresh else sum(r.end - r.start for r in store.read_ledger())
+            return PreparedRun(job, dataset, store, instances, committed, complete)
         complete = store.exists() and store.is_complete()
         committed = 0 if complete else sum(r.end - r.start for r in store.recover())
         if complete:
@@ -105,6 +114,11 @@ class Launcher:
             if plan is not None:
                 store.write_json("plan.json", plan.to_dict())
         return PreparedRun(job, dataset, store, instances, committed, complete)
+
+    def _instances(self) -> tuple[list[InstanceSpec], ClusterPlan | None]:
+        """The instances of every pool, planned where the job leaves it to the planner."""
+        plan = self._plan()
+        return instance_layout(self.job, plan), plan
 
     def _plan(self) -> ClusterPlan | None:
         """Size the pools that do not pin their layout; the plan's estimates seed capacity."""
@@ -158,7 +172,16 @@ class Launcher:
         )
         coordinator.start()
         host, port = coordinator.address
-        run.store.write_json("coordinator.json", {"host": host, "port": port, "pid": os.getpid()})
+        run.store.write_json(
+            "coordinator.json",
+            {
+                "host": advertised_host(host),
+                "port": port,
+                "pid": os.getpid(),
+                # Tells workers that come back after an outage whether this is a new coordinator.
+                "epoch": secrets.token_hex(8),
+            },
+        )
         return coordinator
 
     def worker_job(self, run: PreparedRun) -> dict[str, Any]:
@@ -178,6 +201,11 @@ class Launcher:
                 for i in run.instances
             },
         }
+
+
+def advertised_host(bound: str) -> str:
+    """A coordinator listening on every interface is reached through this host's name."""
+    return socket.getfqdn() if bound in ("", "0.0.0.0", "::") else bound
 
 
 def log_dir(run: PreparedRun) -> Path:

@@ -1,8 +1,10 @@
 """Worker process entry point: join the coordinator, start the engine, work until done.
 
-The worker needs only the coordinator's address, the job token (from the environment, never on
-the command line where `ps` shows it) and its instance id: the job itself comes from the
-coordinator, so a worker on another host needs no copy of the job file.
+The worker needs only the coordinator's address (or the `coordinator.json` the coordinator
+writes, which follows a coordinator that restarts elsewhere), the job token (from the
+environment or the job's `_hetbatch/token` file, never on the command line where `ps` shows it)
+and its instance id: the job itself comes from the coordinator, so a worker on another host
+needs no copy of the job file.
 """
 
 from __future__ import annotations
@@ -10,59 +12,123 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 import click
+from fsspec.core import url_to_fs
 
-from hetbatch.coordinator.protocol import Client, CoordinatorUnavailable
+from hetbatch.coordinator.protocol import (
+    Client,
+    CoordinatorRestarted,
+    CoordinatorUnavailable,
+    JobComplete,
+    Locator,
+    file_locator,
+)
+from hetbatch.engines.base import Engine
 from hetbatch.engines.factory import build_engine, prepare_environment
-from hetbatch.io.parquet import dataset_from_dict
-from hetbatch.spec import parse_job
+from hetbatch.io.parquet import InputDataset, dataset_from_dict
+from hetbatch.spec import JobSpec, parse_job
 from hetbatch.worker.loop import Worker
 from hetbatch.worker.rows import output_schema
 
 TOKEN_ENV = "HETBATCH_TOKEN"
+TOKEN_FILE = "token"
+
+log = logging.getLogger("hetbatch.worker")
 
 
-def run_worker(host: str, port: int, token: str, instance_id: str) -> None:
-    client = Client(host, port, token)
+def run_worker(
+    host: str,
+    port: int,
+    token: str,
+    instance_id: str,
+    locate: Locator | None = None,
+    wait_s: float = 30.0,
+) -> None:
+    client = Client(host, port, token, retry_s=wait_s, locate=locate)
     job_data = client.call("job")["job"]
     instance = job_data["instances"][instance_id]
     hello = {"instance": instance_id, "weight": instance["weight"], "pool": instance["pool"]}
     job = parse_job(job_data["spec"], "job from coordinator")
+    if locate is not None:
+        client.retry_s = max(client.retry_s, job.slurm.reconnect_s)
     dataset = dataset_from_dict(job_data["dataset"])
     prepare_environment(job, instance["accelerator"])
     engine = build_engine(job, instance)
     try:
         # Join only once the engine is up, so that no lease waits on a loading model.
-        client.call("hello", **hello)
-        client.on_reconnect = lambda: {"op": "hello", "token": token, **hello}
-        worker = Worker(
-            client,
-            instance_id,
-            job,
-            dataset,
-            output_schema(job, dataset.schema),
-            engine,
-            heartbeat_s=job.scheduler.heartbeat_s,
-        )
-        worker.run()
+        while not _work(client, hello, job, dataset, engine):
+            log.warning("coordinator restarted: in-flight units dropped, joining the new one")
         client.call("bye", instance=instance_id)
     finally:
         engine.close()
         client.close()
 
 
+def _work(
+    client: Client, hello: dict[str, Any], job: JobSpec, dataset: InputDataset, engine: Engine
+) -> bool:
+    """Work until the job is done; False if the coordinator restarted (its leases are void)."""
+    client.on_reconnect = lambda: {"op": "hello", "token": client.token, **hello}
+    worker = Worker(
+        client,
+        hello["instance"],
+        job,
+        dataset,
+        output_schema(job, dataset.schema),
+        engine,
+        heartbeat_s=job.scheduler.heartbeat_s,
+    )
+    try:
+        hello["concurrency"] = engine.max_concurrency
+        client.call("hello", **hello)
+        worker.run()
+    except CoordinatorRestarted:
+        engine.abort(list(worker.in_flight))
+        client.acknowledge_restart()
+        return False
+    return True
+
+
+def read_token(coordinator_file: str | None) -> str | None:
+    """The job token: from the environment, else from the file beside coordinator.json."""
+    token = os.environ.get(TOKEN_ENV)
+    if token or coordinator_file is None:
+        return token
+    fs, path = url_to_fs(coordinator_file)
+    try:
+        with fs.open(f"{path.rsplit('/', 1)[0]}/{TOKEN_FILE}", "r") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
 @click.command()
-@click.option("--coordinator", "address", required=True, help="HOST:PORT of the coordinator")
+@click.option("--coordinator", "address", help="HOST:PORT of the coordinator")
+@click.option(
+    "--coordinator-file",
+    help="the job's _hetbatch/coordinator.json: wait for it, follow a restarted coordinator",
+)
 @click.option("--instance", "instance_id", required=True, help="this worker's instance id")
-def main(address: str, instance_id: str) -> None:
+@click.option(
+    "--wait-s", type=float, default=30.0, help="how long to wait for an unreachable coordinator"
+)
+def main(
+    address: str | None, coordinator_file: str | None, instance_id: str, wait_s: float
+) -> None:
     """Run one engine instance's worker."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {instance_id} %(message)s")
-    token = os.environ.get(TOKEN_ENV)
+    if (address is None) == (coordinator_file is None):
+        sys.exit("hetbatch worker: give one of --coordinator and --coordinator-file")
+    token = read_token(coordinator_file)
     if not token:
-        sys.exit(f"hetbatch worker: {TOKEN_ENV} is not set")
-    host, _, port = address.rpartition(":")
+        sys.exit(f"hetbatch worker: {TOKEN_ENV} is not set and no token file was found")
+    host, _, port = (address or ":0").rpartition(":")
+    locate = file_locator(coordinator_file) if coordinator_file else None
     try:
-        run_worker(host, int(port), token, instance_id)
+        run_worker(host, int(port), token, instance_id, locate, wait_s)
+    except JobComplete:
+        log.info("the job is complete")
     except CoordinatorUnavailable as exc:
         sys.exit(f"hetbatch worker {instance_id}: {exc}")

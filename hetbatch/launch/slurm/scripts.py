@@ -1,0 +1,165 @@
+"""sbatch scripts of a job, rendered from the templates in the repository's `slurm/templates/`.
+
+One coordinator script (a small CPU job), one script per pool asking for that pool's
+accelerators, or with `hetjob` all of them as components of one heterogeneous job.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from hetbatch.errors import UserError
+from hetbatch.layout import InstanceSpec
+from hetbatch.spec import JobSpec, PoolSpec, SlurmJobOptions
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "slurm" / "templates"
+
+
+@dataclass(frozen=True)
+class Script:
+    """One script to submit: `role` is `coordinator`, `pool` or `hetjob`."""
+
+    name: str
+    role: str
+    text: str
+    pool: str | None = None
+
+
+def _template(name: str) -> Template:
+    path = TEMPLATE_DIR / name
+    try:
+        return Template(path.read_text())
+    except OSError:
+        raise UserError(
+            f"{path}: sbatch template missing (is hetbatch installed from git?)"
+        ) from None
+
+
+def _options(opts: SlurmJobOptions, inherit: SlurmJobOptions | None = None) -> list[str]:
+    """Placement lines from a `slurm:` section; account, qos and time fall back to `inherit`."""
+    lines = []
+    for key in ("partition", "account", "qos", "time", "constraint", "mem"):
+        value = getattr(opts, key)
+        if value is None and inherit is not None and key in ("account", "qos", "time"):
+            value = getattr(inherit, key)
+        if value is not None:
+            lines.append(f"--{key}={value}")
+    return lines
+
+
+def _header(options: list[str], extra: list[str]) -> list[str]:
+    lines = [f"#SBATCH {o}" for o in options]
+    for line in extra:
+        line = line.strip()
+        lines.append(line if line.startswith("#SBATCH") else f"#SBATCH {line}")
+    return lines
+
+
+def _gres(pool: PoolSpec) -> list[str]:
+    if pool.accelerator.lower() == "cpu":
+        return []
+    kind = pool.accelerator.lower() if pool.slurm.gres_type is None else pool.slurm.gres_type
+    return [f"--gres=gpu:{kind + ':' if kind else ''}{pool.devices_per_node}"]
+
+
+def _cpus(pool: PoolSpec) -> list[str]:
+    cpus = pool.slurm.cpus_per_task
+    if cpus is None and pool.accelerator.lower() == "cpu":
+        cpus = pool.devices_per_node  # on cpu pools a device is a core
+    return [f"--cpus-per-task={cpus}"] if cpus else []
+
+
+def coordinator_options(job: JobSpec, log_dir: str) -> list[str]:
+    s = job.slurm
+    return [
+        f"--job-name={s.job_name}-coordinator",
+        f"--output={log_dir}/%x-%j.out",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--cpus-per-task={s.cpus_per_task or 1}",
+        "--requeue",
+        *_options(s),
+    ]
+
+
+def pool_options(job: JobSpec, pool: PoolSpec, log_dir: str, hetjob: bool = False) -> list[str]:
+    array = pool.slurm.array and pool.nodes > 1 and not hetjob
+    lines = [] if hetjob else [f"--job-name={job.slurm.job_name}-{pool.name}"]
+    if not hetjob:
+        lines.append(f"--output={log_dir}/%x-{'%A_%a' if array else '%j'}.out")
+    lines += [
+        f"--nodes={1 if array else pool.nodes}",
+        "--ntasks-per-node=1",
+        *_gres(pool),
+        *_cpus(pool),
+    ]
+    if array:
+        lines.append(f"--array=0-{pool.nodes - 1}")
+    if not hetjob:
+        lines.append("--requeue")
+    return lines + _options(pool.slurm, job.slurm)
+
+
+def _per_node(pool: PoolSpec, instances: list[InstanceSpec]) -> int:
+    return sum(1 for i in instances if i.pool == pool.name and i.node == 0)
+
+
+def render(
+    job: JobSpec,
+    instances: list[InstanceSpec],
+    log_dir: str,
+    pools: list[str] | None = None,
+    coordinator: bool = True,
+) -> list[Script]:
+    """Scripts for the coordinator (if asked) and the named pools (default: every pool)."""
+    python, output = shlex.quote(sys.executable), shlex.quote(job.output.path)
+    scripts = []
+    if coordinator:
+        lines = _header(coordinator_options(job, log_dir), job.slurm.extra)
+        text = _template("coordinator.sbatch").substitute(
+            sbatch_lines="\n".join(lines), python=python, output=output
+        )
+        scripts.append(Script("coordinator", "coordinator", text))
+    for pool in job.cluster.pools:
+        if pools is not None and pool.name not in pools:
+            continue
+        array = pool.slurm.array and pool.nodes > 1
+        lines = _header(pool_options(job, pool, log_dir), pool.slurm.extra)
+        text = _template("pool.sbatch").substitute(
+            sbatch_lines="\n".join(lines),
+            pool=shlex.quote(pool.name),
+            accelerator=pool.accelerator,
+            per_node=_per_node(pool, instances),
+            nodes=pool.nodes,
+            output=output,
+            python=python,
+            launch="" if array or pool.nodes == 1 else "srun --ntasks-per-node=1 ",
+        )
+        scripts.append(Script(f"pool-{pool.name}", "pool", text, pool.name))
+    return scripts
+
+
+def render_hetjob(job: JobSpec, log_dir: str) -> Script:
+    """Everything as one heterogeneous job: it starts when all components can start at once."""
+    python, output = shlex.quote(sys.executable), shlex.quote(job.output.path)
+    head = [
+        f"--job-name={job.slurm.job_name}",
+        *[o for o in coordinator_options(job, log_dir) if not o.startswith("--job-name")],
+    ]
+    lines = _header(head, job.slurm.extra)
+    steps = [f"srun --het-group=0 {python} -m hetbatch coordinate {output} &"]
+    for group, pool in enumerate(job.cluster.pools, start=1):
+        lines.append("#SBATCH hetjob")
+        lines += _header(pool_options(job, pool, log_dir, hetjob=True), pool.slurm.extra)
+        steps.append(
+            f"srun --het-group={group} --ntasks-per-node=1 {python} -m hetbatch.launch.slurm.node "
+            f"{output} --pool {shlex.quote(pool.name)} &"
+        )
+    text = _template("hetjob.sbatch").substitute(
+        sbatch_lines="\n".join(lines), output=output, steps="\n".join(steps)
+    )
+    return Script("hetjob", "hetjob", text)

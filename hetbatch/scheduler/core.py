@@ -163,6 +163,7 @@ class Scheduler:
             self.pending.remove(*reserved)
             return self._issue(instance_id, *reserved, now)
         state.last_request_at = now
+        state.alive = True
         if self._too_late(instance_id, now):
             return Wait.NOTHING_FREE
         if not self.pending:
@@ -301,6 +302,7 @@ class Scheduler:
     ) -> HeartbeatReply:
         """Renew the instance's leases, note its progress (submitted, done), pass on releases."""
         state = self.instances[instance_id]
+        state.alive = True
         revoked = [lid for lid in progress if lid not in state.leases]
         releases = []
         for lid in state.leases:
@@ -317,6 +319,9 @@ class Scheduler:
     def expire(self, now: float) -> list[Lease]:
         """Leases not renewed in time go back to the queue."""
         lapsed = [lid for lid, lease in self.leases.items() if lease.deadline < now]
+        for lid in lapsed:
+            # Silent past its lease: count it out of the cluster's capacity until it speaks.
+            self.instances[self.leases[lid].instance].alive = False
         return [self._return_lease(lid) for lid in lapsed]
 
     def _return_lease(self, lease_id: int) -> Lease:

@@ -96,12 +96,21 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def worker_pids(parent_pid: int) -> list[int]:
-    """Worker processes started by a `hetbatch run` process (children running the worker)."""
-    out = subprocess.run(
-        ["ps", "-o", "pid=,args=", "--ppid", str(parent_pid)], capture_output=True, text=True
-    ).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "hetbatch.worker" in line]
+def worker_pids(parent_pid: int) -> dict[str, int]:
+    """Worker processes started by a `hetbatch run` process, by instance id."""
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(parent_pid)],
+                         capture_output=True, text=True).stdout
+    pids = {}
+    for line in out.splitlines():
+        if "hetbatch.worker" in line:
+            args = line.split()
+            pids[args[args.index("--instance") + 1]] = int(args[0])
+    return pids
+
+
+def busy_worker(parent_pid: int, out: Path) -> int:
+    """The pid of the worker that committed last: it is working, so it holds leases."""
+    return worker_pids(parent_pid)[ledger(out)[-1]["instance"]]
 
 
 def assert_exactly_once(out: Path, rows: int) -> pl.DataFrame:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from tests.jobutil import (
     assert_exactly_once,
+    busy_worker,
     ledger,
     make_input,
     read_output,
@@ -19,17 +20,17 @@ from tests.jobutil import (
     sim_pool,
     start_cli,
     wait_for,
-    worker_pids,
     write_job,
 )
 
 
 def test_two_speeds_finish_together(tmp_path) -> None:
-    rows = 20_000
+    rows = 30_000
     job = sim_job(
         tmp_path,
         make_input(tmp_path / "in.parquet", rows),
         [sim_pool("fast", 40_000), sim_pool("slow", 10_000)],
+        scheduler={"heartbeat_s": 0.1},
     )
     result = run_cli("run", str(write_job(tmp_path / "job.yaml", job)))
     assert result.returncode == 0, result.stderr
@@ -43,7 +44,7 @@ def test_two_speeds_finish_together(tmp_path) -> None:
     assert gap / span < 0.05, f"finish times differ by {gap:.2f} s of {span:.2f} s"
     share = df.filter(df["instance"] == "fast-0-0").height / rows
     assert share > 0.65, share  # 0.8 at nominal speeds; per-row overhead trims the fast one
-    assert "done: 20,000 rows" in result.stdout
+    assert "done: 30,000 rows" in result.stdout
 
 
 def test_resume_after_sigkill_redoes_nothing(tmp_path) -> None:
@@ -87,7 +88,7 @@ def test_killed_worker_unit_is_redealt(tmp_path) -> None:
     out = tmp_path / "out"
     proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
     wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
-    victim = worker_pids(proc.pid)[0]
+    victim = busy_worker(proc.pid, out)
     os.kill(victim, signal.SIGKILL)
     _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
@@ -107,7 +108,7 @@ def test_lapsed_lease_is_redealt_and_late_work_discarded(tmp_path) -> None:
     out = tmp_path / "out"
     proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
     wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
-    frozen = worker_pids(proc.pid)[0]
+    frozen = busy_worker(proc.pid, out)
     os.kill(frozen, signal.SIGSTOP)  # alive, connected, but silent: only the lease can tell
     try:
         wait_for(lambda: len(ledger(out)) >= 8, 60, "the other worker to go on")

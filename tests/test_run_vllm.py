@@ -13,12 +13,12 @@ import pytest
 
 from tests.jobutil import (
     assert_ledger_covers,
+    busy_worker,
     ledger,
     read_output,
     run_cli,
     start_cli,
     wait_for,
-    worker_pids,
     write_job,
 )
 
@@ -91,13 +91,13 @@ def test_end_to_end_chat_seeds_and_row_errors(tmp_path, tiny_model) -> None:
     """Two instances with prompts + chat template; then one instance with a messages column.
     Same rows, same per-row seeds: the texts must match whichever instance ran each row."""
     two = tmp_path / "two"
-    src = _input(tmp_path / "in.parquet", 300, bad=True, messages=True)
+    src = _input(tmp_path / "in.parquet", 1200, bad=True, messages=True)
     result = run_cli("run", str(write_job(tmp_path / "a.yaml", _job(two, tiny_model, src, 2))))
     assert result.returncode == 0, result.stderr
     a = _check_complete(two / "out", src).sort("id")
     assert a["instance"].n_unique() == 2
     good = a.filter(pl.col("error").is_null())
-    assert good.height == 300
+    assert good.height == 1200
     assert (good["completion_tokens"] > 0).all() and (good["prompt_tokens"] > 0).all()
     # Random weights may sample end-of-sequence at once: most rows, not all, have text.
     assert (good["generated_text"].str.len_chars() > 0).mean() > 0.9
@@ -115,7 +115,7 @@ def test_end_to_end_chat_seeds_and_row_errors(tmp_path, tiny_model) -> None:
     b = _check_complete(one / "out", src).sort("id")
     assert b["instance"].n_unique() == 1
     same = a.filter(pl.col("error").is_null()).join(b, on="id", suffix="_b")
-    assert same.height == 300
+    assert same.height == 1200
     assert same["generated_text"].to_list() == same["generated_text_b"].to_list()
     assert same["prompt_tokens"].to_list() == same["prompt_tokens_b"].to_list()
 
@@ -153,7 +153,7 @@ def test_killed_worker_unit_is_redealt(tmp_path, tiny_model) -> None:
     out = tmp_path / "out"
     proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
     wait_for(lambda: len(ledger(out)) >= 2, 180, "first commits")
-    victim = worker_pids(proc.pid)[0]
+    victim = busy_worker(proc.pid, out)
     os.kill(victim, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr

@@ -191,3 +191,42 @@ def test_end_game_keeps_the_last_rows_off_slow_turnaround_instances() -> None:
     assert isinstance(s.request("quick", t), Lease)
     s.config = SchedulerConfig(max_unit_rows=200, tail_latency_factor=0)  # the rule off
     assert isinstance(s.request("deep", t), Lease)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("rhcxel"), st.integers(0, 3), st.integers(0, 400)), max_size=120
+    )
+)
+@settings(max_examples=150, deadline=None)
+def test_running_sums_match_a_recount(ops) -> None:
+    """The O(1) bookkeeping (capacity of the alive cluster, unfinished leased rows) always
+    equals what a full recount gives, whatever the order of events."""
+    s = _sched(rows=5_000, max_unit_rows=300, lease_timeout_s=5)
+    names = ["a", "b", "c", "d"]
+    t = 0.0
+    for op, k, x in ops:
+        t += 1.0
+        name = names[k]
+        if op == "e" or name not in s.instances:
+            s.join(name, 1.0 + k, t, concurrency=8 * (k + 1))
+        elif op == "r":
+            s.request(name, t)
+        elif op == "h":
+            progress = {
+                lid: (s.leases[lid].start + x % 50, x % 40) for lid in s.instances[name].leases
+            }
+            for rel in s.heartbeat(name, progress, t).releases:
+                s.release(name, rel.lease_id, rel.cut, t)
+        elif op == "c" and s.instances[name].leases:
+            lease = s.leases[s.instances[name].leases[0]]
+            s.commit(name, lease.lease_id, lease.start, lease.end, t)
+        elif op == "x":
+            s.expire(t + x / 40)
+        elif op == "l":
+            s.leave(name, t)
+        alive = [i for i, st_ in s.instances.items() if st_.alive]
+        assert abs(s._total_rate() - (sum(s.rate(i) for i in alive) or 1.0)) < 1e-6
+        assert s._leased_unfinished == sum(ls.unfinished_rows for ls in s.leases.values())
+        for st_ in s.instances.values():
+            assert st_.queued == sum(s.leases[lid].unfinished_rows for lid in st_.leases)

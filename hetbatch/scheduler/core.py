@@ -12,12 +12,16 @@ estimated remaining time.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
 from hetbatch.scheduler.ranges import RangeSet
+
+# Instances the end game and stealing look at: the soonest and the latest to finish.
+_CANDIDATES = 8
 
 
 @dataclass(frozen=True)
@@ -27,9 +31,11 @@ class SchedulerConfig:
     factor: float = 2.0
     lease_timeout_s: float = 120.0
     max_leases_per_instance: int = 16
-    rate_smoothing: float = 0.3
+    rate_window_s: float = 60.0  # measured speed forgets with this time constant
     tail_latency_factor: float = 2.0  # 0 turns the end-game rule off
     asking_window_s: float = 5.0  # instances that asked for work this recently can take it
+    refuse_margin: float = 0.25  # refuse only for an instance that finishes this much sooner
+    rank_interval_s: float = 0.5  # how stale the ranking of instances by finish time may be
 
 
 @dataclass
@@ -68,6 +74,9 @@ class InstanceState:
     last_commit_at: float | None = None
     rows_committed: int = 0
     concurrency: int | None = None  # requests the engine runs at once (max_num_seqs)
+    window_rows: float = 0.0
+    window_s: float = 0.0
+    queued: int = 0  # unfinished rows of its leases
     last_request_at: float = -math.inf
 
 
@@ -120,9 +129,14 @@ class Scheduler:
         self._next_lease_id = 1
         self._thief_of: dict[int, str] = {}  # lease asked to release -> instance that asked
         self._reserved: dict[str, tuple[int, int]] = {}  # released rows kept for the thief
-        # Running sums over measured instances, so rate() is O(1) on a thousand instances.
-        self._measured_rate_sum = 0.0
+        # Running sums, so that a decision costs O(1), not O(instances), on a large cluster.
+        self._measured_rate_sum = 0.0  # over every measured instance
         self._measured_planned_sum = 0.0
+        self._alive_measured_rate = 0.0  # over alive measured instances
+        self._alive_unmeasured_planned = 0.0  # over alive instances not yet measured
+        self._leased_unfinished = 0
+        self._ranked: list[str] = []  # alive instances by finish time, refreshed now and then
+        self._ranked_at = -math.inf
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -132,17 +146,28 @@ class Scheduler:
         """Register an instance (or re-register one that reconnects)."""
         state = self.instances.get(instance_id)
         if state is None:
-            state = InstanceState(instance_id, max(planned_weight, 1e-9))
+            state = InstanceState(instance_id, max(planned_weight, 1e-9), alive=False)
             self.instances[instance_id] = state
-        state.alive = True
+        self._set_alive(state, True)
         state.concurrency = concurrency or state.concurrency
+
+    def _set_alive(self, state: InstanceState, alive: bool) -> None:
+        """Whether an instance counts toward the cluster's capacity (kept in running sums)."""
+        if state.alive == alive:
+            return
+        sign = 1.0 if alive else -1.0
+        if state.measured_rate is not None:
+            self._alive_measured_rate += sign * state.measured_rate
+        else:
+            self._alive_unmeasured_planned += sign * state.planned_weight
+        state.alive = alive
 
     def leave(self, instance_id: str, now: float) -> list[Lease]:
         """An instance is gone: its leases go back to the queue at once."""
         state = self.instances.get(instance_id)
         if state is None:
             return []
-        state.alive = False
+        self._set_alive(state, False)
         return [self._return_lease(lid) for lid in list(state.leases)]
 
     # -- dealing ------------------------------------------------------------------------------
@@ -163,11 +188,11 @@ class Scheduler:
             self.pending.remove(*reserved)
             return self._issue(instance_id, *reserved, now)
         state.last_request_at = now
-        state.alive = True
+        self._set_alive(state, True)
         if self._too_late(instance_id, now):
             return Wait.NOTHING_FREE
         if not self.pending:
-            self._plan_steal(instance_id)
+            self._plan_steal(instance_id, now)
             return Wait.NOTHING_FREE
         start, end = self._cut_unit(self.unit_size(instance_id))
         return self._issue(instance_id, start, end, now)
@@ -206,6 +231,7 @@ class Scheduler:
         self.leases[lease.lease_id] = lease
         state = self.instances[instance_id]
         state.leases.append(lease.lease_id)
+        self._add_queued(state, lease.rows)
         if state.last_commit_at is None:
             state.last_commit_at = now
         return lease
@@ -221,26 +247,44 @@ class Scheduler:
         return state.concurrency / state.measured_rate
 
     def _too_late(self, instance_id: str, now: float) -> bool:
-        """End game: refuse new rows to an instance that would finish them after the job's
-        expected end when another instance would finish them sooner.
+        """End game: refuse new rows to an instance when another instance that is asking for
+        work would finish the same unit clearly sooner (by `refuse_margin`, so that two close
+        instances do not refuse each other in turn while both wait).
 
         A row's last token comes a whole engine latency after it enters; on an instance with a
         deep batch and a slow step that latency is long, so the last rows of a job belong on the
-        instances that turn a row around fastest, not on whichever asks first.
+        instances that turn a unit around soonest, not on whichever asks first. Before the end
+        (when everyone's queue outlasts the job's remaining work) nobody is refused.
         """
         if self.config.tail_latency_factor <= 0 or self.latency(instance_id) is None:
             return False
-        mine = self.finish_time(instance_id)
-        unfinished = self.pending.total + sum(x.unfinished_rows for x in self.leases.values())
-        if mine <= unfinished / self._total_rate():
+        unfinished = self.pending.total + self._leased_unfinished
+        if self.finish_time(instance_id) <= unfinished / self._total_rate():
             return False
+        size = min(self.unit_size(instance_id), self.pending.total or 1)
+        mine = self._unit_done_in(instance_id, size)
         recent = now - self.config.asking_window_s
+        candidates = (self.instances[i] for i in self._ranking(now) if i != instance_id)
         return any(
-            s.alive and s.instance_id != instance_id and s.last_request_at >= recent
+            s.alive and s.last_request_at >= recent
             and self.latency(s.instance_id) is not None
-            and self.finish_time(s.instance_id) < mine
-            for s in self.instances.values()
+            and len(s.leases) < self.config.max_leases_per_instance
+            and self._unit_done_in(s.instance_id, size) < mine * (1 - self.config.refuse_margin)
+            for s in itertools.islice(candidates, _CANDIDATES)
         )
+
+    def _ranking(self, now: float) -> list[str]:
+        """Alive instances, soonest to finish first; recomputed at most every
+        `rank_interval_s`, so the end game costs O(instances) per interval, not per call."""
+        if now - self._ranked_at >= self.config.rank_interval_s:
+            alive = [i for i, s in self.instances.items() if s.alive]
+            self._ranked = sorted(alive, key=lambda i: (self.finish_time(i), i))
+            self._ranked_at = now
+        return self._ranked
+
+    def _unit_done_in(self, instance_id: str, rows: int) -> float:
+        """Seconds until a unit of `rows` given now would be finished on this instance."""
+        return self.finish_time(instance_id) + rows / self.rate(instance_id)
 
     def finish_time(self, instance_id: str) -> float:
         """Seconds until this instance's last row is out: its queue, then one engine latency
@@ -249,16 +293,12 @@ class Scheduler:
         return self.remaining_time(instance_id) + self.config.tail_latency_factor * lat
 
     def remaining_time(self, instance_id: str) -> float:
-        state = self.instances[instance_id]
-        rows = sum(self.leases[lid].unfinished_rows for lid in state.leases)
-        return rows / self.rate(instance_id)
+        return self.instances[instance_id].queued / self.rate(instance_id)
 
-    def _plan_steal(self, thief: str) -> Release | None:
+    def _plan_steal(self, thief: str, now: float) -> Release | None:
         """Mark the unstarted tail of the slowest-to-finish instance for release to the queue."""
-        victims = sorted(
-            (s for s in self.instances.values() if s.alive and s.instance_id != thief and s.leases),
-            key=lambda s: (-self.finish_time(s.instance_id), s.instance_id),
-        )
+        ranked = (self.instances[i] for i in reversed(self._ranking(now)) if i != thief)
+        victims = [s for s in itertools.islice(ranked, _CANDIDATES) if s.alive and s.leases]
         thief_rate = self.rate(thief)
         thief_left = self.finish_time(thief)
         for victim in victims:
@@ -268,7 +308,7 @@ class Scheduler:
             v_rate = self.rate(victim.instance_id)
             v_left = self.finish_time(victim.instance_id)
             if v_left <= thief_left:
-                break
+                continue
             # Both finish together: (v_left - x / v_rate) == thief_left + x / thief_rate.
             take = (v_left - thief_left) * v_rate * thief_rate / (v_rate + thief_rate)
             cut = max(lease.end - int(take), lease.submitted)
@@ -293,7 +333,9 @@ class Scheduler:
             self._return_lease(lease_id)
             return
         self.pending.add(cut, lease.end)
+        before = lease.unfinished_rows
         lease.end = cut
+        self._add_queued(self.instances[instance_id], lease.unfinished_rows - before)
 
     # -- liveness -----------------------------------------------------------------------------
 
@@ -302,7 +344,7 @@ class Scheduler:
     ) -> HeartbeatReply:
         """Renew the instance's leases, note its progress (submitted, done), pass on releases."""
         state = self.instances[instance_id]
-        state.alive = True
+        self._set_alive(state, True)
         revoked = [lid for lid in progress if lid not in state.leases]
         releases = []
         for lid in state.leases:
@@ -311,7 +353,9 @@ class Scheduler:
             if lid in progress:
                 submitted, done = progress[lid]
                 lease.submitted = min(max(submitted, lease.start), lease.end)
+                before = lease.unfinished_rows
                 lease.done = min(done, lease.rows)
+                self._add_queued(state, lease.unfinished_rows - before)
             if lease.release_to is not None:
                 releases.append(Release(lid, max(lease.release_to, lease.submitted)))
         return HeartbeatReply(releases, revoked)
@@ -321,14 +365,20 @@ class Scheduler:
         lapsed = [lid for lid, lease in self.leases.items() if lease.deadline < now]
         for lid in lapsed:
             # Silent past its lease: count it out of the cluster's capacity until it speaks.
-            self.instances[self.leases[lid].instance].alive = False
+            self._set_alive(self.instances[self.leases[lid].instance], False)
         return [self._return_lease(lid) for lid in lapsed]
 
     def _return_lease(self, lease_id: int) -> Lease:
         lease = self.leases.pop(lease_id)
-        self.instances[lease.instance].leases.remove(lease_id)
+        state = self.instances[lease.instance]
+        state.leases.remove(lease_id)
+        self._add_queued(state, -lease.unfinished_rows)
         self.pending.add(lease.start, lease.end)
         return lease
+
+    def _add_queued(self, state: InstanceState, rows: int) -> None:
+        state.queued += rows
+        self._leased_unfinished += rows
 
     # -- commits ------------------------------------------------------------------------------
 
@@ -352,7 +402,9 @@ class Scheduler:
             )
         ):
             self.leases.pop(lease_id)
-            self.instances[instance_id].leases.remove(lease_id)
+            state = self.instances[instance_id]
+            state.leases.remove(lease_id)
+            self._add_queued(state, -lease.unfinished_rows)
         elif self.committed.contains(start, end):
             return CommitStatus.DUPLICATE
         elif self.pending.contains(start, end):
@@ -366,22 +418,33 @@ class Scheduler:
     # -- capacity -----------------------------------------------------------------------------
 
     def _measure(self, instance_id: str, rows: int, now: float) -> None:
-        """Correct the instance's capacity from the rows/s it really achieves."""
+        """Correct the instance's capacity from the rows/s it really achieves.
+
+        Rows and elapsed time are summed with an exponential decay, so commits that arrive in
+        a burst add their rows without dividing by a near-zero interval, and the estimate
+        follows an instance that slows down within about `rate_window_s`.
+        """
         state = self.instances.get(instance_id)
         if state is None:
             return
         state.rows_committed += rows
-        since = state.last_commit_at
+        since = state.last_commit_at if state.last_commit_at is not None else now
         state.last_commit_at = now
-        if since is None or now <= since:
+        dt = max(now - since, 0.0)
+        keep = math.exp(-dt / self.config.rate_window_s)
+        state.window_rows = state.window_rows * keep + rows
+        state.window_s = state.window_s * keep + dt
+        if state.window_s <= 0:
             return
-        sample = rows / (now - since)
-        alpha = self.config.rate_smoothing
         prev = state.measured_rate
-        state.measured_rate = sample if prev is None else (1 - alpha) * prev + alpha * sample
+        state.measured_rate = state.window_rows / state.window_s
         self._measured_rate_sum += state.measured_rate - (prev or 0.0)
         if prev is None:
             self._measured_planned_sum += state.planned_weight
+        if state.alive:
+            self._alive_measured_rate += state.measured_rate - (prev or 0.0)
+            if prev is None:
+                self._alive_unmeasured_planned -= state.planned_weight
 
     def rate(self, instance_id: str) -> float:
         """Estimated rows/s: measured when known, else the planned weight scaled to the
@@ -394,4 +457,8 @@ class Scheduler:
         return state.planned_weight * self._measured_rate_sum / self._measured_planned_sum
 
     def _total_rate(self) -> float:
-        return sum(self.rate(i) for i, s in self.instances.items() if s.alive) or 1.0
+        scale = (
+            self._measured_rate_sum / self._measured_planned_sum
+            if self._measured_planned_sum else 1.0
+        )
+        return (self._alive_measured_rate + scale * self._alive_unmeasured_planned) or 1.0

@@ -4,7 +4,8 @@ Both sides run the same prompts (chat template applied, the same per-row seeds) 
 engine arguments on one pinned core, alternating, in fresh processes. Printed ratios are
 hetbatch over bare (1.0 = no overhead):
   - end to end: rows / wall time of the whole process (imports, engine start-up, writing);
-  - steady state: output tokens/s while generating.
+  - steady state: output tokens/s from engine ready to the last result (prompts rendered with
+    the chat template on both sides; hetbatch also reads Parquet and writes its shards).
 
     python bench/overhead.py [--rows 5000] [--repeats 2]
 """
@@ -39,11 +40,11 @@ job = load_job(sys.argv[1])
 rows = pl.read_parquet(job.input.path).head(int(sys.argv[2]))
 args = {**job.model.engine_args, "enable_chunked_prefill": False}
 llm = LLM(job.model.path, **args)
+t1 = time.monotonic()  # engine ready: from here on both sides do the same work
 tok = llm.get_tokenizer()
 prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                    add_generation_prompt=True) for p in rows["prompt"]]
 params = [SamplingParams(**job.sampling, seed=row_seed(job.seed, k)) for k in rows["id"]]
-t1 = time.monotonic()
 outs = llm.generate(prompts, params, use_tqdm=False)
 t2 = time.monotonic()
 tokens = sum(len(o.outputs[0].token_ids) for o in outs)

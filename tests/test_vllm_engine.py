@@ -197,3 +197,24 @@ def test_version_without_importing_vllm() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == vllm_version()
     assert re.match(r"\d+\.\d+", out.stdout)
+
+
+def test_pretokenized_prompts_generate_the_same(engine: VllmEngine) -> None:
+    """Token ids from encode_batch stand in for the text: same prompt length, same output."""
+    text = requests("txt", {"max_tokens": 12, "temperature": 0})
+    ids = engine.encode_batch([r.prompt for r in text])
+    assert ids is not None and len(ids) == len(text)
+    tokens = [
+        EngineRequest(f"ids-{r.request_id}", r.prompt, r.sampling, i)
+        for r, i in zip(text, ids, strict=True)
+    ]
+    by_text, by_ids = run(engine, text), run(engine, tokens)
+    for r in text:
+        a, b = by_text[r.request_id], by_ids[f"ids-{r.request_id}"]
+        assert (a.text, a.prompt_tokens) == (b.text, b.prompt_tokens)
+
+
+def test_pretokenized_too_long_prompt_is_rejected(engine: VllmEngine) -> None:
+    ids = engine.encode_batch(["many words " * 600])[0]
+    with pytest.raises(RequestRejected, match=r"prompt is \d+ tokens, longer than the model's"):
+        engine.add(EngineRequest("long-ids", "many words " * 600, {"max_tokens": 4}, ids))

@@ -29,6 +29,7 @@ class EngineRequest:
     request_id: str
     prompt: str
     sampling: dict[str, Any] = field(default_factory=dict)
+    prompt_token_ids: list[int] | None = None  # when given, the engine skips tokenizing
 
 
 class RequestRejected(Exception):
@@ -51,6 +52,10 @@ class Engine(Protocol):
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Render chat messages into one prompt string with the model's chat template."""
+
+    def encode_batch(self, prompts: list[str]) -> list[list[int]] | None:
+        """Token ids of many prompts at once, off the engine's thread (None: the engine
+        tokenizes each prompt itself when it is added)."""
 
     def close(self) -> None: ...
 

@@ -70,8 +70,16 @@ class VllmEngine:
         params = self._sampling_params(request.sampling)
         from vllm.exceptions import VLLMClientError
 
+        prompt: Any = request.prompt
+        n_ids = len(request.prompt_token_ids or ())
+        if n_ids >= self._max_model_len:
+            raise RequestRejected(self._too_long(n_ids))
+        if request.prompt_token_ids is not None:
+            from vllm.inputs import TokensPrompt
+
+            prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
         try:
-            engine.add_request(request.request_id, request.prompt, params)
+            engine.add_request(request.request_id, prompt, params)
         except (VLLMClientError, ValueError) as error:
             raise RequestRejected(self._rejection_message(request.prompt, error)) from error
         self._in_flight.add(request.request_id)
@@ -98,6 +106,14 @@ class VllmEngine:
             messages, add_generation_prompt=True, tokenize=False
         )
         return str(rendered)
+
+    def encode_batch(self, prompts: list[str]) -> list[list[int]] | None:
+        """Tokenize a unit's prompts in one call (the Rust tokenizer, batched) in the worker's
+        reader thread, so that the engine's thread only schedules and runs the model. Special
+        tokens are added exactly as vLLM adds them to a text prompt."""
+        if not prompts:
+            return []
+        return [list(ids) for ids in self._tokenizer(prompts, add_special_tokens=True)["input_ids"]]
 
     def close(self) -> None:
         """Shut the engine core down (stops its process in multiprocess mode). Idempotent."""
@@ -128,6 +144,15 @@ class VllmEngine:
         except (VLLMClientError, ValueError, TypeError) as error:
             raise RequestRejected(f"invalid sampling parameters: {error}") from error
 
+    def _too_long(self, tokens: int) -> str:
+        limit = self._max_model_len
+        if tokens > limit:
+            return f"prompt is {tokens} tokens, longer than the model's context of {limit}"
+        return (
+            f"prompt is {tokens} tokens, which leaves no room for output in the "
+            f"model's context of {limit}"
+        )
+
     def _rejection_message(self, prompt: str, error: Exception) -> str:
         """A short message for the row; vLLM's own is long and, for long prompts, only says
         "at least N tokens" because it stops tokenizing at the limit."""
@@ -141,13 +166,8 @@ class VllmEngine:
             return "prompt is empty (no tokens)"
         if "maximum context length" in text or "maximum model length" in text:
             tokens = len(self._tokenizer.encode(prompt))
-            if tokens > limit:
-                return f"prompt is {tokens} tokens, longer than the model's context of {limit}"
-            if tokens == limit:
-                return (
-                    f"prompt is {tokens} tokens, which leaves no room for output in the "
-                    f"model's context of {limit}"
-                )
+            if tokens >= limit:
+                return self._too_long(tokens)
         return text.split(". ")[0].rstrip(".")
 
 

@@ -127,8 +127,14 @@ class Worker:
         return sum(u.rows - u.next_row for u in self.units)
 
     def _load(self, start: int, end: int) -> tuple[pa.Table, list[RowPrompt]]:
+        """Read a unit's rows and make them ready for the engine (off the engine's thread)."""
         table = read_rows(self.dataset, start, end, self.columns)
-        return table, build_prompts(self.job, table, start, self.engine.apply_chat_template)
+        prompts = build_prompts(self.job, table, start, self.engine.apply_chat_template)
+        runnable = [p for p in prompts if p.error is None]
+        ids = self.engine.encode_batch([p.prompt for p in runnable])
+        for p, token_ids in zip(runnable, ids or (), strict=False):
+            p.token_ids = token_ids
+        return table, prompts
 
     def _maybe_heartbeat(self) -> None:
         now = time.monotonic()
@@ -203,7 +209,7 @@ class Worker:
         rid = f"{unit.lease_id}:{i}"
         sampling = {**self.job.sampling, "seed": row_seed(self.job.seed, row.key)}
         try:
-            self.engine.add(EngineRequest(rid, row.prompt, sampling))
+            self.engine.add(EngineRequest(rid, row.prompt, sampling, row.token_ids))
         except RequestRejected as exc:
             unit.results[i] = {"error": str(exc)}
             return

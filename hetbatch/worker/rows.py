@@ -52,6 +52,7 @@ class RowPrompt:
     key: Any
     prompt: str | None
     error: str | None
+    token_ids: list[int] | None = None
 
 
 def build_prompts(

@@ -82,7 +82,10 @@ def _timed(
                 "ignore_eos": True}
     start = time.perf_counter()
     for k in range(batch):
-        engine.add(EngineRequest(f"p{time.monotonic_ns()}-{k}", prompt,
+        # A distinct opening per request: identical prompts would share their prefill through
+        # vLLM's prefix cache, which a real dataset does not.
+        unique = f"{k}{prompt[len(str(k)):]}"
+        engine.add(EngineRequest(f"p{time.monotonic_ns()}-{k}", unique,
                                  {**sampling, "seed": job.seed + k}))
     done = []
     while engine.has_unfinished():

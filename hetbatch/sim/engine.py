@@ -2,7 +2,7 @@
 
 Instances talk to the scheduler through the calls the coordinator makes for its workers (join,
 request, heartbeat, release, commit, leave, expire) and behave as the worker loop does: hold up
-to three units, ask for the next one when few rows are left unsubmitted, heartbeat with
+to `max_units` units, ask for the next one when few rows are left unsubmitted, heartbeat with
 (submitted, done) per lease, cut released units at max(cut, submitted).
 
 Each instance is a continuously batching engine: a step takes about the same time whatever the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import click
@@ -30,14 +31,17 @@ def _user_errors(fn):
     return wrapper
 
 
-def _pool_speeds(job: JobSpec) -> dict[str, tuple[float, int]]:
-    """Per pool: (output tokens/s per instance, max_num_seqs)."""
-    planned = _planner_speeds(job)
+def _pool_speeds(
+    job: JobSpec, calibration: str | None = None
+) -> dict[str, tuple[float, int]]:
+    """Per pool: (output tokens/s per instance at a full batch, max_num_seqs)."""
+    planned = _planner_speeds(job, calibration)
     out = {}
     for pool in job.cluster.pools:
         sim = pool.sim or job.engine.sim
         if job.engine.kind == "sim":
-            out[pool.name] = (sim.tokens_per_s, sim.max_num_seqs)
+            out[pool.name] = (_sim_engine_speed(sim.tokens_per_s, sim.max_num_seqs,
+                                                _max_tokens(job)), sim.max_num_seqs)
         elif pool.capacity_weight is not None:
             out[pool.name] = (pool.capacity_weight, sim.max_num_seqs)
         elif pool.name in planned:
@@ -49,9 +53,35 @@ def _pool_speeds(job: JobSpec) -> dict[str, tuple[float, int]]:
     return out
 
 
-def _planner_speeds(job: JobSpec) -> dict[str, tuple[float, int]]:
+def _max_tokens(job: JobSpec) -> int:
+    return max(int(job.sampling.get("max_tokens") or 16), 1)
+
+
+def _sim_engine_speed(tokens_per_s: float, max_num_seqs: int, out_tokens: int) -> float:
+    """What the simulated engine really delivers for requests of `out_tokens` tokens.
+
+    It advances every running request by a quantum of tokens per ~20 ms step and bills the
+    whole quantum even when a request needs fewer: 8-token requests at a quantum of 12 run at
+    8/12 of `tokens_per_s`. The engine's own rule is repeated here so that both agree.
+    """
+    quantum = max(1, round(0.02 * tokens_per_s / max_num_seqs))
+    billed = math.ceil(out_tokens / quantum) * quantum
+    return tokens_per_s * out_tokens / billed
+
+
+def _planner_speeds(
+    job: JobSpec, calibration: str | None = None
+) -> dict[str, tuple[float, int]]:
+    """Per-instance speeds the planner expects: from the job's own plan with a calibration
+    file, else from the catalog's uncalibrated defaults on a generic workload."""
     if job.engine.kind == "sim" or all(p.capacity_weight for p in job.cluster.pools):
         return {}
+    if calibration is not None:
+        from hetbatch.planner.calibration import Calibration
+        from hetbatch.planner.job import plan_job
+
+        plan = plan_job(job, calibration=Calibration.load(calibration), top_k=0)
+        return {p.pool: (p.capacity_weight, p.config.max_num_seqs) for p in plan.pools}
     from hetbatch.planner import PoolRequest, Workload, load_model_profile, plan_cluster
 
     try:
@@ -66,6 +96,15 @@ def _planner_speeds(job: JobSpec) -> dict[str, tuple[float, int]]:
     except UserError:
         return {}
     return {p.pool: (p.capacity_weight, p.config.max_num_seqs) for p in plan.pools}
+
+
+def _prefill_cost(job: JobSpec) -> float:
+    """Work per prompt token, in output tokens. The simulated engine ignores prompts, and a
+    planned speed already prices prefill in (it is output tokens/s of a whole prefill+decode
+    cycle), so only a bare capacity_weight leaves prompts to be charged on top."""
+    if job.engine.kind == "sim" or not all(p.capacity_weight for p in job.cluster.pools):
+        return 0.0
+    return 0.05
 
 
 def _input_lengths(job: JobSpec, sample: int) -> tuple[np.ndarray, int] | None:
@@ -102,9 +141,11 @@ def _few(names: set[str]) -> str:
     return ", ".join(s[:6]) + (", ..." if len(s) > 6 else "")
 
 
-def build_instances(job: JobSpec, lose=(), join=(), slow=()) -> list[SimInstance]:
+def build_instances(
+    job: JobSpec, lose=(), join=(), slow=(), calibration: str | None = None
+) -> list[SimInstance]:
     layout: list[InstanceSpec] = instance_layout(job)
-    speeds = _pool_speeds(job)
+    speeds = _pool_speeds(job, calibration)
     known = {i.instance_id for i in layout}
     lost = _parse_at(lose, "@", "--lose", known)
     late = _parse_at(join, "@", "--join", known)
@@ -152,6 +193,65 @@ def gantt(result: SimResult, path: str) -> None:
     plt.close(fig)
 
 
+def predict(
+    job: JobSpec,
+    *,
+    policy: str = "hetbatch",
+    seed: int = 0,
+    rows: int | None = None,
+    input_len: float = 512,
+    output_len: float | None = None,
+    output_sigma: float = 0.5,
+    tail: float = 0.0,
+    calibration: str | None = None,
+    lose: tuple[str, ...] = (),
+    join: tuple[str, ...] = (),
+    slow: tuple[str, ...] = (),
+) -> SimResult:
+    """The job's simulated run, as `hetbatch simulate` prints it; also what benchmarks call.
+
+    Output lengths are capped at sampling.max_tokens as an engine caps them; the simulated
+    engine always generates exactly max_tokens, so its jobs use that length.
+    """
+    insts = build_instances(job, lose, join, slow, calibration)
+    rng = np.random.default_rng(seed)
+    sample = _input_lengths(job, 10_000)
+    rows = rows or (sample[1] if sample else 100_000)
+    if rows < 1:
+        raise UserError("--rows must be >= 1")
+    cap = _max_tokens(job)
+    if job.engine.kind == "sim":
+        output_len, output_sigma = float(cap), 0.0
+    out_med = output_len or max(cap / 2, 1.0)
+    outputs = LengthDist(out_med, sigma=output_sigma, tail_frac=tail, maximum=cap)
+    prefill = _prefill_cost(job)
+    work = (RowWork.resample(rows, rng, sample[0], outputs, prefill) if sample is not None
+            else RowWork.sample(rows, rng, LengthDist(input_len), outputs, prefill))
+    cfg = job.scheduler
+    sched = make_scheduler(policy, rows, SchedulerConfig(
+        cfg.min_unit_rows, cfg.max_unit_rows, cfg.factor, cfg.lease_timeout_s))
+    sim_cfg = SimConfig(heartbeat_s=cfg.heartbeat_s, poll_s=_step_s(job, insts))
+    result = simulate(sched, insts, work, sim_cfg)
+    if not result.completed:
+        raise UserError("the simulated job never finished: every instance was lost")
+    return result
+
+
+def _step_s(job: JobSpec, insts: list[SimInstance]) -> float:
+    """How often an instance re-checks whether it wants another unit: a worker does so once
+    per engine step, so a fast instance with short units asks for the next one before its
+    last one drains (the simulator's 0.1 s default would leave its pipeline empty)."""
+    if job.engine.kind == "sim":
+        steps = []
+        for pool in job.cluster.pools:
+            sim = pool.sim or job.engine.sim
+            quantum = max(1, round(0.02 * sim.tokens_per_s / sim.max_num_seqs))
+            steps.append(quantum * sim.max_num_seqs / sim.tokens_per_s)
+    else:
+        steps = [i.max_num_seqs / i.speed for i in insts]
+    return min(max(min(steps, default=0.1), 0.005), 0.1)
+
+
 @click.command("simulate")
 @click.argument("job_file", type=click.Path(dir_okay=False))
 @click.option("--policy", type=click.Choice(POLICIES), default="hetbatch", show_default=True)
@@ -160,32 +260,20 @@ def gantt(result: SimResult, path: str) -> None:
 @click.option("--input-len", type=float, default=512, show_default=True,
               help="Median prompt tokens when the input cannot be read.")
 @click.option("--output-len", type=float, help="Median output tokens (default: max_tokens / 2).")
+@click.option("--output-sigma", type=float, default=0.5, show_default=True,
+              help="Lognormal spread of output lengths; 0 makes every row --output-len.")
 @click.option("--tail", type=float, default=0.0, help="Fraction of rows 20x the median output.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
+              help="Speeds from the job's plan under this calibration (hetbatch profile).")
 @click.option("--lose", multiple=True, metavar="INSTANCE@T", help="Instance lost at time T.")
 @click.option("--join", multiple=True, metavar="INSTANCE@T", help="Instance joins at time T.")
 @click.option("--slow", multiple=True, metavar="INSTANCE=FACTOR", help="Actual = planned x F.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--gantt", "gantt_path", type=click.Path(dir_okay=False), help="Write a PNG.")
 @_user_errors
-def simulate_command(job_file: str, **o) -> None:
+def simulate_command(job_file: str, as_json: bool, gantt_path: str | None, **o) -> None:
     """Simulate JOB_FILE's cluster and scheduler: makespan, throughput, busy/idle per instance."""
-    job = load_job(job_file)
-    insts = build_instances(job, o["lose"], o["join"], o["slow"])
-    rng = np.random.default_rng(o["seed"])
-    sample = _input_lengths(job, 10_000)
-    rows = o["rows"] or (sample[1] if sample else 100_000)
-    if rows < 1:
-        raise UserError("--rows must be >= 1")
-    out_med = o["output_len"] or max(float(job.sampling.get("max_tokens", 64)) / 2, 1.0)
-    outputs = LengthDist(out_med, tail_frac=o["tail"])
-    work = (RowWork.resample(rows, rng, sample[0], outputs) if sample is not None
-            else RowWork.sample(rows, rng, LengthDist(o["input_len"]), outputs))
-    cfg = job.scheduler
-    sched = make_scheduler(o["policy"], rows, SchedulerConfig(
-        cfg.min_unit_rows, cfg.max_unit_rows, cfg.factor, cfg.lease_timeout_s))
-    result = simulate(sched, insts, work, SimConfig(heartbeat_s=cfg.heartbeat_s))
-    if not result.completed:
-        raise UserError("the simulated job never finished: every instance was lost")
-    click.echo(json.dumps(result.to_dict(), indent=2) if o["as_json"] else render(result))
-    if o["gantt_path"]:
-        gantt(result, o["gantt_path"])
+    result = predict(load_job(job_file), **o)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))
+    if gantt_path:
+        gantt(result, gantt_path)

@@ -267,9 +267,43 @@ def test_dry_run_prints_each_pools_sbatch_lines(tmp_path: Path) -> None:
 
     het = hetbatch("submit", str(job_file), "--dry-run", "--hetjob")
     assert het.returncode == 0, het.stderr
-    assert het.stdout.count("#SBATCH hetjob") == 3
-    assert "srun --het-group=2 --ntasks-per-node=1" in het.stdout
+    assert het.stdout.count("#SBATCH hetjob") == 2  # a component per pool, none more
+    assert het.stdout.index("--pool l40s") < het.stdout.index("--pool a100")  # most nodes first
+    assert "srun --het-group=2 --ntasks-per-node=1" in het.stdout and "--pool cpu" in het.stdout
     assert "#SBATCH --nodes=3" in het.stdout  # no arrays inside a heterogeneous job
+
+
+def test_hetjob_runs_every_pool_together(slurm_cluster: LoopbackSlurm, tmp_path: Path) -> None:
+    """Three pools in one heterogeneous job on the three nodes: the cpu pool is listed first,
+    yet must not take n1 or n2, the only nodes with two a100s or two l40s."""
+    rows = 6_000
+    gpus = []
+    for kind in ("l40s", "a100"):
+        pool = sim_pool(kind, 20_000, devices_per_node=2, tensor_parallel_size=1)
+        pool.update(accelerator=kind.upper(), slurm={"partition": "gpu"})
+        gpus.append(pool)
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows),
+        [sim_pool("cpu", 8_000), *gpus],
+        scheduler={"max_unit_rows": 200},
+    )
+    out = tmp_path / "out"
+    result = _submit(write_job(tmp_path / "job.yaml", job), "--hetjob")
+    assert result.stdout.count("submitted ") == 1 and "submitted hetjob" in result.stdout
+    (het_id,) = job_ids(out, role="hetjob")
+    try:
+        done = slurm_cluster.wait_job(int(het_id), timeout=60)
+    except Exception as exc:
+        reasons = slurm_cluster.run(["squeue", "-h", "-o", "%i %T %r"], check=False).stdout
+        raise AssertionError(f"{exc}\n{reasons}\n{_logs(out)}") from None
+    assert done.state == "COMPLETED", _logs(out)
+    assert sorted(done.nodes) == ["n1", "n2", "n3"]  # one node per component
+    df = assert_exactly_once(out, rows)
+    by_pool = df.group_by(pl.col("instance").str.split("-").list.first()).len()
+    rows_by_pool = dict(zip(by_pool["instance"], by_pool["len"], strict=True))
+    assert set(rows_by_pool) == {"cpu", "l40s", "a100"} and min(rows_by_pool.values()) > 0
+    assert "coordinator on " in _logs(out)
 
 
 def test_refused_submission_leaves_nothing(slurm_cluster: LoopbackSlurm, tmp_path: Path) -> None:

@@ -143,22 +143,39 @@ def render(
     return scripts
 
 
+def hetjob_order(pools: list[PoolSpec]) -> list[PoolSpec]:
+    """Pools in component order, most demanding first.
+
+    Slurm places a heterogeneous job's components one at a time, in order, each on the first
+    nodes that fit and never on a node an earlier component holds, and does not revisit that
+    choice: a CPU pool placed first on the only node with the GPUs a later pool needs leaves
+    the whole job pending for good. GPU pools, then more nodes, then more devices go first."""
+    return sorted(
+        pools, key=lambda p: (p.accelerator.lower() == "cpu", -p.nodes, -p.devices_per_node)
+    )
+
+
 def render_hetjob(job: JobSpec, log_dir: str) -> Script:
-    """Everything as one heterogeneous job: it starts when all components can start at once."""
+    """Every pool as one component of a heterogeneous job, so all pools start together.
+
+    The coordinator runs in the batch script on the first node of component 0, beside that
+    pool's workers, rather than as a component of its own: components never share a node,
+    so it would hold a whole node and could take the only one a pool fits on."""
     python, output = shlex.quote(sys.executable), shlex.quote(job.output.path)
-    head = [
-        f"--job-name={job.slurm.job_name}",
-        *[o for o in coordinator_options(job, log_dir) if not o.startswith("--job-name")],
-    ]
-    lines = _header(head, job.slurm.extra)
-    steps = [f"srun --het-group=0 {python} -m hetbatch coordinate {output} &"]
-    for group, pool in enumerate(job.cluster.pools, start=1):
-        lines.append("#SBATCH hetjob")
+    lines = _header(
+        [f"--job-name={job.slurm.job_name}", f"--output={log_dir}/%x-%j.out", "--requeue"],
+        job.slurm.extra,
+    )
+    steps = [f"{python} -m hetbatch coordinate {output} &", "pids=($!)"]
+    for group, pool in enumerate(hetjob_order(job.cluster.pools)):
+        if group:
+            lines.append("#SBATCH hetjob")
         lines += _header(pool_options(job, pool, log_dir, hetjob=True), pool.slurm.extra)
-        steps.append(
+        steps += [
             f"srun --het-group={group} --ntasks-per-node=1 {python} -m hetbatch.launch.slurm.node "
-            f"{output} --pool {shlex.quote(pool.name)} &"
-        )
+            f"{output} --pool {shlex.quote(pool.name)} &",
+            "pids+=($!)",
+        ]
     text = _template("hetjob.sbatch").substitute(
         sbatch_lines="\n".join(lines), output=output, steps="\n".join(steps)
     )

@@ -20,6 +20,7 @@ from hetbatch.planner.job import model_from_job
 from hetbatch.spec import JobSpec, PoolSpec, load_job
 
 WORD = " hello"
+WAVES = 4
 
 
 def engine_args(job: JobSpec, pool: PoolSpec) -> dict[str, Any]:
@@ -61,20 +62,24 @@ def _measure(
     engine: Any, job: JobSpec, pool: PoolSpec, batch: int, input_len: int, output_len: int,
     batched: int,
 ) -> Measurement:
-    elapsed, prompt_tokens, out_tokens = _timed(engine, job, batch, input_len, output_len)
+    # At the engine's own limit, several waves: requests then enter as others finish, the
+    # continuous batching of a real run (new prefills mixed into decode steps), not one
+    # lockstep wave. Below the limit the engine would run the waves at once, so one wave.
+    n = batch * (WAVES if batch >= engine.max_concurrency else 1)
+    elapsed, prompt_tokens, out_tokens = _timed(engine, job, n, input_len, output_len)
     return Measurement(
         accelerator=pool.accelerator, model=job.model.path,
         quantization=model_from_job(job).quantization,
         tensor_parallel_size=pool.tensor_parallel_size or 1, concurrency=batch,
-        input_len=prompt_tokens / batch, output_len=out_tokens / batch,
-        max_num_batched_tokens=batched, elapsed_s=elapsed, num_requests=batch,
+        input_len=prompt_tokens / n, output_len=out_tokens / n,
+        max_num_batched_tokens=batched, elapsed_s=elapsed, num_requests=n,
     )
 
 
 def _timed(
     engine: Any, job: JobSpec, batch: int, input_len: int, output_len: int
 ) -> tuple[float, int, int]:
-    """Wall time of `batch` requests run together to exactly `output_len` tokens each."""
+    """Wall time of `batch` requests submitted together, each to exactly `output_len` tokens."""
     from hetbatch.engines.base import EngineRequest
 
     prompt = _prompt(engine, input_len)

@@ -15,10 +15,11 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
+import yaml
 
 from hetbatch.errors import UserError
 from hetbatch.planner.calibration import (
@@ -35,6 +36,8 @@ from hetbatch.spec import JobSpec, PoolSpec, load_job
 
 DEFAULT_MAX_SEQS = 256  # vLLM's max_num_seqs when the job leaves it unset
 CHILD_TIMEOUT_S = 900
+RUN_ROWS = 2000  # rows of the job's input in the short real run
+RUN_WEIGHT = 3  # the real run counts as this many points in the fit
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def default_out(job_path: str) -> Path:
 
 def profile_job(
     job_path: str, concurrency: Sequence[int] = (),
-    pools: Sequence[str] = (), base: Calibration | None = None,
+    pools: Sequence[str] = (), base: Calibration | None = None, run_rows: int = 0,
 ) -> ProfileResult:
     """Benchmark one pool per accelerator type and fit its coefficients; the concurrencies
     default to an eighth, half and all of the job's max_num_seqs, where the plan operates."""
@@ -61,13 +64,58 @@ def profile_job(
     points = profile_points(job, concurrency or default_concurrency(job))
     found: list[Measurement] = []
     for pool in _pools_to_profile(job, pools):
-        found.extend(_run_child(job_path, job, pool, points))
+        engine_alone = _run_child(job_path, job, pool, points)
+        found.extend(engine_alone)
+        if run_rows:
+            found.extend([_run_measurement(job, pool, run_rows, engine_alone)] * RUN_WEIGHT)
     model = model_from_job(job)
     cal = fit_calibration(found, profiles={job.model.path: model}, base=base)
     if base is not None:
         cal = Calibration({**base.coefficients, **cal.coefficients},
                           {**base.measurements, **cal.measurements})
     return ProfileResult(cal, tuple(found))
+
+
+def _run_measurement(
+    job: JobSpec, pool: PoolSpec, rows: int, engine_alone: Sequence[Measurement]
+) -> Measurement:
+    """Steady output tokens/s per instance of a short real run of the job on one node of the
+    pool: the engine inside its worker, beside its neighbours, with the job's own prompts.
+
+    Timing the engine alone misses what a run adds (reading, templating, writing, the
+    coordinator, instances sharing a node); this point pins the fit to the operating point the
+    plan is for.
+    """
+    from hetbatch.io.parquet import open_dataset, read_rows, write_table
+    from hetbatch.worker.rows import input_columns
+
+    with tempfile.TemporaryDirectory(prefix="hetbatch-profile-run-") as tmp:
+        dataset = open_dataset(job.input.path, input_columns(job))
+        sample = read_rows(dataset, 0, min(rows, dataset.num_rows), input_columns(job))
+        write_table(f"{tmp}/input.parquet", sample, "zstd")
+        spec = job.to_dict()
+        spec["input"]["path"] = f"{tmp}/input.parquet"
+        spec["output"]["path"] = f"{tmp}/out"
+        spec["cluster"]["pools"] = [{**p, "nodes": 1} for p in spec["cluster"]["pools"]
+                                    if p["name"] == pool.name]
+        (Path(tmp) / "job.yaml").write_text(yaml.safe_dump(spec))
+        proc = subprocess.run(
+            [sys.executable, "-m", "hetbatch", "run", f"{tmp}/job.yaml", "--no-progress"],
+            capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"profiling run of pool {pool.name!r} failed: {tail}")
+        metrics = json.loads((Path(tmp) / "out" / "_hetbatch" / "metrics.json").read_text())
+    insts = [m for m in metrics["instances"].values() if m["active_s"] > 0 and m["rows"]]
+    rate = sum(m["completion_tokens"] / m["active_s"] for m in insts) / len(insts)
+    n = sum(m["rows"] for m in insts)
+    top = max(engine_alone, key=lambda m: m.concurrency)
+    return replace(
+        top, input_len=sum(m["prompt_tokens"] for m in insts) / n,
+        output_len=sum(m["completion_tokens"] for m in insts) / n,
+        output_tokens_per_s=rate, elapsed_s=None, num_requests=None,
+    )
 
 
 def default_concurrency(job: JobSpec) -> list[int]:
@@ -181,8 +229,11 @@ def _parse_ints(text: str) -> list[int]:
                    "job's max_num_seqs).")
 @click.option("--pool", "pools", multiple=True, help="Profile only this pool (repeatable).")
 @click.option("--fresh", is_flag=True, help="Replace the file rather than update it.")
+@click.option("--run-rows", default=RUN_ROWS, show_default=True,
+              help="Rows of the input in a short real run per pool (0: time the engine alone).")
 def profile_command(
-    job: str, out_path: str | None, concurrency: str, pools: tuple[str, ...], fresh: bool
+    job: str, out_path: str | None, concurrency: str, pools: tuple[str, ...], fresh: bool,
+    run_rows: int,
 ) -> None:
     """Time the job's model on this machine's accelerator and write a calibration file for
     `hetbatch plan --calibration`. Run it on a node of each accelerator type."""
@@ -190,7 +241,7 @@ def profile_command(
     try:
         base = Calibration.load(out) if out.exists() and not fresh else None
         levels = _parse_ints(concurrency) if concurrency else ()
-        result = profile_job(job, levels, pools, base)
+        result = profile_job(job, levels, pools, base, run_rows)
         result.calibration.save(out)
         lines = _report(result, load_job(job))
     except UserError as exc:

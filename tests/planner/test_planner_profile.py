@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from hetbatch.planner.calibration import Calibration
 from hetbatch.planner.job import plan_job
-from hetbatch.planner.profile_cli import default_out, profile_command
+from hetbatch.planner.profile_cli import RUN_WEIGHT, default_out, profile_command
 from hetbatch.spec import load_job
 
 
@@ -36,12 +36,17 @@ def _job(tmp_path: Path, model: Path) -> Path:
 @pytest.mark.vllm
 def test_profile_writes_a_calibration_the_plan_uses(tmp_path: Path, tiny_model: Path) -> None:
     job_path = _job(tmp_path, tiny_model)
-    result = CliRunner().invoke(profile_command, [str(job_path), "--concurrency", "1,4"])
+    result = CliRunner().invoke(
+        profile_command, [str(job_path), "--concurrency", "1,4", "--run-rows", "64"]
+    )
     assert result.exit_code == 0, result.output
     out = default_out(str(job_path))
     assert out == tmp_path / "tiny.calibration.json" and out.exists()
     cal = Calibration.load(out)
-    assert cal.measurements["cpu"] == 3
+    # Two concurrencies and a long-prompt point of the engine alone, and the short real run
+    # through `hetbatch run` (counted RUN_WEIGHT times).
+    assert cal.measurements["cpu"] == 3 + RUN_WEIGHT
+    assert sum(1 for line in result.output.splitlines() if line.startswith("cpu")) == 6
 
     measured = _measured_rate(result.output, concurrency=4)
     job = load_job(job_path)

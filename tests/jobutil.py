@@ -18,6 +18,15 @@ import yaml
 
 HETBATCH = [sys.executable, "-m", "hetbatch"]
 
+# vLLM on the CPU with the tiny model: eager (no compile at start-up), a small KV cache.
+TINY_ENGINE_ARGS = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_model_len": 512,
+    "kv_cache_memory_bytes": 64 << 20,
+    "max_num_seqs": 64,
+}
+
 
 def make_input(path: Path, rows: int, row_group_size: int = 500, words: int = 20) -> Path:
     ids = [f"r{i:06d}" for i in range(rows)]

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.jobutil import (
+    TINY_ENGINE_ARGS,
     assert_ledger_covers,
     busy_worker,
     ledger,
@@ -54,13 +55,7 @@ def _job(tmp: Path, model: Path, src: Path, devices: int, **extra) -> dict:
     job = {
         "model": {
             "path": str(model),
-            "engine_args": {
-                "dtype": "float32",
-                "enforce_eager": True,
-                "max_model_len": 512,
-                "kv_cache_memory_bytes": 64 << 20,
-                "max_num_seqs": 64,
-            },
+            "engine_args": dict(TINY_ENGINE_ARGS),
         },
         "input": {
             "path": str(src),

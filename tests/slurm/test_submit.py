@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 
 from tests.jobutil import (
+    TINY_ENGINE_ARGS,
     assert_exactly_once,
     ledger,
     make_input,
@@ -194,13 +195,7 @@ def test_real_vllm_pool_inside_slurm(
     job["engine"] = {"kind": "vllm"}
     job["model"] = {
         "path": str(tiny_model),
-        "engine_args": {
-            "dtype": "float32",
-            "enforce_eager": True,
-            "max_model_len": 512,
-            "kv_cache_memory_bytes": 64 << 20,
-            "max_num_seqs": 64,
-        },
+        "engine_args": dict(TINY_ENGINE_ARGS),
     }
     out = tmp_path / "out"
     env = {**os.environ, "LD_PRELOAD": "/nonexistent/libleak.so"}  # must not reach the job

@@ -23,7 +23,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from hetbatch.io.parquet import parse_shard_name, shard_name
+from hetbatch.io.parquet import is_local, parse_shard_name, shard_name
 
 META_DIR = "_hetbatch"
 SUCCESS = "_SUCCESS"
@@ -49,9 +49,7 @@ class OutputStore:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
         self.fs, self.root = url_to_fs(self.url)
-        self.local = "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
+        self.local = is_local(self.fs)
         self._records: list[CommitRecord] = []
 
     # -- paths --------------------------------------------------------------------------------

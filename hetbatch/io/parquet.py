@@ -60,8 +60,14 @@ class InputDataset:
         return cuts
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether a filesystem is this machine's disk (fsspec names it "file" or "local")."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
 def _full_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return fs.unstrip_protocol(path) if fs.protocol not in ("file", ("file", "local")) else path
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _list_files(fs: fsspec.AbstractFileSystem, path: str, original: str) -> list[str]:

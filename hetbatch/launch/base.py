@@ -16,7 +16,7 @@ from fsspec.core import url_to_fs
 from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.errors import UserError
-from hetbatch.io.parquet import InputDataset, dataset_to_dict, open_dataset
+from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 from hetbatch.spec import JobSpec
@@ -32,7 +32,7 @@ _OUTPUT_DEFINING = ("model", "input", "prompt_template", "chat", "sampling", "se
 def _absolute(url: str) -> str:
     """Local paths become absolute, so that workers started elsewhere resolve them alike."""
     fs, _ = url_to_fs(url)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         return os.path.abspath(url.removeprefix("file://"))
     return url
 

@@ -95,8 +95,9 @@ def workload_from_job(job: JobSpec, sample_rows: int = 2000) -> Workload:
 
     columns = _prompt_columns(job)
     dataset = open_dataset(job.input.path, columns)
-    prompts = [p for p in (_render(job, row) for row in _sample(dataset, columns, sample_rows))
-               if p]
+    fields = template_fields(job.prompt_template or "")
+    rows = _sample(dataset, columns, sample_rows)
+    prompts = [p for p in (_render(job, row, fields) for row in rows) if p is not None]
     if not prompts:
         raise UserError(f"{job.input.path}: the sampled rows hold no usable prompt")
     counter = token_counter(job.model.path)
@@ -127,24 +128,16 @@ def _sample(dataset: Any, columns: Sequence[str], sample_rows: int) -> list[dict
     return rows
 
 
-def _render(job: JobSpec, row: dict[str, Any]) -> list[dict[str, str]] | str | None:
-    """The row as chat messages (when the chat template applies) or as plain prompt text."""
-    if job.input.messages_column:
-        msgs = row.get(job.input.messages_column) or []
-        return [{"role": str(m.get("role")), "content": str(m.get("content"))}
-                for m in msgs if isinstance(m, dict)] or None
-    value = row.get(str(job.input.prompt_column))
-    if value is None:
+def _render(
+    job: JobSpec, row: dict[str, Any], fields: list[str]
+) -> list[dict[str, str]] | str | None:
+    """The row's prompt exactly as a worker builds it, or None for a row that would error."""
+    from hetbatch.worker.rows import RowError, row_prompt
+
+    try:
+        return row_prompt(job, row, fields)
+    except RowError:
         return None
-    if job.prompt_template:
-        try:
-            value = job.prompt_template.format(**row)
-        except (KeyError, IndexError, ValueError):
-            return None
-    text = str(value)
-    if not text.strip():
-        return None
-    return [{"role": "user", "content": text}] if job.chat else text
 
 
 def token_counter(model_path: str) -> Callable[[list[dict[str, str]] | str], int]:

@@ -62,45 +62,49 @@ def build_prompts(
     cols = table.to_pydict()
     n = table.num_rows
     keys = cols[job.input.id_column] if job.input.id_column else range(first_row, first_row + n)
+    fields = template_fields(job.prompt_template or "")
     out = []
     for i, key in enumerate(keys):
         try:
-            prompt = _one_prompt(job, {c: v[i] for c, v in cols.items()}, chat)
-            out.append(RowPrompt(key, prompt, None))
-        except _RowError as exc:
+            prompt = row_prompt(job, {c: v[i] for c, v in cols.items()}, fields)
+            text = prompt if isinstance(prompt, str) else chat(prompt)
+            out.append(RowPrompt(key, text, None))
+        except RowError as exc:
             out.append(RowPrompt(key, None, str(exc)))
     return out
 
 
-class _RowError(Exception):
-    pass
+class RowError(Exception):
+    """This row cannot be run; the message becomes its `error` value."""
 
 
-def _one_prompt(
-    job: JobSpec, row: dict[str, Any], chat: Callable[[list[dict[str, str]]], str]
-) -> str:
+def row_prompt(
+    job: JobSpec, row: dict[str, Any], fields: list[str]
+) -> str | list[dict[str, str]]:
+    """A row's prompt before the chat template: plain text, or the chat messages when the chat
+    template applies. `fields` are the prompt template's columns (parsed once per unit). The
+    planner samples prompt lengths through this same function."""
     if job.input.messages_column:
         messages = row[job.input.messages_column]
         if not messages:
-            raise _RowError("messages are null or empty")
+            raise RowError("messages are null or empty")
         try:
-            return chat([{"role": m["role"], "content": m["content"]} for m in messages])
+            return [{"role": m["role"], "content": m["content"]} for m in messages]
         except (KeyError, TypeError) as exc:
-            raise _RowError(f"messages must be a list of {{role, content}}: {exc}") from None
+            raise RowError(f"messages must be a list of {{role, content}}: {exc}") from None
     value = row[job.input.prompt_column]
     if value is None:
-        raise _RowError("prompt is null")
+        raise RowError("prompt is null")
     if job.prompt_template:
-        if any(row.get(f) is None for f in _fields(job)):
-            raise _RowError("a column used by prompt_template is null")
-        value = job.prompt_template.format(**row)
+        if any(row.get(f) is None for f in fields):
+            raise RowError("a column used by prompt_template is null")
+        try:
+            value = job.prompt_template.format(**row)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise RowError(f"prompt_template does not apply to this row: {exc}") from None
     if not str(value).strip():
-        raise _RowError("prompt is empty")
-    return chat([{"role": "user", "content": str(value)}]) if job.chat else str(value)
-
-
-def _fields(job: JobSpec) -> list[str]:
-    return template_fields(job.prompt_template or "")
+        raise RowError("prompt is empty")
+    return [{"role": "user", "content": str(value)}] if job.chat else str(value)
 
 
 def build_output(

@@ -35,7 +35,7 @@ t0 = time.monotonic()
 import polars as pl
 from vllm import LLM, SamplingParams
 from hetbatch.spec import load_job
-from hetbatch.worker.rows import row_seed
+from hetbatch.prompts import row_seed
 job = load_job(sys.argv[1])
 rows = pl.read_parquet(job.input.path).head(int(sys.argv[2]))
 args = {**job.model.engine_args, "enable_chunked_prefill": False}

@@ -18,9 +18,9 @@ from hetbatch.coordinator.server import Coordinator
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
+from hetbatch.prompts import input_columns
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 from hetbatch.spec import JobSpec
-from hetbatch.worker.rows import input_columns
 
 if TYPE_CHECKING:
     from hetbatch.planner.types import ClusterPlan

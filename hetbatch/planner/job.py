@@ -132,7 +132,7 @@ def _render(
     job: JobSpec, row: dict[str, Any], fields: list[str]
 ) -> list[dict[str, str]] | str | None:
     """The row's prompt exactly as a worker builds it, or None for a row that would error."""
-    from hetbatch.worker.rows import RowError, row_prompt
+    from hetbatch.prompts import RowError, row_prompt
 
     try:
         return row_prompt(job, row, fields)

@@ -87,7 +87,7 @@ def _run_measurement(
     plan is for.
     """
     from hetbatch.io.parquet import open_dataset, read_rows, write_table
-    from hetbatch.worker.rows import input_columns
+    from hetbatch.prompts import input_columns
 
     with tempfile.TemporaryDirectory(prefix="hetbatch-profile-run-") as tmp:
         dataset = open_dataset(job.input.path, input_columns(job))

@@ -20,8 +20,9 @@ import pyarrow as pa
 from hetbatch.coordinator.protocol import Client
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
 from hetbatch.io.parquet import InputDataset, read_rows, write_table
+from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_seed
 from hetbatch.spec import JobSpec
-from hetbatch.worker.rows import RowPrompt, build_output, build_prompts, input_columns, row_seed
+from hetbatch.worker.output import build_output
 
 log = logging.getLogger("hetbatch.worker")
 

@@ -30,7 +30,7 @@ from hetbatch.engines.factory import build_engine, prepare_environment
 from hetbatch.io.parquet import InputDataset, dataset_from_dict
 from hetbatch.spec import JobSpec, parse_job
 from hetbatch.worker.loop import Worker
-from hetbatch.worker.rows import output_schema
+from hetbatch.worker.output import output_schema
 
 TOKEN_ENV = "HETBATCH_TOKEN"
 TOKEN_FILE = "token"

@@ -1,4 +1,8 @@
-"""Rows in, rows out: prompts built from input rows, output tables built from completions."""
+"""What an input row asks of the engine: its prompt and its sampling seed.
+
+One set of rules for everyone who turns rows into requests: the workers, the planner's sample
+of prompt lengths and the profiler's short real run, so that all of them see the same prompts.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,6 @@ from typing import Any
 import pyarrow as pa
 
 from hetbatch.spec import JobSpec, template_fields
-
-OUTPUT_FIELDS = [
-    pa.field("generated_text", pa.string()),
-    pa.field("prompt_tokens", pa.int32()),
-    pa.field("completion_tokens", pa.int32()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("instance", pa.string()),
-]
 
 
 def row_seed(job_seed: int, row_key: Any) -> int:
@@ -36,13 +31,6 @@ def input_columns(job: JobSpec) -> list[str]:
         cols += template_fields(job.prompt_template)
     cols += job.input.keep_columns
     return list(dict.fromkeys(c for c in cols if c))
-
-
-def output_schema(job: JobSpec, input_schema: pa.Schema) -> pa.Schema:
-    key = job.input.id_column
-    fields = [input_schema.field(key) if key else pa.field("row_id", pa.int64())]
-    fields += [input_schema.field(c) for c in job.input.keep_columns if c != key]
-    return pa.schema(fields + OUTPUT_FIELDS)
 
 
 @dataclass
@@ -105,30 +93,3 @@ def row_prompt(
     if not str(value).strip():
         raise RowError("prompt is empty")
     return [{"role": "user", "content": str(value)}] if job.chat else str(value)
-
-
-def build_output(
-    job: JobSpec,
-    schema: pa.Schema,
-    table: pa.Table,
-    first_row: int,
-    results: list[dict[str, Any]],
-    instance: str,
-) -> pa.Table:
-    """The output shard of one unit: id or row_id, kept columns, then the completion fields."""
-    n = len(results)
-    key = job.input.id_column
-    columns: dict[str, Any] = {}
-    if key:
-        columns[key] = table.column(key)
-    else:
-        columns["row_id"] = pa.array(range(first_row, first_row + n), pa.int64())
-    for c in job.input.keep_columns:
-        if c != key:
-            columns[c] = table.column(c)
-    for f in OUTPUT_FIELDS:
-        if f.name == "instance":
-            columns[f.name] = pa.array([instance] * n, f.type)
-        else:
-            columns[f.name] = pa.array([r.get(f.name) for r in results], f.type)
-    return pa.Table.from_pydict(columns, schema=schema)

@@ -15,9 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hetbatch.planner.calibration import Calibration
-from hetbatch.planner.job import plan_job
 from hetbatch.planner.profile_cli import default_out
+from hetbatch.planning import load_calibration, plan_job
 from hetbatch.spec import load_job
 
 TARGET = 0.25
@@ -53,7 +52,7 @@ def main() -> None:
     cal_path = default_out(args.job) if args.skip_profile else profile(args.job)
     job = load_job(args.job)
     default = plan_job(job).output_tokens_per_s
-    planned = plan_job(job, calibration=Calibration.load(cal_path)).output_tokens_per_s
+    planned = plan_job(job, calibration=load_calibration(cal_path)).output_tokens_per_s
     metrics = run(args.job)
     measured = measured_rate(metrics)
     ratio = planned / measured

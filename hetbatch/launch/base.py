@@ -124,10 +124,9 @@ class Launcher:
         """Size the pools that do not pin their layout; the plan's estimates seed capacity."""
         if not needs_plan(self.job):
             return None
-        from hetbatch.planner.calibration import Calibration
-        from hetbatch.planner.job import plan_job
+        from hetbatch.planning import load_calibration, plan_job
 
-        calibration = Calibration.load(self.calibration) if self.calibration else None
+        calibration = load_calibration(self.calibration) if self.calibration else None
         return plan_job(self.job, calibration)
 
     def _job_record(self, dataset: InputDataset) -> dict[str, Any]:

@@ -13,10 +13,8 @@ than drifting to an arbitrary value.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, astuple, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -142,17 +140,6 @@ class Calibration:
             except (TypeError, ValueError) as exc:
                 raise UserError(f"calibration file: bad coefficients for {acc!r}: {exc}") from exc
         return cls(coefs, counts)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Calibration:
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read calibration file {path}: {exc}") from exc
-        return cls.from_dict(data)
 
 
 def fit_calibration(

@@ -9,11 +9,10 @@ from collections.abc import Sequence
 import click
 
 from hetbatch.errors import UserError
-from hetbatch.planner.calibration import Calibration
-from hetbatch.planner.job import JobPlanInputs, job_plan_inputs
 from hetbatch.planner.profile import load_model_profile
 from hetbatch.planner.search import plan_cluster
 from hetbatch.planner.types import OBJECTIVES, ClusterPlan, PoolPlan, PoolRequest, Workload
+from hetbatch.planning import JobPlanInputs, job_plan_inputs, load_calibration
 
 
 def _pools_from_job(job_path: str, sample_rows: int = 2000) -> JobPlanInputs:
@@ -75,7 +74,7 @@ def _plan(job: str | None, opts: dict[str, object]) -> ClusterPlan:
         inputs = _inputs_from_flags(opts)
     calibration = inputs.calibration
     if opts.get("calibration_path"):
-        calibration = Calibration.load(str(opts["calibration_path"]))
+        calibration = load_calibration(str(opts["calibration_path"]))
     top_k = int(opts["top_k"])  # type: ignore[call-overload]
     if top_k < 0:
         raise UserError("--top must be >= 0")

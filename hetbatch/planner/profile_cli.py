@@ -30,8 +30,13 @@ from hetbatch.planner.calibration import (
     measurement_features,
 )
 from hetbatch.planner.catalog import DEFAULT_CATALOG
-from hetbatch.planner.job import model_from_job, workload_from_job
 from hetbatch.planner.model import Coefficients, default_coefficients
+from hetbatch.planning import (
+    load_calibration,
+    model_from_job,
+    save_calibration,
+    workload_from_job,
+)
 from hetbatch.spec import JobSpec, PoolSpec, load_job
 
 DEFAULT_MAX_SEQS = 256  # vLLM's max_num_seqs when the job leaves it unset
@@ -239,10 +244,10 @@ def profile_command(
     `hetbatch plan --calibration`. Run it on a node of each accelerator type."""
     out = Path(out_path) if out_path else default_out(job)
     try:
-        base = Calibration.load(out) if out.exists() and not fresh else None
+        base = load_calibration(out) if out.exists() and not fresh else None
         levels = _parse_ints(concurrency) if concurrency else ()
         result = profile_job(job, levels, pools, base, run_rows)
-        result.calibration.save(out)
+        save_calibration(result.calibration, out)
         lines = _report(result, load_job(job))
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 from hetbatch.planner.calibration import Measurement
-from hetbatch.planner.job import model_from_job
+from hetbatch.planning import model_from_job
 from hetbatch.spec import JobSpec, PoolSpec, load_job
 
 WORD = " hello"

@@ -77,10 +77,9 @@ def _planner_speeds(
     if job.engine.kind == "sim" or all(p.capacity_weight for p in job.cluster.pools):
         return {}
     if calibration is not None:
-        from hetbatch.planner.calibration import Calibration
-        from hetbatch.planner.job import plan_job
+        from hetbatch.planning import load_calibration, plan_job
 
-        plan = plan_job(job, calibration=Calibration.load(calibration), top_k=0)
+        plan = plan_job(job, calibration=load_calibration(calibration), top_k=0)
         return {p.pool: (p.capacity_weight, p.config.max_num_seqs) for p in plan.pools}
     from hetbatch.planner import PoolRequest, Workload, load_model_profile, plan_cluster
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from hetbatch.errors import UserError
-from hetbatch.planner import Calibration, Coefficients, Measurement, fit_calibration
+from hetbatch.planner import Coefficients, Measurement, fit_calibration
 from hetbatch.planner.calibration import measurement_features
 from hetbatch.planner.catalog import get_accelerator
 from hetbatch.planner.model import DEFAULT_COEFFICIENTS, FITTED_FIELDS
 from hetbatch.planner.profile import load_model_profile
+from hetbatch.planning import load_calibration, save_calibration
 
 TRUE = Coefficients(compute_eff=0.62, bandwidth_eff=0.81, comm_eff=0.45,
                     allreduce_latency_s=3.0e-5, step_overhead_s=1.2e-3, token_overhead_s=6e-6)
@@ -74,13 +75,13 @@ def test_fit_tolerates_noise() -> None:
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     cal = fit_calibration(_synthetic("H100", TRUE, (1, 2)))
     path = tmp_path / "calibration.json"
-    cal.save(path)
-    again = Calibration.load(path)
+    save_calibration(cal, path)
+    again = load_calibration(path)
     assert again.coefficients == cal.coefficients
     assert again.measurements == cal.measurements
     path.write_text("{}")
     with pytest.raises(UserError, match="calibration file"):
-        Calibration.load(path)
+        load_calibration(path)
 
 
 def test_measurement_records_are_checked() -> None:

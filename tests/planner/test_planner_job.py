@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from hetbatch.errors import UserError
 from hetbatch.planner.cli import plan_command
-from hetbatch.planner.job import plan_job, token_counter, workload_from_job
+from hetbatch.planning import plan_job, token_counter, workload_from_job
 from hetbatch.spec import parse_job
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"

@@ -10,9 +10,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from hetbatch.planner.calibration import Calibration
-from hetbatch.planner.job import plan_job
 from hetbatch.planner.profile_cli import RUN_WEIGHT, default_out, profile_command
+from hetbatch.planning import load_calibration, plan_job
 from hetbatch.spec import load_job
 
 
@@ -42,7 +41,7 @@ def test_profile_writes_a_calibration_the_plan_uses(tmp_path: Path, tiny_model: 
     assert result.exit_code == 0, result.output
     out = default_out(str(job_path))
     assert out == tmp_path / "tiny.calibration.json" and out.exists()
-    cal = Calibration.load(out)
+    cal = load_calibration(out)
     # Two concurrencies and a long-prompt point of the engine alone, and the short real run
     # through `hetbatch run` (counted RUN_WEIGHT times).
     assert cal.measurements["cpu"] == 3 + RUN_WEIGHT

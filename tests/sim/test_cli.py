@@ -89,8 +89,7 @@ def _calibration(path, compute_eff: float) -> str:
 
 
 def test_calibration_sets_speeds_from_the_jobs_plan(tmp_path) -> None:
-    from hetbatch.planner.calibration import Calibration
-    from hetbatch.planner.job import plan_job
+    from hetbatch.planning import load_calibration, plan_job
     from hetbatch.sim.cli import build_instances
     from hetbatch.spec import load_job
 
@@ -98,7 +97,7 @@ def test_calibration_sets_speeds_from_the_jobs_plan(tmp_path) -> None:
     fast = _calibration(tmp_path / "fast.json", 0.05)
     slow = _calibration(tmp_path / "slow.json", 0.005)
     job = load_job(job_file)
-    plan = plan_job(job, calibration=Calibration.load(fast), top_k=0).pools[0]
+    plan = plan_job(job, calibration=load_calibration(fast), top_k=0).pools[0]
     insts = build_instances(job, calibration=fast)
     assert [i.speed for i in insts] == [plan.capacity_weight] * 2
     assert insts[0].max_num_seqs == plan.config.max_num_seqs

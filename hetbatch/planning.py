@@ -1,8 +1,9 @@
-"""Planning a job file: model profile, pools and a workload sampled from the job's input.
+"""Planning a job file: the files the pure planner is fed from, read here.
 
-The workload is measured, not guessed: a sample of the input's prompt column is rendered the way
-the worker renders it (template, chat template) and counted with the model's own tokenizer when
-a local one loads, else estimated at four bytes a token.
+Model profile, pools and a workload sampled from the job's Parquet input, and calibration
+files. The workload is measured, not guessed: a sample of the input's prompt column is rendered
+the way the worker renders it (template, chat template) and counted with the model's own
+tokenizer when a local one loads, else estimated at four bytes a token.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from hetbatch.errors import UserError
+from hetbatch.io.parquet import open_dataset, read_rows
 from hetbatch.planner.calibration import Calibration
 from hetbatch.planner.catalog import Catalog
 from hetbatch.planner.profile import ModelProfile, load_model_profile
 from hetbatch.planner.search import plan_cluster
 from hetbatch.planner.types import ClusterPlan, PoolRequest, Workload
+from hetbatch.prompts import RowError, row_prompt
 from hetbatch.spec import JobSpec, template_fields
 
 SAMPLE_CHUNKS = 4
@@ -39,6 +42,19 @@ class JobPlanInputs:
     deadline_s: float | None = None
     catalog: Catalog | None = None
     calibration: Calibration | None = None
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """A calibration file written by `hetbatch profile`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read calibration file {path}: {exc}") from exc
+    return Calibration.from_dict(data)
+
+
+def save_calibration(calibration: Calibration, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(calibration.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def plan_job(
@@ -91,8 +107,6 @@ def _int_or_none(value: Any) -> int | None:
 
 def workload_from_job(job: JobSpec, sample_rows: int = 2000) -> Workload:
     """Prompt lengths from a sample of the input; output length from sampling.max_tokens."""
-    from hetbatch.io.parquet import open_dataset
-
     columns = _prompt_columns(job)
     dataset = open_dataset(job.input.path, columns)
     fields = template_fields(job.prompt_template or "")
@@ -115,8 +129,6 @@ def _prompt_columns(job: JobSpec) -> list[str]:
 
 def _sample(dataset: Any, columns: Sequence[str], sample_rows: int) -> list[dict[str, Any]]:
     """Up to `sample_rows` rows in a few evenly spaced chunks, reading only their row groups."""
-    from hetbatch.io.parquet import read_rows
-
     total = dataset.num_rows
     want = max(1, min(sample_rows, total))
     chunks = min(SAMPLE_CHUNKS, want)
@@ -132,8 +144,6 @@ def _render(
     job: JobSpec, row: dict[str, Any], fields: list[str]
 ) -> list[dict[str, str]] | str | None:
     """The row's prompt exactly as a worker builds it, or None for a row that would error."""
-    from hetbatch.prompts import RowError, row_prompt
-
     try:
         return row_prompt(job, row, fields)
     except RowError:

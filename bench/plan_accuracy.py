@@ -15,15 +15,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hetbatch.planner.profile_cli import default_out
 from hetbatch.planning import load_calibration, plan_job
+from hetbatch.profiling.harness import default_out
 from hetbatch.spec import load_job
 
 TARGET = 0.25
 
 
 def profile(job: str) -> Path:
-    subprocess.run([sys.executable, "-m", "hetbatch.planner.profile_cli", job, "--fresh"],
+    subprocess.run([sys.executable, "-m", "hetbatch", "profile", job, "--fresh"],
                    check=True)
     return default_out(job)
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from hetbatch.planner.profile_cli import default_out
+from hetbatch.profiling.harness import default_out
 from hetbatch.sim.cli import build_instances, predict
 from hetbatch.spec import JobSpec, load_job
 

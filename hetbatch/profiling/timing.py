@@ -1,6 +1,6 @@
-"""Timed runs of the real engine on this machine, one process per accelerator type.
+"""Timed runs of the real engine on this machine, one process per instance of a node.
 
-Run as `python -m hetbatch.planner.profile_run JOB POOL PLAN.json OUT.json`, with the
+Run as `python -m hetbatch.profiling.timing JOB POOL PLAN.json OUT.json`, with the
 environment of the pool's first instance (its devices) already set: vLLM reads it at import.
 PLAN.json lists the points as [concurrency, input_len, output_len]; OUT.json receives one
 `Measurement` per point, as a list of dicts.

@@ -5,7 +5,7 @@ Pure: no clock, no engine, no network; at most it reads a model's config.json.
 
 from hetbatch.planner.calibration import Calibration, Measurement, fit_calibration
 from hetbatch.planner.catalog import DEFAULT_CATALOG, Accelerator, Catalog, with_overrides
-from hetbatch.planner.model import Coefficients
+from hetbatch.planner.model import Coefficients, Deployment
 from hetbatch.planner.profile import ModelProfile, load_model_profile
 from hetbatch.planner.search import plan_cluster
 from hetbatch.planner.types import (
@@ -27,6 +27,7 @@ __all__ = [
     "ClusterPlan",
     "Coefficients",
     "DeployConfig",
+    "Deployment",
     "Measurement",
     "ModelProfile",
     "PoolPlan",

@@ -24,6 +24,7 @@ from hetbatch.planner.catalog import DEFAULT_CATALOG, Accelerator, Catalog
 from hetbatch.planner.model import (
     FITTED_FIELDS,
     Coefficients,
+    Deployment,
     TimeFeatures,
     cycle_features,
     decode_step_features,
@@ -97,14 +98,14 @@ def measured_time(m: Measurement) -> float:
 def measurement_features(
     m: Measurement, model: ModelProfile, acc: Accelerator, coef: Coefficients
 ) -> TimeFeatures:
-    tp, pp, b = m.tensor_parallel_size, m.pipeline_parallel_size, m.concurrency
+    """The record's physical work on the deployment it ran on, judged with `coef`."""
+    d = Deployment(model, acc, coef, m.tensor_parallel_size, m.pipeline_parallel_size)
+    b = m.concurrency
     if m.prefill_s is not None:
-        return prefill_features(model, acc, tp, pp, b, m.input_len, m.max_num_batched_tokens,
-                                coef)
+        return prefill_features(d, b, m.input_len, m.max_num_batched_tokens)
     if m.decode_step_s is not None:
-        return decode_step_features(model, acc, tp, pp, b, m.input_len + m.output_len / 2, coef)
-    return cycle_features(model, acc, tp, pp, b, m.max_num_batched_tokens, m.input_len,
-                          m.output_len, coef)
+        return decode_step_features(d, b, m.input_len + m.output_len / 2)
+    return cycle_features(d, b, m.max_num_batched_tokens, m.input_len, m.output_len)
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,32 @@ def default_coefficients(acc: Accelerator) -> Coefficients:
 
 
 @dataclass(frozen=True)
+class Deployment:
+    """One instance as the time and memory model sees it: the model, under its weight format,
+    split over `tp` x `pp` devices of one accelerator type, priced with `coefficients`.
+
+    (`DeployConfig` is what the search chooses for a pool: this plus the vLLM limits.)
+    """
+
+    model: ModelProfile
+    accelerator: Accelerator
+    coefficients: Coefficients
+    tp: int = 1
+    pp: int = 1
+
+    @classmethod
+    def uncalibrated(
+        cls, model: ModelProfile, accelerator: Accelerator, tp: int = 1, pp: int = 1
+    ) -> Deployment:
+        """With the accelerator's default coefficients."""
+        return cls(model, accelerator, default_coefficients(accelerator), tp, pp)
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp
+
+
+@dataclass(frozen=True)
 class TimeFeatures:
     """Physical quantities of one batch cycle, each in seconds at 100% of the datasheet figure
     (or counts); the cycle time is their dot product with `Coefficients.vector()`."""
@@ -141,31 +167,33 @@ def compute_peak_tflops(acc: Accelerator, quantization: str) -> float:
     return acc.bf16_tflops * acc.peak_fraction
 
 
-def kv_bytes_per_token_per_device(model: ModelProfile, tp: int, pp: int) -> float:
+def kv_bytes_per_token_per_device(d: Deployment) -> float:
     """KV heads split over TP ranks (replicated once TP exceeds them), layers over PP stages."""
-    heads_per_rank = max(1.0, model.kv_heads / tp)
-    return 2 * model.layers / pp * heads_per_rank * model.head_dim * model.kv_dtype_bytes
+    model = d.model
+    heads_per_rank = max(1.0, model.kv_heads / d.tp)
+    return 2 * model.layers / d.pp * heads_per_rank * model.head_dim * model.kv_dtype_bytes
 
 
-def activation_bytes(model: ModelProfile, tp: int, max_num_seqs: int, max_tokens: int) -> float:
+def activation_bytes(d: Deployment, max_num_seqs: int, max_tokens: int) -> float:
     """Peak activations of a step of max_tokens tokens (hidden buffers and the MLP intermediate)
     plus float32 logits and their sampling copies for max_num_seqs sequences."""
-    per_token = 8 * model.hidden + 4 * model.intermediate / tp
-    logits = 3 * 4 * max_num_seqs * model.vocab
+    per_token = 8 * d.model.hidden + 4 * d.model.intermediate / d.tp
+    logits = 3 * 4 * max_num_seqs * d.model.vocab
     return max_tokens * per_token + logits
 
 
 def memory_fit(
-    model: ModelProfile, acc: Accelerator, coef: Coefficients, tp: int, pp: int,
-    max_num_seqs: int, max_num_batched_tokens: int, gpu_memory_utilization: float,
+    d: Deployment, max_num_seqs: int, max_num_batched_tokens: int,
+    gpu_memory_utilization: float,
 ) -> MemoryFit:
-    usable = acc.memory_gib * gpu_memory_utilization
-    weights = model.weight_bytes / (tp * pp) / GIB
-    act = activation_bytes(model, tp, max_num_seqs, max_num_batched_tokens) / GIB
-    kv_gib = usable - weights - act - coef.reserve_gib
-    per_token = kv_bytes_per_token_per_device(model, tp, pp)
+    reserve = d.coefficients.reserve_gib
+    usable = d.accelerator.memory_gib * gpu_memory_utilization
+    weights = d.model.weight_bytes / d.devices / GIB
+    act = activation_bytes(d, max_num_seqs, max_num_batched_tokens) / GIB
+    kv_gib = usable - weights - act - reserve
+    per_token = kv_bytes_per_token_per_device(d)
     kv_tokens = int(kv_gib * GIB / per_token) if kv_gib > 0 else -1
-    return MemoryFit(usable, weights, act, coef.reserve_gib, kv_tokens)
+    return MemoryFit(usable, weights, act, reserve, kv_tokens)
 
 
 def steady_concurrency(
@@ -188,9 +216,7 @@ def weight_bytes_touched(model: ModelProfile, tokens_per_step: float) -> float:
 
 
 def cycle_features(
-    model: ModelProfile, acc: Accelerator, tp: int, pp: int, batch: int,
-    max_num_batched_tokens: int, input_len: float, output_len: float,
-    coef: Coefficients = DEFAULT_COEFFICIENTS,
+    d: Deployment, batch: int, max_num_batched_tokens: int, input_len: float, output_len: float
 ) -> TimeFeatures:
     """Physical work of taking `batch` sequences from admission to their last token.
 
@@ -201,7 +227,7 @@ def cycle_features(
     tokens = batch * (input_len + output_len)
     ctx = input_len + output_len / 2
     return step_work(
-        model, acc, tp, pp, coef,
+        d,
         tokens=tokens,
         out_tokens=batch * output_len,
         steps=max(output_len, math.ceil(tokens / max_num_batched_tokens)),
@@ -210,38 +236,35 @@ def cycle_features(
     )
 
 
-def decode_step_features(
-    model: ModelProfile, acc: Accelerator, tp: int, pp: int, batch: int, context: float,
-    coef: Coefficients = DEFAULT_COEFFICIENTS,
-) -> TimeFeatures:
+def decode_step_features(d: Deployment, batch: int, context: float) -> TimeFeatures:
     """One decode step of `batch` sequences that each hold `context` tokens."""
-    return step_work(model, acc, tp, pp, coef, tokens=batch, out_tokens=batch, steps=1,
-                     attended=batch * context, kv_read=batch * context)
+    return step_work(d, tokens=batch, out_tokens=batch, steps=1, attended=batch * context,
+                     kv_read=batch * context)
 
 
 def prefill_features(
-    model: ModelProfile, acc: Accelerator, tp: int, pp: int, batch: int, input_len: float,
-    max_num_batched_tokens: int, coef: Coefficients = DEFAULT_COEFFICIENTS,
+    d: Deployment, batch: int, input_len: float, max_num_batched_tokens: int
 ) -> TimeFeatures:
     """Prefill of `batch` prompts of `input_len` tokens in chunks of max_num_batched_tokens."""
     tokens = batch * input_len
-    return step_work(model, acc, tp, pp, coef, tokens=tokens, out_tokens=0,
+    return step_work(d, tokens=tokens, out_tokens=0,
                      steps=math.ceil(tokens / max_num_batched_tokens),
                      attended=batch * input_len * input_len / 2, kv_read=0.0)
 
 
 def step_work(
-    model: ModelProfile, acc: Accelerator, tp: int, pp: int, coef: Coefficients, *,
-    tokens: float, out_tokens: float, steps: float, attended: float, kv_read: float,
+    d: Deployment, *, tokens: float, out_tokens: float, steps: float, attended: float,
+    kv_read: float,
 ) -> TimeFeatures:
     """Work of `steps` alike engine steps processing `tokens` tokens, `out_tokens` of which are
     sampled, with `attended` query-key pairs and `kv_read` token contexts read from the cache.
 
     Each step runs the GEMMs of its tokens while streaming the weights once (the same kernels,
-    so the slower of the two counts, judged with `coef`), then attention, the allreduces and
-    host work, which follow one another and add up.
+    so the slower of the two counts, judged with the coefficients), then attention, the
+    allreduces and host work, which follow one another and add up.
     """
-    devices = tp * pp
+    model, acc, coef, tp, pp = d.model, d.accelerator, d.coefficients, d.tp, d.pp
+    devices = d.devices
     layers = model.layers
     head = model.vocab * model.hidden
     linear = model.active_params - head * (1 if model.tie_embeddings else 2)
@@ -253,7 +276,7 @@ def step_work(
     weights_s = steps * weight_bytes_touched(model, per_step) / devices / bandwidth
     attn_flops = 4 * layers * model.heads * model.head_dim * attended
     attn_s = attn_flops / devices / (acc.bf16_tflops * acc.peak_fraction * 1e12)
-    kv_s = kv_read * kv_bytes_per_token_per_device(model, tp, pp) / bandwidth
+    kv_s = kv_read * kv_bytes_per_token_per_device(d) / bandwidth
     gemm_bound = gemm_s / coef.compute_eff >= weights_s / coef.bandwidth_eff
     compute_s = attn_s + (gemm_s if gemm_bound else 0.0)
     memory_s = kv_s + (0.0 if gemm_bound else weights_s)
@@ -277,32 +300,26 @@ class InstanceEstimate:
 
 
 def estimate_instance(
-    model: ModelProfile, acc: Accelerator, coef: Coefficients, tp: int, pp: int, batch: int,
-    max_num_batched_tokens: int, input_len: float, output_len: float,
+    d: Deployment, batch: int, max_num_batched_tokens: int, input_len: float, output_len: float
 ) -> InstanceEstimate:
     """Tokens/s of one instance running `batch` sequences at a time."""
-    feats = cycle_features(
-        model, acc, tp, pp, batch, max_num_batched_tokens, input_len, output_len, coef
-    )
-    cycle = feats.time(coef) * (1.0 + coef.pp_loss_per_stage * (pp - 1))
+    coef = d.coefficients
+    feats = cycle_features(d, batch, max_num_batched_tokens, input_len, output_len)
+    cycle = feats.time(coef) * (1.0 + coef.pp_loss_per_stage * (d.pp - 1))
     out = batch * output_len / cycle
     return InstanceEstimate(out, out * (input_len + output_len) / output_len, cycle,
                             feats.bound(coef))
 
 
 def predict(
-    model: ModelProfile, acc: Accelerator, tp: int, input_len: float, output_len: float,
-    *, pp: int = 1, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-    gpu_memory_utilization: float = 0.9, coef: Coefficients | None = None,
+    d: Deployment, input_len: float, output_len: float, *, max_num_seqs: int = 256,
+    max_num_batched_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
 ) -> tuple[InstanceEstimate, int]:
     """Estimate one instance at the concurrency its KV cache allows; returns it and that
     concurrency (0 and a zero estimate when nothing fits)."""
-    coef = coef or default_coefficients(acc)
-    fit = memory_fit(model, acc, coef, tp, pp, max_num_seqs, max_num_batched_tokens,
-                     gpu_memory_utilization)
+    fit = memory_fit(d, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization)
     batch = steady_concurrency(fit.kv_tokens, max_num_seqs, input_len, output_len)
     if batch < 1:
         return InstanceEstimate(0.0, 0.0, math.inf, "memory"), 0
-    est = estimate_instance(model, acc, coef, tp, pp, batch, max_num_batched_tokens,
-                            input_len, output_len)
+    est = estimate_instance(d, batch, max_num_batched_tokens, input_len, output_len)
     return est, batch

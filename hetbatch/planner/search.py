@@ -16,6 +16,7 @@ from hetbatch.planner.calibration import Calibration
 from hetbatch.planner.catalog import DEFAULT_CATALOG, Accelerator, Catalog
 from hetbatch.planner.model import (
     Coefficients,
+    Deployment,
     default_coefficients,
     estimate_instance,
     memory_fit,
@@ -50,6 +51,9 @@ class _Pool:
     acc: Accelerator
     coef: Coefficients
     price: float | None
+
+    def deployment(self, model: ModelProfile, tp: int, pp: int) -> Deployment:
+        return Deployment(model, self.acc, self.coef, tp, pp)
 
 
 @dataclass(frozen=True)
@@ -219,11 +223,11 @@ def _evaluate(
     feasible: list[Candidate],
 ) -> str | None:
     """Score one configuration into `feasible`, or return why it cannot run."""
-    tp, pp = cfg.tensor_parallel_size, cfg.pipeline_parallel_size
     if cfg.max_num_batched_tokens < cfg.max_num_seqs:
         return "max_num_batched_tokens is below max_num_seqs (vLLM refuses it)"
-    fit = memory_fit(model, pool.acc, pool.coef, tp, pp, cfg.max_num_seqs,
-                     cfg.max_num_batched_tokens, cfg.gpu_memory_utilization)
+    d = pool.deployment(model, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    fit = memory_fit(d, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                     cfg.gpu_memory_utilization)
     if fit.kv_tokens < 0:
         return (
             f"weights {fit.weights_gib:.1f} GiB + activations {fit.activation_gib:.1f} GiB + "
@@ -237,8 +241,7 @@ def _evaluate(
                                workload.output_len_mean)
     if batch < 1:
         return "KV cache cannot hold one average sequence"
-    est = estimate_instance(model, pool.acc, pool.coef, tp, pp, batch,
-                            cfg.max_num_batched_tokens, workload.input_len_mean,
+    est = estimate_instance(d, batch, cfg.max_num_batched_tokens, workload.input_len_mean,
                             workload.output_len_mean)
     per = Estimate(est.output_tokens_per_s, est.total_tokens_per_s, batch, fit.kv_tokens,
                    est.bound)
@@ -455,8 +458,8 @@ def _notes(model: ModelProfile, workload: Workload, results: Sequence[_PoolResul
 
 def _cpu_note(model: ModelProfile, pool: _Pool, cfg: DeployConfig) -> str:
     """vLLM's CPU backend sizes its KV cache from an environment variable, not the fraction."""
-    fit = memory_fit(model, pool.acc, pool.coef, cfg.tensor_parallel_size,
-                     cfg.pipeline_parallel_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+    d = pool.deployment(model, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    fit = memory_fit(d, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                      cfg.gpu_memory_utilization)
     return (f"pool {pool.req.name!r} runs on CPU: set VLLM_CPU_KVCACHE_SPACE="
             f"{max(1, int(fit.kv_gib))} (GiB) for the KV cache this plan assumes")
@@ -515,11 +518,11 @@ def _fit_hints(
 
 def _fits(model: ModelProfile, acc: Accelerator, devices: int, workload: Workload) -> bool:
     """Whether any TP dividing `devices` holds the model and one full-length sequence."""
-    coef = default_coefficients(acc)
     for tp in (t for t in range(1, devices + 1) if devices % t == 0):
         if _layout_problem(model, tp, devices):
             continue
-        fit = memory_fit(model, acc, coef, tp, 1, SEQS_GRID[0], TOKENS_GRID[0], MEMORY_GRID[-1])
+        d = Deployment.uncalibrated(model, acc, tp)
+        fit = memory_fit(d, SEQS_GRID[0], TOKENS_GRID[0], MEMORY_GRID[-1])
         if fit.kv_tokens >= max_model_len(model, workload):
             return True
     return False

@@ -11,7 +11,7 @@ import pytest
 from hetbatch.errors import UserError
 from hetbatch.planner import PoolRequest, Workload, load_model_profile, plan_cluster
 from hetbatch.planner.catalog import DEFAULT_CATALOG, get_accelerator, with_overrides
-from hetbatch.planner.model import cycle_features, weight_bytes_touched
+from hetbatch.planner.model import Deployment, cycle_features, weight_bytes_touched
 from hetbatch.planner.search import quantization_problem
 
 
@@ -127,8 +127,8 @@ def test_moe_uses_active_params_for_compute_and_total_for_memory() -> None:
     dense = dataclasses.replace(mixtral, active_params=mixtral.params, num_experts=1,
                                 experts_per_tok=1, expert_params=0)
     acc = get_accelerator("H100")
-    moe_work = cycle_features(mixtral, acc, 2, 1, 256, 8192, 512, 256)
-    dense_work = cycle_features(dense, acc, 2, 1, 256, 8192, 512, 256)
+    moe_work = cycle_features(Deployment.uncalibrated(mixtral, acc, tp=2), 256, 8192, 512, 256)
+    dense_work = cycle_features(Deployment.uncalibrated(dense, acc, tp=2), 256, 8192, 512, 256)
     assert dense_work.compute_s / moe_work.compute_s > 2.5
     # One token per step reads 2 of 8 experts; a large step reads them all.
     assert weight_bytes_touched(mixtral, 1) < 0.45 * mixtral.weight_bytes

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 
 from hetbatch.planner.catalog import get_accelerator
-from hetbatch.planner.model import predict
+from hetbatch.planner.model import Deployment, predict
 from hetbatch.planner.profile import load_model_profile
 
 CSV = Path(__file__).with_name("published.csv")
@@ -25,9 +25,9 @@ def _predict(row: dict[str, str]) -> tuple[float, int]:
     prof = load_model_profile(row["model"], row["quantization"])
     if row["kv_cache_dtype"] == "fp8":
         prof = dataclasses.replace(prof, kv_dtype_bytes=1)
+    deployment = Deployment.uncalibrated(prof, get_accelerator(row["gpu"]), tp=int(row["tp"]))
     est, batch = predict(
-        prof, get_accelerator(row["gpu"]), int(row["tp"]), float(row["input_len"]),
-        float(row["output_len"]),
+        deployment, float(row["input_len"]), float(row["output_len"]),
         max_num_seqs=int(row["max_num_seqs"] or DEFAULT_MAX_SEQS),
     )
     return est.output_tokens_per_s, batch

@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from hetbatch.cli.simulate import build_instances, predict
 from hetbatch.profiling.harness import default_out
-from hetbatch.sim.cli import build_instances, predict
 from hetbatch.spec import JobSpec, load_job
 
 DEMO = "jobs/demo.yaml"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from hetbatch.planner.cli import plan_command
+from hetbatch.cli.plan import plan_command
 
 WHAT_IF = ["--model", "meta-llama/Llama-3.1-8B-Instruct", "--accelerator", "H100",
            "--devices", "8", "--input-len", "512", "--output-len", "256"]

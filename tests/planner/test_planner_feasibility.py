@@ -191,8 +191,25 @@ def test_planner_imports_no_engine() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, hetbatch.planner, hetbatch.planner.cli; "
+    code = ("import sys, hetbatch.planner, hetbatch.planning, hetbatch.cli; "
             "print(any(m.split('.')[0] in ('vllm', 'torch') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_planner_is_pure() -> None:
+    """planner/ imports no other room of hetbatch and nothing that reads data files, starts
+    processes or threads, or talks to a network."""
+    import subprocess
+    import sys
+
+    code = "import sys, hetbatch.planner; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    modules = out.stdout.split()
+    ours = {m for m in modules if m.split(".")[0] == "hetbatch"}
+    assert {m for m in ours if not m.startswith("hetbatch.planner")} == {
+        "hetbatch", "hetbatch.errors"}
+    impure = ("subprocess", "threading", "socket", "pyarrow", "fsspec", "click", "vllm", "torch")
+    assert [m for m in impure if m in modules] == []

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from hetbatch.cli.plan import plan_command
 from hetbatch.errors import UserError
-from hetbatch.planner.cli import plan_command
 from hetbatch.planning import plan_job, token_counter, workload_from_job
 from hetbatch.spec import parse_job
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from hetbatch.planner.profile_cli import profile_command
+from hetbatch.cli.profile import profile_command
 from hetbatch.planning import load_calibration, plan_job
 from hetbatch.profiling.harness import RUN_WEIGHT, default_out
 from hetbatch.spec import load_job

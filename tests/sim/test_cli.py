@@ -8,7 +8,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from hetbatch.sim.cli import simulate_command
+from hetbatch.cli.simulate import simulate_command
 
 JOB = """
 model: {path: tiny}
@@ -89,8 +89,8 @@ def _calibration(path, compute_eff: float) -> str:
 
 
 def test_calibration_sets_speeds_from_the_jobs_plan(tmp_path) -> None:
+    from hetbatch.cli.simulate import build_instances
     from hetbatch.planning import load_calibration, plan_job
-    from hetbatch.sim.cli import build_instances
     from hetbatch.spec import load_job
 
     job_file = _vllm_job(tmp_path)
@@ -118,7 +118,7 @@ def test_calibration_sets_speeds_from_the_jobs_plan(tmp_path) -> None:
 
 
 def test_sim_engine_speed_bills_whole_step_quanta() -> None:
-    from hetbatch.sim.cli import _sim_engine_speed
+    from hetbatch.cli.simulate import _sim_engine_speed
 
     # 40,000 tok/s over 64 requests: 12 tokens a ~20 ms step, so 8-token requests get 8/12
     assert _sim_engine_speed(40_000, 64, 8) == pytest.approx(40_000 * 8 / 12)

@@ -1,12 +1,12 @@
-"""`hetbatch profile JOB`: time the real engine on this machine and write a calibration file."""
+"""`hetbatch profile JOB_FILE`: time the real engine on this machine, write a calibration file."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from hetbatch.cli import options
 from hetbatch.errors import UserError
 from hetbatch.planner.calibration import measured_time
 from hetbatch.planner.catalog import DEFAULT_CATALOG
@@ -45,10 +45,10 @@ def _parse_ints(text: str) -> list[int]:
     return values
 
 
-@click.command("profile")
-@click.argument("job", type=click.Path(dir_okay=False))
+@options.command("profile")
+@options.job_file()
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
-              help="Calibration file to write (default: JOB's name with .calibration.json).")
+              help="Calibration file to write (default: JOB_FILE's name with .calibration.json).")
 @click.option("--concurrency", default="",
               help="Sequences run at once, comma-separated (default: 1/8, 1/2 and all of the "
                    "job's max_num_seqs).")
@@ -57,24 +57,15 @@ def _parse_ints(text: str) -> list[int]:
 @click.option("--run-rows", default=RUN_ROWS, show_default=True,
               help="Rows of the input in a short real run per pool (0: time the engine alone).")
 def profile_command(
-    job: str, out_path: str | None, concurrency: str, pools: tuple[str, ...], fresh: bool,
+    job_file: str, out_path: str | None, concurrency: str, pools: tuple[str, ...], fresh: bool,
     run_rows: int,
 ) -> None:
     """Time the job's model on this machine's accelerator and write a calibration file for
     `hetbatch plan --calibration`. Run it on a node of each accelerator type."""
-    out = Path(out_path) if out_path else default_out(job)
-    try:
-        base = load_calibration(out) if out.exists() and not fresh else None
-        levels = _parse_ints(concurrency) if concurrency else ()
-        result = profile_job(job, levels, pools, base, run_rows)
-        save_calibration(result.calibration, out)
-        lines = _report(result, load_job(job))
-    except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(UserError.exit_code)
-    click.echo("\n".join(lines))
+    out = Path(out_path) if out_path else default_out(job_file)
+    base = load_calibration(out) if out.exists() and not fresh else None
+    levels = _parse_ints(concurrency) if concurrency else ()
+    result = profile_job(job_file, levels, pools, base, run_rows)
+    save_calibration(result.calibration, out)
+    click.echo("\n".join(_report(result, load_job(job_file))))
     click.echo(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    profile_command.main(prog_name="hetbatch profile")

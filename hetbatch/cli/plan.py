@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Sequence
 
 import click
 
+from hetbatch.cli import options
 from hetbatch.errors import UserError
 from hetbatch.planner.profile import load_model_profile
 from hetbatch.planner.search import plan_cluster
 from hetbatch.planner.types import OBJECTIVES, ClusterPlan, PoolPlan, PoolRequest, Workload
 from hetbatch.planning import JobPlanInputs, job_plan_inputs, load_calibration
+from hetbatch.spec import load_job
 
 
-def _pools_from_job(job_path: str, sample_rows: int = 2000) -> JobPlanInputs:
-    """Read the planning inputs of a job file (model, pools, workload sampled from its input)."""
-    from hetbatch.spec import load_job
-
-    return job_plan_inputs(load_job(job_path), sample_rows=sample_rows)
-
-
-@click.command("plan")
-@click.argument("job", required=False, type=click.Path(dir_okay=False))
+@options.command("plan")
+@options.job_file(required=False)
 @click.option("--model", "model_name", help="Local model folder or a known architecture name.")
 @click.option("--quantization", type=click.Choice(["bf16", "fp16", "fp8", "int8", "int4"]),
               help="Weight format (default: the checkpoint's).")
@@ -42,39 +35,35 @@ def _pools_from_job(job_path: str, sample_rows: int = 2000) -> JobPlanInputs:
 @click.option("--rows", type=int, help="Rows in the dataset (for time and cost estimates).")
 @click.option("--objective", type=click.Choice(list(OBJECTIVES)), help="What to optimise.")
 @click.option("--deadline", type=float, help="Seconds to finish the rows (objective deadline).")
-@click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False),
-              help="Calibration JSON fitted from profiling runs.")
+@options.calibration
 @click.option("--sample-rows", type=int, default=2000, show_default=True,
-              help="Input rows a JOB's prompt lengths are measured on.")
+              help="Input rows the job's prompt lengths are measured on.")
 @click.option("--top", "top_k", type=int, default=3, show_default=True,
               help="Runners-up shown per pool.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan_command(job: str | None, **opts: object) -> None:
+@options.as_json
+def plan_command(job_file: str | None, **opts: object) -> None:
     """Plan instances per accelerator pool: TP/PP, batch limits, expected tokens/s.
 
-    Give a JOB file, or describe a cluster with flags, e.g.
+    Give a JOB_FILE, or describe a cluster with flags, e.g.
     `hetbatch plan --model meta-llama/Llama-3.1-8B-Instruct --accelerator H100 --devices 8
     --input-len 512 --output-len 256`.
     """
-    try:
-        plan = _plan(job, opts)
-    except UserError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(UserError.exit_code)
+    plan = _plan(job_file, opts)
     if opts["as_json"]:
         click.echo(json.dumps(plan.to_dict(), indent=2))
     else:
         click.echo(render(plan))
 
 
-def _plan(job: str | None, opts: dict[str, object]) -> ClusterPlan:
-    if job:
-        inputs = _pools_from_job(job, int(opts.get("sample_rows") or 2000))  # type: ignore[call-overload]
+def _plan(job_file: str | None, opts: dict[str, object]) -> ClusterPlan:
+    if job_file:
+        sample_rows = int(opts.get("sample_rows") or 2000)  # type: ignore[call-overload]
+        inputs = job_plan_inputs(load_job(job_file), sample_rows=sample_rows)
     else:
         inputs = _inputs_from_flags(opts)
     calibration = inputs.calibration
-    if opts.get("calibration_path"):
-        calibration = load_calibration(str(opts["calibration_path"]))
+    if opts.get("calibration"):
+        calibration = load_calibration(str(opts["calibration"]))
     top_k = int(opts["top_k"])  # type: ignore[call-overload]
     if top_k < 0:
         raise UserError("--top must be >= 0")
@@ -97,7 +86,7 @@ def _inputs_from_flags(o: dict[str, object]) -> JobPlanInputs:
     if not o.get("accelerator") and not o.get("extra_pools"):
         missing.append("--accelerator (or --pool)")
     if missing:
-        raise UserError(f"give a JOB file or {', '.join(missing)}")
+        raise UserError(f"give a JOB_FILE or {', '.join(missing)}")
     model = load_model_profile(str(o["model_name"]), o.get("quantization"))  # type: ignore[arg-type]
     pools: list[PoolRequest] = []
     if o.get("accelerator"):
@@ -213,7 +202,3 @@ def _duration(seconds: float) -> str:
     hours, mins = divmod(int(minutes), 60)
     return f"{hours}h{mins:02d}m"
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command on its own (the package CLI registers `plan_command` itself)."""
-    plan_command.main(args=list(argv) if argv is not None else None, prog_name="hetbatch plan")

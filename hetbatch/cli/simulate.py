@@ -9,6 +9,7 @@ from dataclasses import replace
 import click
 import numpy as np
 
+from hetbatch.cli import options
 from hetbatch.errors import UserError
 from hetbatch.layout import InstanceSpec, instance_layout
 from hetbatch.scheduler.core import SchedulerConfig
@@ -16,19 +17,6 @@ from hetbatch.scheduler.policies import POLICIES, make_scheduler
 from hetbatch.sim.engine import SimConfig, SimInstance, SimResult, simulate
 from hetbatch.sim.workload import LengthDist, RowWork
 from hetbatch.spec import JobSpec, load_job
-
-
-def _user_errors(fn):
-    """hetbatch.cli's one-line error handling, looked up per call: that module imports this."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from hetbatch.cli import user_errors
-
-        return user_errors(fn)(*args, **kwargs)
-
-    return wrapper
 
 
 def _pool_speeds(
@@ -251,8 +239,8 @@ def _step_s(job: JobSpec, insts: list[SimInstance]) -> float:
     return min(max(min(steps, default=0.1), 0.005), 0.1)
 
 
-@click.command("simulate")
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@options.command("simulate")
+@options.job_file()
 @click.option("--policy", type=click.Choice(POLICIES), default="hetbatch", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--rows", type=int, help="Rows to simulate (default: the input's, else 100,000).")
@@ -262,14 +250,12 @@ def _step_s(job: JobSpec, insts: list[SimInstance]) -> float:
 @click.option("--output-sigma", type=float, default=0.5, show_default=True,
               help="Lognormal spread of output lengths; 0 makes every row --output-len.")
 @click.option("--tail", type=float, default=0.0, help="Fraction of rows 20x the median output.")
-@click.option("--calibration", type=click.Path(exists=True, dir_okay=False),
-              help="Speeds from the job's plan under this calibration (hetbatch profile).")
+@options.calibration
 @click.option("--lose", multiple=True, metavar="INSTANCE@T", help="Instance lost at time T.")
 @click.option("--join", multiple=True, metavar="INSTANCE@T", help="Instance joins at time T.")
 @click.option("--slow", multiple=True, metavar="INSTANCE=FACTOR", help="Actual = planned x F.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@options.as_json
 @click.option("--gantt", "gantt_path", type=click.Path(dir_okay=False), help="Write a PNG.")
-@_user_errors
 def simulate_command(job_file: str, as_json: bool, gantt_path: str | None, **o) -> None:
     """Simulate JOB_FILE's cluster and scheduler: makespan, throughput, busy/idle per instance."""
     result = predict(load_job(job_file), **o)

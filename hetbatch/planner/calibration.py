@@ -22,7 +22,6 @@ import numpy as np
 from hetbatch.errors import UserError
 from hetbatch.planner.catalog import DEFAULT_CATALOG, Accelerator, Catalog
 from hetbatch.planner.model import (
-    FITTED_FIELDS,
     Coefficients,
     Deployment,
     TimeFeatures,
@@ -233,10 +232,3 @@ def _solve(a: np.ndarray) -> np.ndarray:
         free &= ~bad
     return s
 
-
-def fitted_summary(cal: Calibration) -> dict[str, dict[str, float]]:
-    """The fitted fields only, for printing."""
-    return {
-        name: {k: getattr(c, k) for k in FITTED_FIELDS}
-        for name, c in sorted(cal.coefficients.items())
-    }

@@ -61,10 +61,6 @@ class ModelProfile:
         return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_dtype_bytes
 
     @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
     def is_moe(self) -> bool:
         return self.num_experts > 1
 

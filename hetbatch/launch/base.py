@@ -17,6 +17,7 @@ from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
+from hetbatch.io.paths import OutputPaths
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 from hetbatch.spec import JobSpec
@@ -109,10 +110,10 @@ class Launcher:
         if complete:
             committed = dataset.num_rows
         else:
-            store.write_json("job.json", record)
-            store.write_json("layout.json", [i.__dict__ for i in instances])
+            store.write_json(OutputPaths.JOB, record)
+            store.write_json(OutputPaths.LAYOUT, [i.__dict__ for i in instances])
             if plan is not None:
-                store.write_json("plan.json", plan.to_dict())
+                store.write_json(OutputPaths.PLAN, plan.to_dict())
         return PreparedRun(job, dataset, store, instances, committed, complete)
 
     def _instances(self) -> tuple[list[InstanceSpec], ClusterPlan | None]:
@@ -140,7 +141,7 @@ class Launcher:
         }
 
     def _check_same_job(self, store: OutputStore, record: dict[str, Any]) -> None:
-        old = store.read_json("job.json")
+        old = store.read_json(OutputPaths.JOB)
         for key in _OUTPUT_DEFINING:
             if old["output_defining"].get(key) != record["output_defining"][key]:
                 raise UserError(
@@ -173,7 +174,7 @@ class Launcher:
         coordinator.start()
         host, port = coordinator.address
         run.store.write_json(
-            "coordinator.json",
+            OutputPaths.COORDINATOR,
             {
                 "host": advertised_host(host),
                 "port": port,
@@ -210,9 +211,8 @@ def advertised_host(bound: str) -> str:
 
 def log_dir(run: PreparedRun) -> Path:
     """Worker logs sit beside the ledger on local outputs, in a temp folder otherwise."""
-    if run.store.local:
-        path = Path(run.store.root) / "_hetbatch" / "logs"
-    else:
+    path = run.store.paths.local_dir(OutputPaths.LOGS)
+    if path is None:
         import tempfile
 
         path = Path(tempfile.gettempdir()) / "hetbatch-logs"

@@ -9,16 +9,16 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
-from hetbatch.coordinator.ledger import META_DIR, OutputStore
+from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.errors import UserError
+from hetbatch.io.paths import OutputPaths
 from hetbatch.launch.base import Launcher
 from hetbatch.launch.slurm import commands
 from hetbatch.launch.slurm.submit import cancel_pending
 from hetbatch.layout import InstanceSpec
 from hetbatch.report import summary_lines
 from hetbatch.spec import parse_job
-from hetbatch.worker.main import TOKEN_FILE
 
 if TYPE_CHECKING:
     from hetbatch.planner.types import ClusterPlan
@@ -34,13 +34,12 @@ class StoredJobLauncher(Launcher):
         store = OutputStore(output)
         if not store.exists():
             raise UserError(f"{output}: no submitted hetbatch job here")
-        super().__init__(parse_job(store.read_json("job.json")["spec"], f"{output} job.json"))
+        super().__init__(parse_job(store.read_json(OutputPaths.JOB)["spec"], f"{output} job.json"))
         self._layout = [
             InstanceSpec(**{**i, "devices": tuple(i["devices"])})
-            for i in store.read_json("layout.json")
+            for i in store.read_json(OutputPaths.LAYOUT)
         ]
-        with store.fs.open(store.path(META_DIR, TOKEN_FILE), "r") as fh:
-            self.token = fh.read().strip()
+        self.token = store.paths.files.read_text(OutputPaths.TOKEN).strip()
 
     def _instances(self) -> tuple[list[InstanceSpec], ClusterPlan | None]:
         return self._layout, None  # the layout the workers were submitted for, not a new plan

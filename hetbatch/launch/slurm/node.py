@@ -20,8 +20,9 @@ import time
 from dataclasses import replace
 from types import FrameType
 
-from hetbatch.coordinator.ledger import META_DIR, OutputStore
+from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.errors import UserError
+from hetbatch.io.paths import OutputPaths
 from hetbatch.layout import InstanceSpec, device_env
 from hetbatch.spec import JobSpec, parse_job
 
@@ -69,7 +70,7 @@ class NodeRunner:
         self.store = OutputStore(output)
         self.job = job
         self.instances = instances
-        self.coordinator_file = self.store.url_of(META_DIR, "coordinator.json")
+        self.coordinator_file = self.store.url_of(OutputPaths.COORDINATOR)
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
 
@@ -137,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.output}: the job is complete")
         return 0
     try:
-        job = parse_job(store.read_json("job.json")["spec"], f"{args.output} job.json")
+        job = parse_job(store.read_json(OutputPaths.JOB)["spec"], f"{args.output} job.json")
         env = dict(os.environ)
         node = args.node if args.node is not None else node_index(env)
         mine = [
             InstanceSpec(**{**i, "devices": tuple(i["devices"])})
-            for i in store.read_json("layout.json")
+            for i in store.read_json(OutputPaths.LAYOUT)
             if i["pool"] == args.pool and i["node"] == node
         ]
         if not mine:

@@ -12,21 +12,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hetbatch.coordinator.ledger import META_DIR, OutputStore
+from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.errors import UserError
+from hetbatch.io.paths import OutputPaths
 from hetbatch.launch.base import Launcher, PreparedRun
 from hetbatch.launch.slurm import commands
 from hetbatch.launch.slurm.scripts import Script, render, render_hetjob
-from hetbatch.worker.main import TOKEN_FILE
-
-RECORD = "slurm.json"
 
 
 def read_record(store: OutputStore) -> list[dict[str, Any]]:
     """Jobs submitted for this output so far (`_hetbatch/slurm.json`), oldest first."""
-    if not store.fs.exists(store.path(META_DIR, RECORD)):
+    if not store.paths.files.exists(OutputPaths.SLURM_RECORD):
         return []
-    return list(store.read_json(RECORD).get("jobs", []))
+    return list(store.read_json(OutputPaths.SLURM_RECORD).get("jobs", []))
 
 
 def live_jobs(store: OutputStore) -> dict[str, list[dict[str, Any]]]:
@@ -78,7 +76,7 @@ class SlurmLauncher(Launcher):
             return 0
         self._write_token(run.store)
         if "coordinator" not in live:
-            _remove(run.store, "coordinator.json")  # workers wait for the new coordinator's
+            _remove(run.store, OutputPaths.COORDINATOR)  # workers wait for the new one's
         try:
             submitted = self._submit_all(run.store, scripts)
         except UserError:
@@ -116,10 +114,9 @@ class SlurmLauncher(Launcher):
         """Workers read the job token from `_hetbatch/token` (owner-only), never from argv.
 
         A resubmission keeps the token of the jobs still running."""
-        path = store.path(META_DIR, TOKEN_FILE)
-        if store.fs.exists(path) and not self.overwrite:
-            with store.fs.open(path, "r") as fh:
-                self.token = fh.read().strip() or self.token
+        files, path = store.paths.files, store.path(OutputPaths.TOKEN)
+        if files.exists(OutputPaths.TOKEN) and not self.overwrite:
+            self.token = files.read_text(OutputPaths.TOKEN).strip() or self.token
             return
         if store.local:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -127,8 +124,7 @@ class SlurmLauncher(Launcher):
                 fh.write(self.token)
             os.chmod(path, 0o600)
         else:
-            with store.fs.open(path, "w") as fh:
-                fh.write(self.token)
+            files.write_text(OutputPaths.TOKEN, self.token)
 
     def _submit_all(self, store: OutputStore, scripts: list[Script]) -> list[tuple[Script, str]]:
         """sbatch each script; on any failure cancel what this call submitted, then raise."""
@@ -170,14 +166,12 @@ def cancel_pending(store: OutputStore) -> None:
 
 def slurm_log_dir(store: OutputStore) -> Path:
     """Slurm writes job output beside the ledger on local outputs, else under the cwd."""
-    if store.local:
-        return Path(store.root) / META_DIR / "logs"
-    return Path.cwd() / "hetbatch-slurm-logs"
+    return store.paths.local_dir(OutputPaths.LOGS) or Path.cwd() / "hetbatch-slurm-logs"
 
 
 def script_dir(store: OutputStore) -> Path:
     """Submitted scripts are kept in `_hetbatch/slurm/` for reading and resubmitting by hand."""
-    path = Path(store.root) / META_DIR / "slurm" if store.local else Path(tempfile.mkdtemp())
+    path = store.paths.local_dir(OutputPaths.SLURM_SCRIPTS) or Path(tempfile.mkdtemp())
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -188,22 +182,21 @@ def _record(store: OutputStore, script: Script, job_id: str) -> None:
         entry["pool"] = script.pool
     if script.role == "hetjob":
         entry["pools"] = [p.name for p in _job_pools(store)]
-    store.write_json(RECORD, {"jobs": [*read_record(store), entry]})
+    store.write_json(OutputPaths.SLURM_RECORD, {"jobs": [*read_record(store), entry]})
 
 
 def _unrecord(store: OutputStore, job_ids: list[str]) -> None:
     if job_ids:
         kept = [j for j in read_record(store) if j["id"] not in job_ids]
-        store.write_json(RECORD, {"jobs": kept})
+        store.write_json(OutputPaths.SLURM_RECORD, {"jobs": kept})
 
 
 def _job_pools(store: OutputStore) -> list[Any]:
     from hetbatch.spec import parse_job
 
-    return parse_job(store.read_json("job.json")["spec"]).cluster.pools
+    return parse_job(store.read_json(OutputPaths.JOB)["spec"]).cluster.pools
 
 
 def _remove(store: OutputStore, name: str) -> None:
-    path = store.path(META_DIR, name)
-    if store.fs.exists(path):
-        store.fs.rm(path)
+    if store.paths.files.exists(name):
+        store.paths.files.rm(name)

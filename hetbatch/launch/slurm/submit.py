@@ -18,6 +18,7 @@ from hetbatch.io.paths import OutputPaths
 from hetbatch.launch.base import Launcher, PreparedRun
 from hetbatch.launch.slurm import commands
 from hetbatch.launch.slurm.scripts import Script, render, render_hetjob
+from hetbatch.spec import JobSpec
 
 
 def read_record(store: OutputStore) -> list[dict[str, Any]]:
@@ -51,23 +52,34 @@ def _roles(job: dict[str, Any]) -> list[str]:
 class SlurmLauncher(Launcher):
     """Submits a job to Slurm; the coordinator and the workers run inside allocations."""
 
+    def __init__(
+        self, job: JobSpec, overwrite: bool = False, calibration: str | None = None
+    ) -> None:
+        super().__init__(job, overwrite, calibration)
+        self.hetjob = False
+        self._live: dict[str, list[dict[str, Any]]] = {}  # submitted jobs still queued or running
+        self._fresh = False  # nothing of this job was written before this submission
+
     def submit(self, dry_run: bool = False, hetjob: bool = False) -> int:
+        """Submit what of the job is not queued or running already (everything, at first)."""
         if not dry_run:
             commands.require_sbatch()
         store = OutputStore(self.job.output.path)
-        live = {} if dry_run and self.overwrite else self._live(store)
-        if live and self.overwrite:
+        self._live = {} if dry_run and self.overwrite else self._live_jobs(store)
+        if self._live and self.overwrite:
             raise UserError(
                 f"{self.job.output.path}: jobs of this output are still queued or running; "
                 "`hetbatch cancel` them before --overwrite"
             )
-        fresh = not store.exists()
-        run = self.prepare(dry_run=dry_run)
-        if run.already_complete:
-            print(f"already complete: {run.total_rows:,} rows in {run.job.output.path}")
-            return 0
-        scripts = self._scripts(run, live, hetjob)
-        if dry_run:
+        self._fresh = not store.exists()
+        self.hetjob = hetjob
+        return self.execute(dry_run=dry_run)
+
+    def launch(self, run: PreparedRun) -> int:
+        """Render the scripts and sbatch them (with a dry run, only print them)."""
+        live = self._live
+        scripts = self._scripts(run, live, self.hetjob)
+        if run.dry_run:
             for s in scripts:
                 print(f"# ---- {s.name}.sbatch\n{s.text}")
             return 0
@@ -80,7 +92,7 @@ class SlurmLauncher(Launcher):
         try:
             submitted = self._submit_all(run.store, scripts)
         except UserError:
-            if fresh:  # a refused first submission leaves no output behind
+            if self._fresh:  # a refused first submission leaves no output behind
                 run.store.wipe()
                 with contextlib.suppress(OSError):
                     run.store.fs.rmdir(run.store.root)
@@ -91,7 +103,7 @@ class SlurmLauncher(Launcher):
               f"`hetbatch status {run.job.output.path}`")
         return 0
 
-    def _live(self, store: OutputStore) -> dict[str, list[dict[str, Any]]]:
+    def _live_jobs(self, store: OutputStore) -> dict[str, list[dict[str, Any]]]:
         return live_jobs(store) if store.exists() else {}
 
     def _scripts(

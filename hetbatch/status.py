@@ -7,7 +7,7 @@ import contextlib
 import socket
 from typing import Any
 
-from hetbatch.coordinator.ledger import META_DIR, OutputStore
+from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.protocol import (
     ProtocolError,
     file_locator,
@@ -15,13 +15,14 @@ from hetbatch.coordinator.protocol import (
     send_message,
 )
 from hetbatch.errors import UserError
+from hetbatch.io.paths import OutputPaths
 
 
 def job_status(output: str, live: bool = True) -> dict[str, Any]:
     store = OutputStore(output)
     if not store.exists():
         raise UserError(f"{output}: no hetbatch job has written here")
-    record = store.read_json("job.json")
+    record = store.read_json(OutputPaths.JOB)
     ledger = store.read_ledger()
     total = int(record["rows"])
     done = sum(r.end - r.start for r in ledger)
@@ -42,7 +43,7 @@ def job_status(output: str, live: bool = True) -> dict[str, Any]:
     }
     if live and state != "complete":
         info["live"] = live_status(store)
-    if live and store.fs.exists(store.path(META_DIR, "slurm.json")):
+    if live and store.paths.files.exists(OutputPaths.SLURM_RECORD):
         info["slurm"] = slurm_status(store)
     return info
 
@@ -50,9 +51,8 @@ def job_status(output: str, live: bool = True) -> dict[str, Any]:
 def live_status(store: OutputStore, timeout_s: float = 3.0) -> dict[str, Any] | None:
     """Rates and ETA from the running coordinator; None when none answers."""
     try:
-        host, port, _ = file_locator(store.url_of(META_DIR, "coordinator.json"))()
-        with store.fs.open(store.path(META_DIR, "token"), "r") as fh:
-            token = fh.read().strip()
+        host, port, _ = file_locator(store.url_of(OutputPaths.COORDINATOR))()
+        token = store.paths.files.read_text(OutputPaths.TOKEN).strip()
     except Exception:
         return None  # no coordinator address or no token file (a local run): ledger only
     try:

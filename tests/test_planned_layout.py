@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from hetbatch.launch.base import Launcher
+from hetbatch.launch.local import LocalLauncher
 from hetbatch.spec import parse_job
 from tests.jobutil import make_input
 
@@ -28,7 +28,7 @@ def _job(tmp_path, model, pool_extra):
 
 
 def test_unpinned_pool_is_sized_by_the_plan(tmp_path, tiny_model) -> None:
-    run = Launcher(_job(tmp_path, tiny_model, {})).prepare()
+    run = LocalLauncher(_job(tmp_path, tiny_model, {})).prepare()
     plan = json.loads((tmp_path / "out" / "_hetbatch" / "plan.json").read_text())
     (pool,) = plan["pools"]
     assert len(run.instances) == pool["instances"]
@@ -39,7 +39,7 @@ def test_unpinned_pool_is_sized_by_the_plan(tmp_path, tiny_model) -> None:
 
 
 def test_pinned_pool_is_not_planned(tmp_path, tiny_model) -> None:
-    run = Launcher(_job(tmp_path, tiny_model, {"tensor_parallel_size": 2})).prepare()
+    run = LocalLauncher(_job(tmp_path, tiny_model, {"tensor_parallel_size": 2})).prepare()
     assert not (tmp_path / "out" / "_hetbatch" / "plan.json").exists()
     (inst,) = run.instances
     assert inst.devices == (0, 1) and inst.engine_args["tensor_parallel_size"] == 2

@@ -1,13 +1,6 @@
 """The output directory: published shards, the durable ledger, and the job's records.
 
-Layout of an output directory:
-
-    part-000000000000-000000000250.parquet   one shard per committed unit, named by row range
-    _hetbatch/job.json                       the resolved job and the input's fingerprint
-    _hetbatch/ledger.jsonl                   one line per committed unit, appended and fsynced
-    _hetbatch/metrics.json                   per-instance rows, tokens, busy time, tokens/s
-    _hetbatch/staging/                       shards written by workers, not yet published
-    _SUCCESS                                 written last, when every row is committed
+The layout of an output directory is named in `hetbatch.io.paths`.
 
 Workers write to staging; only the coordinator publishes (renames) a shard, after the scheduler
 accepted its commit, and appends the ledger line afterwards. A crash between the two leaves a
@@ -23,10 +16,11 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from hetbatch.io.parquet import is_local, parse_shard_name, shard_name
+from hetbatch.io.parquet import parse_shard_name
+from hetbatch.io.paths import OutputPaths
 
-META_DIR = "_hetbatch"
-SUCCESS = "_SUCCESS"
+META_DIR = OutputPaths.META_DIR
+SUCCESS = OutputPaths.SUCCESS
 
 
 @dataclass(frozen=True)
@@ -47,26 +41,26 @@ class OutputStore:
     """Everything the coordinator reads and writes under the job's output path."""
 
     def __init__(self, url: str) -> None:
-        self.url = url.rstrip("/")
-        self.fs, self.root = url_to_fs(self.url)
-        self.local = is_local(self.fs)
+        self.paths = OutputPaths(url)
+        self.url, self.fs, self.root = self.paths.url, self.paths.fs, self.paths.root
+        self.local = self.paths.local
         self._records: list[CommitRecord] = []
 
     # -- paths --------------------------------------------------------------------------------
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+        return self.paths.path(*parts)
 
     def url_of(self, *parts: str) -> str:
-        return "/".join([self.url, *parts])
+        return self.paths.url_of(*parts)
 
     def staging_url(self, name: str) -> str:
-        return self.url_of(META_DIR, "staging", name)
+        return self.url_of(OutputPaths.staging(name))
 
     # -- state --------------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        return self.fs.exists(self.path(META_DIR, "job.json"))
+        return self.fs.exists(self.path(OutputPaths.JOB))
 
     def has_foreign_content(self) -> bool:
         """Files that hetbatch did not write: refuse to mix a job into someone else's folder."""
@@ -81,14 +75,15 @@ class OutputStore:
         return self.fs.exists(self.path(SUCCESS))
 
     def read_json(self, name: str) -> Any:
-        with self.fs.open(self.path(META_DIR, name), "r") as fh:
+        """Read one of the job's records by its `OutputPaths` name."""
+        with self.fs.open(self.path(name), "r") as fh:
             return json.load(fh)
 
     def write_json(self, name: str, data: Any) -> None:
         """Write a small metadata file by rename, so a reader never sees half of it."""
-        target = self.path(META_DIR, name)
+        target = self.path(name)
         tmp = target + ".tmp"
-        self.fs.makedirs(self.path(META_DIR), exist_ok=True)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(tmp, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True)
         self.fs.mv(tmp, target)
@@ -111,7 +106,7 @@ class OutputStore:
         for start, end in self.published_ranges():
             if (start, end) not in known:
                 self.append(CommitRecord(start, end, instance="recovered"))
-        staging = self.path(META_DIR, "staging")
+        staging = self.path(OutputPaths.STAGING)
         if self.fs.exists(staging):
             self.fs.rm(staging, recursive=True)
         return list(self._records)
@@ -123,7 +118,7 @@ class OutputStore:
         return sorted(r for r in map(parse_shard_name, names) if r is not None)
 
     def read_ledger(self) -> list[CommitRecord]:
-        path = self.path(META_DIR, "ledger.jsonl")
+        path = self.path(OutputPaths.LEDGER)
         if not self.fs.exists(path):
             return []
         records = []
@@ -138,7 +133,7 @@ class OutputStore:
     def append(self, record: CommitRecord) -> None:
         """Durably record one committed unit (fsync on local disks)."""
         self._records.append(record)
-        path = self.path(META_DIR, "ledger.jsonl")
+        path = self.path(OutputPaths.LEDGER)
         if self.local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a") as fh:
@@ -158,7 +153,7 @@ class OutputStore:
     def publish(self, staging_url: str, start: int, end: int) -> str:
         """Move a staged shard to its final name; on local disks this is an atomic rename."""
         _, src = url_to_fs(staging_url)
-        dst = self.path(shard_name(start, end))
+        dst = self.path(OutputPaths.shard(start, end))
         self.fs.mv(src, dst)
         return dst
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
+from hetbatch.io.paths import OutputPaths
+
 MAX_MESSAGE_BYTES = 4 << 20
 _HEADER = struct.Struct(">I")
 
@@ -79,11 +81,12 @@ def file_locator(url: str) -> Locator:
     follows it. A finished job (its `_SUCCESS` beside `_hetbatch/`) ends the search.
     """
     fs, path = url_to_fs(url)
-    root = path.rsplit("/", 2)[0]
+    output = OutputPaths.of(url, OutputPaths.COORDINATOR)
+    root, success = output.root, output.path(OutputPaths.SUCCESS)
 
     def locate() -> tuple[str, int, str]:
         fs.invalidate_cache()
-        if fs.exists(f"{root}/_SUCCESS"):
+        if fs.exists(success):
             raise JobComplete(f"{root}: the job is complete")
         try:
             with fs.open(path, "r") as fh:

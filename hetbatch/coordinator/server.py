@@ -19,6 +19,7 @@ from typing import Any
 
 from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.coordinator.protocol import ProtocolError, recv_message, send_message
+from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
 
 log = logging.getLogger("hetbatch.coordinator")
@@ -247,7 +248,7 @@ class Coordinator:
     def _finish(self) -> None:
         if self.finished.is_set():
             return
-        self.store.write_json("metrics.json", self.metrics_dict())
+        self.store.write_json(OutputPaths.METRICS, self.metrics_dict())
         self.store.mark_success()
         self.finished.set()
         if self.on_done:

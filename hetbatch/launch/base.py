@@ -1,5 +1,6 @@
 """What every launcher shares: validate the job against its input and output, resume from the
-ledger, and stand up the coordinator. A launcher subclass only decides where workers run.
+ledger, and stand up the coordinator. A launcher subclass only decides where the coordinator and
+the workers run (`launch`), and where the instances come from (`layout`).
 """
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,8 +20,10 @@ from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
+from hetbatch.io.paths import OutputPaths
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.prompts import input_columns
+from hetbatch.report import summary_lines
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 from hetbatch.spec import JobSpec
 
@@ -62,14 +67,15 @@ class PreparedRun:
     instances: list[InstanceSpec]
     committed_rows: int
     already_complete: bool
+    dry_run: bool = False  # prepared without writing anything: only to show what would run
 
     @property
     def total_rows(self) -> int:
         return self.dataset.num_rows
 
 
-class Launcher:
-    """Base of the local and Slurm launchers."""
+class Launcher(ABC):
+    """Base of the local and Slurm launchers: `execute` is the step they share."""
 
     def __init__(
         self, job: JobSpec, overwrite: bool = False, calibration: str | None = None
@@ -78,6 +84,26 @@ class Launcher:
         self.overwrite = overwrite
         self.calibration = calibration
         self.token = secrets.token_urlsafe(24)
+
+    def execute(self, dry_run: bool = False) -> int:
+        """Check and resume the job, then launch it; a complete job is only reported."""
+        run = self.prepare(dry_run=dry_run)
+        return self.on_complete(run) if run.already_complete else self.launch(run)
+
+    @abstractmethod
+    def launch(self, run: PreparedRun) -> int:
+        """Run the coordinator and the workers of a prepared run, or hand them to a batch
+        system; the exit code of the command."""
+
+    def on_complete(self, run: PreparedRun) -> int:
+        """Called instead of `launch` when the output is already complete."""
+        print(f"already complete: {run.total_rows:,} rows in {run.job.output.path}")
+        return 0
+
+    def layout(self) -> tuple[list[InstanceSpec], ClusterPlan | None]:
+        """The instances of every pool, planned where the job leaves it to the planner."""
+        plan = self._plan()
+        return instance_layout(self.job, plan), plan
 
     def prepare(self, dry_run: bool = False) -> PreparedRun:
         """Check everything a user can get wrong before anything is written.
@@ -98,27 +124,22 @@ class Launcher:
                 f"{job.output.path}: output folder holds files hetbatch did not write; "
                 "choose an empty or new folder"
             )
-        instances, plan = self._instances()
+        instances, plan = self.layout()
         if dry_run:
             fresh = self.overwrite or not store.exists()
             complete = not fresh and store.is_complete()
             committed = 0 if fresh else sum(r.end - r.start for r in store.read_ledger())
-            return PreparedRun(job, dataset, store, instances, committed, complete)
+            return PreparedRun(job, dataset, store, instances, committed, complete, dry_run=True)
         complete = store.exists() and store.is_complete()
         committed = 0 if complete else sum(r.end - r.start for r in store.recover())
         if complete:
             committed = dataset.num_rows
         else:
-            store.write_json("job.json", record)
-            store.write_json("layout.json", [i.__dict__ for i in instances])
+            store.write_json(OutputPaths.JOB, record)
+            store.write_json(OutputPaths.LAYOUT, [i.__dict__ for i in instances])
             if plan is not None:
-                store.write_json("plan.json", plan.to_dict())
+                store.write_json(OutputPaths.PLAN, plan.to_dict())
         return PreparedRun(job, dataset, store, instances, committed, complete)
-
-    def _instances(self) -> tuple[list[InstanceSpec], ClusterPlan | None]:
-        """The instances of every pool, planned where the job leaves it to the planner."""
-        plan = self._plan()
-        return instance_layout(self.job, plan), plan
 
     def _plan(self) -> ClusterPlan | None:
         """Size the pools that do not pin their layout; the plan's estimates seed capacity."""
@@ -139,7 +160,7 @@ class Launcher:
         }
 
     def _check_same_job(self, store: OutputStore, record: dict[str, Any]) -> None:
-        old = store.read_json("job.json")
+        old = store.read_json(OutputPaths.JOB)
         for key in _OUTPUT_DEFINING:
             if old["output_defining"].get(key) != record["output_defining"][key]:
                 raise UserError(
@@ -172,7 +193,7 @@ class Launcher:
         coordinator.start()
         host, port = coordinator.address
         run.store.write_json(
-            "coordinator.json",
+            OutputPaths.COORDINATOR,
             {
                 "host": advertised_host(host),
                 "port": port,
@@ -182,6 +203,12 @@ class Launcher:
             },
         )
         return coordinator
+
+    def print_summary(self, run: PreparedRun, coordinator: Coordinator, started: float) -> None:
+        """What each instance did, once the coordinator has stopped."""
+        wall_s = time.monotonic() - started
+        for line in summary_lines(run.store, coordinator.metrics_dict(), wall_s):
+            print(line)
 
     def worker_job(self, run: PreparedRun) -> dict[str, Any]:
         """What a worker receives on joining: the job, the input's metadata, the instances."""
@@ -209,9 +236,8 @@ def advertised_host(bound: str) -> str:
 
 def log_dir(run: PreparedRun) -> Path:
     """Worker logs sit beside the ledger on local outputs, in a temp folder otherwise."""
-    if run.store.local:
-        path = Path(run.store.root) / "_hetbatch" / "logs"
-    else:
+    path = run.store.paths.local_dir(OutputPaths.LOGS)
+    if path is None:
         import tempfile
 
         path = Path(tempfile.gettempdir()) / "hetbatch-logs"

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from hetbatch.errors import UserError
+from hetbatch.io.paths import OutputPaths
 from hetbatch.planner.calibration import (
     Calibration,
     Measurement,
@@ -107,7 +108,7 @@ def _run_measurement(
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(f"profiling run of pool {pool.name!r} failed: {tail}")
-        metrics = json.loads((Path(tmp) / "out" / "_hetbatch" / "metrics.json").read_text())
+        metrics = json.loads((Path(tmp) / "out" / OutputPaths.METRICS).read_text())
     insts = [m for m in metrics["instances"].values() if m["active_s"] > 0 and m["rows"]]
     rate = sum(m["completion_tokens"] / m["active_s"] for m in insts) / len(insts)
     n = sum(m["rows"] for m in insts)

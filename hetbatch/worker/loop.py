@@ -20,6 +20,7 @@ import pyarrow as pa
 from hetbatch.coordinator.protocol import Client
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
 from hetbatch.io.parquet import InputDataset, read_rows, write_table
+from hetbatch.io.paths import OutputPaths
 from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_seed
 from hetbatch.spec import JobSpec
 from hetbatch.worker.output import build_output
@@ -271,4 +272,4 @@ class Worker:
 
 
 def _staging(job: JobSpec, name: str) -> str:
-    return f"{job.output.path.rstrip('/')}/_hetbatch/staging/{name}"
+    return OutputPaths(job.output.path).url_of(OutputPaths.staging(name))

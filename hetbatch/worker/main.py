@@ -15,7 +15,6 @@ import sys
 from typing import Any
 
 import click
-from fsspec.core import url_to_fs
 
 from hetbatch.coordinator.protocol import (
     Client,
@@ -28,12 +27,12 @@ from hetbatch.coordinator.protocol import (
 from hetbatch.engines.base import Engine
 from hetbatch.engines.factory import build_engine, prepare_environment
 from hetbatch.io.parquet import InputDataset, dataset_from_dict
+from hetbatch.io.paths import OutputPaths
 from hetbatch.spec import JobSpec, parse_job
 from hetbatch.worker.loop import Worker
 from hetbatch.worker.output import output_schema
 
 TOKEN_ENV = "HETBATCH_TOKEN"
-TOKEN_FILE = "token"
 
 log = logging.getLogger("hetbatch.worker")
 
@@ -92,14 +91,13 @@ def _work(
 
 
 def read_token(coordinator_file: str | None) -> str | None:
-    """The job token: from the environment, else from the file beside coordinator.json."""
+    """The job token: from the environment, else from the job's token file."""
     token = os.environ.get(TOKEN_ENV)
     if token or coordinator_file is None:
         return token
-    fs, path = url_to_fs(coordinator_file)
+    output = OutputPaths.of(coordinator_file, OutputPaths.COORDINATOR)
     try:
-        with fs.open(f"{path.rsplit('/', 1)[0]}/{TOKEN_FILE}", "r") as fh:
-            return fh.read().strip() or None
+        return output.files.read_text(OutputPaths.TOKEN).strip() or None
     except OSError:
         return None
 

@@ -9,16 +9,15 @@ import contextlib
 import time
 from typing import TYPE_CHECKING
 
-from hetbatch.coordinator.ledger import META_DIR, OutputStore
+from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.errors import UserError
-from hetbatch.launch.base import Launcher
+from hetbatch.io.paths import OutputPaths
+from hetbatch.launch.base import Launcher, PreparedRun
 from hetbatch.launch.slurm import commands
 from hetbatch.launch.slurm.submit import cancel_pending
 from hetbatch.layout import InstanceSpec
-from hetbatch.report import summary_lines
 from hetbatch.spec import parse_job
-from hetbatch.worker.main import TOKEN_FILE
 
 if TYPE_CHECKING:
     from hetbatch.planner.types import ClusterPlan
@@ -34,43 +33,45 @@ class StoredJobLauncher(Launcher):
         store = OutputStore(output)
         if not store.exists():
             raise UserError(f"{output}: no submitted hetbatch job here")
-        super().__init__(parse_job(store.read_json("job.json")["spec"], f"{output} job.json"))
+        super().__init__(parse_job(store.read_json(OutputPaths.JOB)["spec"], f"{output} job.json"))
         self._layout = [
             InstanceSpec(**{**i, "devices": tuple(i["devices"])})
-            for i in store.read_json("layout.json")
+            for i in store.read_json(OutputPaths.LAYOUT)
         ]
-        with store.fs.open(store.path(META_DIR, TOKEN_FILE), "r") as fh:
-            self.token = fh.read().strip()
+        self.token = store.paths.files.read_text(OutputPaths.TOKEN).strip()
 
-    def _instances(self) -> tuple[list[InstanceSpec], ClusterPlan | None]:
+    def layout(self) -> tuple[list[InstanceSpec], ClusterPlan | None]:
         return self._layout, None  # the layout the workers were submitted for, not a new plan
+
+    def launch(self, run: PreparedRun) -> int:
+        """Serve until every row is committed; the workers run in their own Slurm jobs."""
+        coordinator = self.start_coordinator(run)
+        host, port = coordinator.address
+        print(
+            f"coordinator on {host}:{port}: {run.total_rows:,} rows, "
+            f"{run.committed_rows:,} done",
+            flush=True,
+        )
+        started = time.monotonic()
+        try:
+            while not coordinator.finished.wait(PROGRESS_EVERY_S):
+                p = coordinator.progress()
+                print(f"{p.rows_done:,} of {p.total_rows:,} rows committed", flush=True)
+            _linger(coordinator)
+        finally:
+            coordinator.stop()
+        self.print_summary(run, coordinator, started)
+        _withdraw_waiting(run.store)
+        return 0
+
+    def on_complete(self, run: PreparedRun) -> int:
+        code = super().on_complete(run)
+        _withdraw_waiting(run.store)
+        return code
 
 
 def coordinate(output: str) -> int:
-    launcher = StoredJobLauncher(output)
-    run = launcher.prepare()
-    if run.already_complete:
-        print(f"already complete: {run.total_rows:,} rows in {output}")
-        _withdraw_waiting(run.store)
-        return 0
-    coordinator = launcher.start_coordinator(run)
-    host, port = coordinator.address
-    print(
-        f"coordinator on {host}:{port}: {run.total_rows:,} rows, {run.committed_rows:,} done",
-        flush=True,
-    )
-    started = time.monotonic()
-    try:
-        while not coordinator.finished.wait(PROGRESS_EVERY_S):
-            p = coordinator.progress()
-            print(f"{p.rows_done:,} of {p.total_rows:,} rows committed", flush=True)
-        _linger(coordinator)
-    finally:
-        coordinator.stop()
-    for line in summary_lines(run.store, coordinator.metrics_dict(), time.monotonic() - started):
-        print(line)
-    _withdraw_waiting(run.store)
-    return 0
+    return StoredJobLauncher(output).execute()
 
 
 def _linger(coordinator: Coordinator) -> None:

@@ -14,15 +14,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from types import FrameType
 
-from hetbatch.coordinator.ledger import META_DIR, OutputStore
+from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.errors import UserError
-from hetbatch.layout import InstanceSpec, device_env
+from hetbatch.io.paths import OutputPaths
+from hetbatch.launch.slurm.commands import slurm_env
+from hetbatch.launch.workers import WorkerSupervisor
+from hetbatch.layout import InstanceSpec
 from hetbatch.spec import JobSpec, parse_job
 
 
@@ -63,66 +65,35 @@ def place(instances: list[InstanceSpec], env: dict[str, str]) -> list[InstanceSp
 
 
 class NodeRunner:
-    """The worker processes of one node and their restarts."""
+    """The worker processes of one node; they find the coordinator through its address file,
+    which follows a coordinator resubmitted elsewhere."""
+
+    poll_s = 0.5
 
     def __init__(self, output: str, job: JobSpec, instances: list[InstanceSpec]) -> None:
         self.store = OutputStore(output)
-        self.job = job
-        self.instances = instances
-        self.coordinator_file = self.store.url_of(META_DIR, "coordinator.json")
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.restarts: dict[str, int] = {}
-
-    def spawn(self, inst: InstanceSpec) -> None:
-        env = {**os.environ, **device_env(inst)}
-        env.pop("LD_PRELOAD", None)  # the engine sets its own; an inherited one may not load
-        self.procs[inst.instance_id] = subprocess.Popen(
+        self.workers = WorkerSupervisor(
+            instances,
             [
-                sys.executable,
-                "-m",
-                "hetbatch.worker",
                 "--coordinator-file",
-                self.coordinator_file,
-                "--instance",
-                inst.instance_id,
+                self.store.url_of(OutputPaths.COORDINATOR),
                 "--wait-s",
-                str(self.job.slurm.reconnect_s),
+                str(job.slurm.reconnect_s),
             ],
-            env=env,
-            stdin=subprocess.DEVNULL,
+            slurm_env(),  # without LD_PRELOAD: the engine sets its own; an inherited one may fail
+            job.launch.max_worker_restarts,
         )
-        print(f"started {inst.instance_id} on devices {list(inst.devices)}", flush=True)
 
     def run(self) -> int:
-        for inst in self.instances:
-            self.spawn(inst)
-        failed = False
-        while self.procs:
-            time.sleep(0.5)
-            for inst in self.instances:
-                proc = self.procs.get(inst.instance_id)
-                if proc is None or proc.poll() is None:
-                    continue
-                del self.procs[inst.instance_id]
-                if proc.returncode != 0 and not self.store.is_complete():
-                    failed |= not self._restart(inst, proc.returncode)
-        return 1 if failed and not self.store.is_complete() else 0
-
-    def _restart(self, inst: InstanceSpec, code: int) -> bool:
-        n = self.restarts.get(inst.instance_id, 0)
-        if n >= self.job.launch.max_worker_restarts:
-            print(f"{inst.instance_id} exited ({code}); no restarts left", file=sys.stderr)
-            return False
-        self.restarts[inst.instance_id] = n + 1
-        print(f"{inst.instance_id} exited ({code}); restarting", file=sys.stderr, flush=True)
-        self.spawn(inst)
-        return True
+        self.workers.start()
+        while self.workers.running:
+            time.sleep(self.poll_s)
+            self.workers.reap(self.store.is_complete)
+        return 1 if self.workers.failed and not self.store.is_complete() else 0
 
     def terminate(self, signum: int, frame: FrameType | None) -> None:
         """Slurm cancels or preempts the job: stop the workers, their leases go back."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
+        self.workers.stop(grace_s=0)
         sys.exit(128 + signum)
 
 
@@ -137,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.output}: the job is complete")
         return 0
     try:
-        job = parse_job(store.read_json("job.json")["spec"], f"{args.output} job.json")
+        job = parse_job(store.read_json(OutputPaths.JOB)["spec"], f"{args.output} job.json")
         env = dict(os.environ)
         node = args.node if args.node is not None else node_index(env)
         mine = [
             InstanceSpec(**{**i, "devices": tuple(i["devices"])})
-            for i in store.read_json("layout.json")
+            for i in store.read_json(OutputPaths.LAYOUT)
             if i["pool"] == args.pool and i["node"] == node
         ]
         if not mine:

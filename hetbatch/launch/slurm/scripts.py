@@ -1,4 +1,4 @@
-"""sbatch scripts of a job, rendered from the templates in the repository's `slurm/templates/`.
+"""sbatch scripts of a job, rendered from the templates shipped in `templates/` beside this file.
 
 One coordinator script (a small CPU job), one script per pool asking for that pool's
 accelerators, or with `hetjob` all of them as components of one heterogeneous job.
@@ -9,14 +9,11 @@ from __future__ import annotations
 import shlex
 import sys
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
 from string import Template
 
-from hetbatch.errors import UserError
 from hetbatch.layout import InstanceSpec
 from hetbatch.spec import JobSpec, PoolSpec, SlurmJobOptions
-
-TEMPLATE_DIR = Path(__file__).resolve().parents[3] / "slurm" / "templates"
 
 
 @dataclass(frozen=True)
@@ -30,13 +27,8 @@ class Script:
 
 
 def _template(name: str) -> Template:
-    path = TEMPLATE_DIR / name
-    try:
-        return Template(path.read_text())
-    except OSError:
-        raise UserError(
-            f"{path}: sbatch template missing (is hetbatch installed from git?)"
-        ) from None
+    """A template from the installed package (package data, so any install has them)."""
+    return Template((resources.files("hetbatch.launch.slurm") / "templates" / name).read_text())
 
 
 def _options(opts: SlurmJobOptions, inherit: SlurmJobOptions | None = None) -> list[str]:

@@ -12,21 +12,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hetbatch.coordinator.ledger import META_DIR, OutputStore
+from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.errors import UserError
+from hetbatch.io.paths import OutputPaths
 from hetbatch.launch.base import Launcher, PreparedRun
 from hetbatch.launch.slurm import commands
 from hetbatch.launch.slurm.scripts import Script, render, render_hetjob
-from hetbatch.worker.main import TOKEN_FILE
-
-RECORD = "slurm.json"
+from hetbatch.spec import JobSpec
 
 
 def read_record(store: OutputStore) -> list[dict[str, Any]]:
     """Jobs submitted for this output so far (`_hetbatch/slurm.json`), oldest first."""
-    if not store.fs.exists(store.path(META_DIR, RECORD)):
+    if not store.paths.files.exists(OutputPaths.SLURM_RECORD):
         return []
-    return list(store.read_json(RECORD).get("jobs", []))
+    return list(store.read_json(OutputPaths.SLURM_RECORD).get("jobs", []))
 
 
 def live_jobs(store: OutputStore) -> dict[str, list[dict[str, Any]]]:
@@ -53,23 +52,34 @@ def _roles(job: dict[str, Any]) -> list[str]:
 class SlurmLauncher(Launcher):
     """Submits a job to Slurm; the coordinator and the workers run inside allocations."""
 
+    def __init__(
+        self, job: JobSpec, overwrite: bool = False, calibration: str | None = None
+    ) -> None:
+        super().__init__(job, overwrite, calibration)
+        self.hetjob = False
+        self._live: dict[str, list[dict[str, Any]]] = {}  # submitted jobs still queued or running
+        self._fresh = False  # nothing of this job was written before this submission
+
     def submit(self, dry_run: bool = False, hetjob: bool = False) -> int:
+        """Submit what of the job is not queued or running already (everything, at first)."""
         if not dry_run:
             commands.require_sbatch()
         store = OutputStore(self.job.output.path)
-        live = {} if dry_run and self.overwrite else self._live(store)
-        if live and self.overwrite:
+        self._live = {} if dry_run and self.overwrite else self._live_jobs(store)
+        if self._live and self.overwrite:
             raise UserError(
                 f"{self.job.output.path}: jobs of this output are still queued or running; "
                 "`hetbatch cancel` them before --overwrite"
             )
-        fresh = not store.exists()
-        run = self.prepare(dry_run=dry_run)
-        if run.already_complete:
-            print(f"already complete: {run.total_rows:,} rows in {run.job.output.path}")
-            return 0
-        scripts = self._scripts(run, live, hetjob)
-        if dry_run:
+        self._fresh = not store.exists()
+        self.hetjob = hetjob
+        return self.execute(dry_run=dry_run)
+
+    def launch(self, run: PreparedRun) -> int:
+        """Render the scripts and sbatch them (with a dry run, only print them)."""
+        live = self._live
+        scripts = self._scripts(run, live, self.hetjob)
+        if run.dry_run:
             for s in scripts:
                 print(f"# ---- {s.name}.sbatch\n{s.text}")
             return 0
@@ -78,11 +88,11 @@ class SlurmLauncher(Launcher):
             return 0
         self._write_token(run.store)
         if "coordinator" not in live:
-            _remove(run.store, "coordinator.json")  # workers wait for the new coordinator's
+            _remove(run.store, OutputPaths.COORDINATOR)  # workers wait for the new one's
         try:
             submitted = self._submit_all(run.store, scripts)
         except UserError:
-            if fresh:  # a refused first submission leaves no output behind
+            if self._fresh:  # a refused first submission leaves no output behind
                 run.store.wipe()
                 with contextlib.suppress(OSError):
                     run.store.fs.rmdir(run.store.root)
@@ -93,7 +103,7 @@ class SlurmLauncher(Launcher):
               f"`hetbatch status {run.job.output.path}`")
         return 0
 
-    def _live(self, store: OutputStore) -> dict[str, list[dict[str, Any]]]:
+    def _live_jobs(self, store: OutputStore) -> dict[str, list[dict[str, Any]]]:
         return live_jobs(store) if store.exists() else {}
 
     def _scripts(
@@ -116,10 +126,9 @@ class SlurmLauncher(Launcher):
         """Workers read the job token from `_hetbatch/token` (owner-only), never from argv.
 
         A resubmission keeps the token of the jobs still running."""
-        path = store.path(META_DIR, TOKEN_FILE)
-        if store.fs.exists(path) and not self.overwrite:
-            with store.fs.open(path, "r") as fh:
-                self.token = fh.read().strip() or self.token
+        files, path = store.paths.files, store.path(OutputPaths.TOKEN)
+        if files.exists(OutputPaths.TOKEN) and not self.overwrite:
+            self.token = files.read_text(OutputPaths.TOKEN).strip() or self.token
             return
         if store.local:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -127,8 +136,7 @@ class SlurmLauncher(Launcher):
                 fh.write(self.token)
             os.chmod(path, 0o600)
         else:
-            with store.fs.open(path, "w") as fh:
-                fh.write(self.token)
+            files.write_text(OutputPaths.TOKEN, self.token)
 
     def _submit_all(self, store: OutputStore, scripts: list[Script]) -> list[tuple[Script, str]]:
         """sbatch each script; on any failure cancel what this call submitted, then raise."""
@@ -170,14 +178,12 @@ def cancel_pending(store: OutputStore) -> None:
 
 def slurm_log_dir(store: OutputStore) -> Path:
     """Slurm writes job output beside the ledger on local outputs, else under the cwd."""
-    if store.local:
-        return Path(store.root) / META_DIR / "logs"
-    return Path.cwd() / "hetbatch-slurm-logs"
+    return store.paths.local_dir(OutputPaths.LOGS) or Path.cwd() / "hetbatch-slurm-logs"
 
 
 def script_dir(store: OutputStore) -> Path:
     """Submitted scripts are kept in `_hetbatch/slurm/` for reading and resubmitting by hand."""
-    path = Path(store.root) / META_DIR / "slurm" if store.local else Path(tempfile.mkdtemp())
+    path = store.paths.local_dir(OutputPaths.SLURM_SCRIPTS) or Path(tempfile.mkdtemp())
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -188,22 +194,21 @@ def _record(store: OutputStore, script: Script, job_id: str) -> None:
         entry["pool"] = script.pool
     if script.role == "hetjob":
         entry["pools"] = [p.name for p in _job_pools(store)]
-    store.write_json(RECORD, {"jobs": [*read_record(store), entry]})
+    store.write_json(OutputPaths.SLURM_RECORD, {"jobs": [*read_record(store), entry]})
 
 
 def _unrecord(store: OutputStore, job_ids: list[str]) -> None:
     if job_ids:
         kept = [j for j in read_record(store) if j["id"] not in job_ids]
-        store.write_json(RECORD, {"jobs": kept})
+        store.write_json(OutputPaths.SLURM_RECORD, {"jobs": kept})
 
 
 def _job_pools(store: OutputStore) -> list[Any]:
     from hetbatch.spec import parse_job
 
-    return parse_job(store.read_json("job.json")["spec"]).cluster.pools
+    return parse_job(store.read_json(OutputPaths.JOB)["spec"]).cluster.pools
 
 
 def _remove(store: OutputStore, name: str) -> None:
-    path = store.path(META_DIR, name)
-    if store.fs.exists(path):
-        store.fs.rm(path)
+    if store.paths.files.exists(name):
+        store.paths.files.rm(name)

@@ -1,0 +1,154 @@
+"""Worker processes, one per instance, restarted when they fail: the same code starts the
+workers of a local run and those of one Slurm node."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import IO
+
+from tqdm import tqdm
+
+from hetbatch.layout import InstanceSpec, device_env
+
+
+def _die_with_parent() -> None:
+    """Workers must not outlive a killed launcher (Linux: PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class WorkerState(Enum):
+    RUNNING = "running"
+    DONE = "done"  # exited cleanly, or after the job was done
+    FAILED = "failed"  # exited with an error and no restarts left
+
+
+@dataclass
+class WorkerProcess:
+    instance: InstanceSpec
+    log_path: Path | None = None  # None: the worker writes to this process's stdout
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    state: WorkerState = WorkerState.RUNNING
+    log: IO | None = field(default=None, repr=False)
+
+
+class WorkerSupervisor:
+    """Starts one worker per instance and restarts those that fail, within a budget.
+
+    `coordinator_args` tell a worker where the coordinator is (`--coordinator HOST:PORT`, or
+    `--coordinator-file URL` to follow a coordinator that moves); `env` is the environment
+    every worker starts from, to which each adds the variables that give it its devices.
+    """
+
+    def __init__(
+        self,
+        instances: list[InstanceSpec],
+        coordinator_args: list[str],
+        env: dict[str, str],
+        max_restarts: int,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.workers = [
+            WorkerProcess(i, log_dir / f"{i.instance_id}.log" if log_dir else None)
+            for i in instances
+        ]
+        self.coordinator_args = coordinator_args
+        self.env = env
+        self.max_restarts = max_restarts
+
+    def start(self) -> None:
+        for w in self.workers:
+            self._spawn(w)
+
+    def _spawn(self, w: WorkerProcess) -> None:
+        if w.log_path is not None and w.log is None:
+            w.log = open(w.log_path, "ab")  # noqa: SIM115 (kept open for the child's life)
+        self._note(w, f"started {w.instance.instance_id} on devices {list(w.instance.devices)}")
+        w.state = WorkerState.RUNNING
+        w.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hetbatch.worker",
+                *self.coordinator_args,
+                "--instance",
+                w.instance.instance_id,
+            ],
+            env={**self.env, **device_env(w.instance)},
+            stdout=w.log,
+            stderr=subprocess.STDOUT if w.log is not None else None,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+
+    def _note(self, w: WorkerProcess, line: str) -> None:
+        """A line in the worker's own output (its log file, or stdout)."""
+        if w.log is not None:
+            w.log.write(f"{line}\n".encode())
+            w.log.flush()
+        else:
+            print(line, flush=True)
+
+    def reap(self, job_done: Callable[[], bool]) -> None:
+        """Settle workers that exited: done if they ended cleanly or the job is done, else
+        restarted while the budget lasts, else failed."""
+        for w in self.workers:
+            if w.state is not WorkerState.RUNNING or w.proc is None or w.proc.poll() is None:
+                continue
+            code = w.proc.returncode
+            name = w.instance.instance_id
+            if code == 0 or job_done():
+                w.state = WorkerState.DONE
+            elif w.restarts < self.max_restarts:
+                w.restarts += 1
+                _say(f"worker {name} exited ({code}); restarting "
+                     f"({w.restarts}/{self.max_restarts})")
+                self._spawn(w)
+            else:
+                _say(f"worker {name} exited ({code}); no restarts left")
+                w.state = WorkerState.FAILED
+
+    @property
+    def running(self) -> bool:
+        return any(w.state is WorkerState.RUNNING for w in self.workers)
+
+    @property
+    def failed(self) -> list[WorkerProcess]:
+        return [w for w in self.workers if w.state is WorkerState.FAILED]
+
+    def stop(self, grace_s: float) -> None:
+        """Give live workers `grace_s` to leave by themselves, then terminate, then kill."""
+        live = [w.proc for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        deadline = time.monotonic() + grace_s
+        for p in live:
+            while p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for p in live:
+            if p.poll() is None:
+                p.terminate()
+        for p in live:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for w in self.workers:
+            if w.log is not None:
+                w.log.close()
+                w.log = None
+
+
+def _say(line: str) -> None:
+    """To stderr, above a progress bar if one is shown."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()

@@ -13,7 +13,7 @@ from hetbatch.errors import UserError
 from hetbatch.layout import InstanceSpec, instance_layout
 from hetbatch.scheduler.core import SchedulerConfig
 from hetbatch.scheduler.policies import POLICIES, make_scheduler
-from hetbatch.sim.engine import SimConfig, SimInstance, SimResult, simulate
+from hetbatch.sim.simulation import SimConfig, SimInstance, SimResult, simulate
 from hetbatch.sim.workload import LengthDist, RowWork
 from hetbatch.spec import JobSpec, load_job
 

@@ -17,8 +17,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from hetbatch.scheduler.ranges import RangeSet
+
+if TYPE_CHECKING:
+    from hetbatch.spec import SchedulerSpec
 
 # Instances the end game and stealing look at: the soonest and the latest to finish.
 _CANDIDATES = 8
@@ -36,6 +40,16 @@ class SchedulerConfig:
     asking_window_s: float = 5.0  # instances that asked for work this recently can take it
     refuse_margin: float = 0.25  # refuse only for an instance that finishes this much sooner
     rank_interval_s: float = 0.5  # how stale the ranking of instances by finish time may be
+
+    @classmethod
+    def from_spec(cls, spec: SchedulerSpec) -> SchedulerConfig:
+        """The settings a job file gives (its `scheduler:` section); the rest as defaults."""
+        return cls(
+            min_unit_rows=spec.min_unit_rows,
+            max_unit_rows=spec.max_unit_rows,
+            factor=spec.factor,
+            lease_timeout_s=spec.lease_timeout_s,
+        )
 
 
 @dataclass

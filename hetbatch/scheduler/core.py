@@ -86,7 +86,6 @@ class InstanceState:
     leases: list[int] = field(default_factory=list)
     measured_rate: float | None = None
     last_commit_at: float | None = None
-    rows_committed: int = 0
     concurrency: int | None = None  # requests the engine runs at once (max_num_seqs)
     window_rows: float = 0.0
     window_s: float = 0.0
@@ -197,6 +196,13 @@ class Scheduler:
             return Wait.DONE
         if len(state.leases) >= self.config.max_leases_per_instance:
             return Wait.NOTHING_FREE
+        return self._deal(state, now)
+
+    def _deal(self, state: InstanceState, now: float) -> Lease | Wait:
+        """Which rows an instance that may take more gets: what a thief stole for it, else a
+        weighted-factoring share of the queue, else nothing (and a steal is planned).
+        Baseline policies deal differently by overriding this."""
+        instance_id = state.instance_id
         reserved = self._reserved.pop(instance_id, None)
         if reserved is not None and self.pending.contains(*reserved):
             self.pending.remove(*reserved)
@@ -441,7 +447,6 @@ class Scheduler:
         state = self.instances.get(instance_id)
         if state is None:
             return
-        state.rows_committed += rows
         since = state.last_commit_at if state.last_commit_at is not None else now
         state.last_commit_at = now
         dt = max(now - since, 0.0)

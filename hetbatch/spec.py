@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hetbatch.errors import UserError
+from hetbatch.scheduler.core import SchedulerConfig
 
 
 class _Strict(BaseModel):
@@ -134,11 +135,15 @@ class ClusterSpec(_Strict):
 
 
 class SchedulerSpec(_Strict):
+    """The scheduler's settings a job may change; defaults are the scheduler's own."""
+
     policy: Literal["hetbatch"] = "hetbatch"
-    min_unit_rows: int = Field(default=16, ge=1)
-    max_unit_rows: int = Field(default=4096, ge=1)
-    factor: float = Field(default=2.0, ge=1.0, description="weighted-factoring divisor")
-    lease_timeout_s: float = Field(default=120.0, gt=0)
+    min_unit_rows: int = Field(default=SchedulerConfig.min_unit_rows, ge=1)
+    max_unit_rows: int = Field(default=SchedulerConfig.max_unit_rows, ge=1)
+    factor: float = Field(
+        default=SchedulerConfig.factor, ge=1.0, description="weighted-factoring divisor"
+    )
+    lease_timeout_s: float = Field(default=SchedulerConfig.lease_timeout_s, gt=0)
     heartbeat_s: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 
 import click
 import numpy as np
 
 from hetbatch.cli import options
+from hetbatch.engines.simulated import delivered_speed as _sim_engine_speed
+from hetbatch.engines.simulated import step_seconds
 from hetbatch.errors import UserError
 from hetbatch.layout import InstanceSpec, instance_layout
 from hetbatch.scheduler.core import SchedulerConfig
 from hetbatch.scheduler.policies import POLICIES, make_scheduler
-from hetbatch.sim.engine import SimConfig, SimInstance, SimResult, simulate
+from hetbatch.sim.simulation import SimConfig, SimInstance, SimResult, simulate
 from hetbatch.sim.workload import LengthDist, RowWork
 from hetbatch.spec import JobSpec, load_job
 
@@ -43,18 +44,6 @@ def _pool_speeds(
 
 def _max_tokens(job: JobSpec) -> int:
     return max(int(job.sampling.get("max_tokens") or 16), 1)
-
-
-def _sim_engine_speed(tokens_per_s: float, max_num_seqs: int, out_tokens: int) -> float:
-    """What the simulated engine really delivers for requests of `out_tokens` tokens.
-
-    It advances every running request by a quantum of tokens per ~20 ms step and bills the
-    whole quantum even when a request needs fewer: 8-token requests at a quantum of 12 run at
-    8/12 of `tokens_per_s`. The engine's own rule is repeated here so that both agree.
-    """
-    quantum = max(1, round(0.02 * tokens_per_s / max_num_seqs))
-    billed = math.ceil(out_tokens / quantum) * quantum
-    return tokens_per_s * out_tokens / billed
 
 
 def _planner_speeds(
@@ -214,10 +203,8 @@ def predict(
     prefill = _prefill_cost(job)
     work = (RowWork.resample(rows, rng, sample[0], outputs, prefill) if sample is not None
             else RowWork.sample(rows, rng, LengthDist(input_len), outputs, prefill))
-    cfg = job.scheduler
-    sched = make_scheduler(policy, rows, SchedulerConfig(
-        cfg.min_unit_rows, cfg.max_unit_rows, cfg.factor, cfg.lease_timeout_s))
-    sim_cfg = SimConfig(heartbeat_s=cfg.heartbeat_s, poll_s=_step_s(job, insts))
+    sched = make_scheduler(policy, rows, SchedulerConfig.from_spec(job.scheduler))
+    sim_cfg = SimConfig(heartbeat_s=job.scheduler.heartbeat_s, poll_s=_step_s(job, insts))
     result = simulate(sched, insts, work, sim_cfg)
     if not result.completed:
         raise UserError("the simulated job never finished: every instance was lost")
@@ -232,8 +219,7 @@ def _step_s(job: JobSpec, insts: list[SimInstance]) -> float:
         steps = []
         for pool in job.cluster.pools:
             sim = pool.sim or job.engine.sim
-            quantum = max(1, round(0.02 * sim.tokens_per_s / sim.max_num_seqs))
-            steps.append(quantum * sim.max_num_seqs / sim.tokens_per_s)
+            steps.append(step_seconds(sim.tokens_per_s, sim.max_num_seqs))
     else:
         steps = [i.max_num_seqs / i.speed for i in insts]
     return min(max(min(steps, default=0.1), 0.005), 0.1)

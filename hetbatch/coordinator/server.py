@@ -21,6 +21,7 @@ from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.coordinator.protocol import ProtocolError, recv_message, send_message
 from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
+from hetbatch.scheduler.pacing import PACING
 
 log = logging.getLogger("hetbatch.coordinator")
 
@@ -120,7 +121,7 @@ class Coordinator:
         self.finished.set()
 
     def _tick_forever(self) -> None:
-        while not self._server.stopping.wait(0.5):
+        while not self._server.stopping.wait(PACING.expire_tick_s):
             with self.lock:
                 for lease in self.scheduler.expire(self.clock()):
                     log.warning(
@@ -167,7 +168,7 @@ class Coordinator:
             m = self.metrics[instance]
             m.first_lease_at = m.first_lease_at or now
             return {"lease": {"id": result.lease_id, "start": result.start, "end": result.end}}
-        return {"done": True} if result is Wait.DONE else {"wait": 0.25}
+        return {"done": True} if result is Wait.DONE else {"wait": PACING.wait_s}
 
     def _op_heartbeat(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
         progress = {int(k): (int(v[0]), int(v[1])) for k, v in msg.get("progress", {}).items()}

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from hetbatch.engines.base import Engine
-from hetbatch.engines.sim import SimEngine
+from hetbatch.engines.simulated import SimEngine
 from hetbatch.spec import JobSpec, SimEngineSpec
 
 

@@ -178,7 +178,7 @@ class Launcher(ABC):
         cfg = job.scheduler
         scheduler = Scheduler(
             run.dataset.num_rows,
-            SchedulerConfig(cfg.min_unit_rows, cfg.max_unit_rows, cfg.factor, cfg.lease_timeout_s),
+            SchedulerConfig.from_spec(cfg),
             committed=[(r.start, r.end) for r in run.store.records],
             boundaries=run.dataset.row_group_boundaries(),
         )

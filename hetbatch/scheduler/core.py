@@ -17,8 +17,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from hetbatch.scheduler.ranges import RangeSet
+
+if TYPE_CHECKING:
+    from hetbatch.spec import SchedulerSpec
 
 # Instances the end game and stealing look at: the soonest and the latest to finish.
 _CANDIDATES = 8
@@ -36,6 +40,16 @@ class SchedulerConfig:
     asking_window_s: float = 5.0  # instances that asked for work this recently can take it
     refuse_margin: float = 0.25  # refuse only for an instance that finishes this much sooner
     rank_interval_s: float = 0.5  # how stale the ranking of instances by finish time may be
+
+    @classmethod
+    def from_spec(cls, spec: SchedulerSpec) -> SchedulerConfig:
+        """The settings a job file gives (its `scheduler:` section); the rest as defaults."""
+        return cls(
+            min_unit_rows=spec.min_unit_rows,
+            max_unit_rows=spec.max_unit_rows,
+            factor=spec.factor,
+            lease_timeout_s=spec.lease_timeout_s,
+        )
 
 
 @dataclass
@@ -72,7 +86,6 @@ class InstanceState:
     leases: list[int] = field(default_factory=list)
     measured_rate: float | None = None
     last_commit_at: float | None = None
-    rows_committed: int = 0
     concurrency: int | None = None  # requests the engine runs at once (max_num_seqs)
     window_rows: float = 0.0
     window_s: float = 0.0
@@ -183,6 +196,13 @@ class Scheduler:
             return Wait.DONE
         if len(state.leases) >= self.config.max_leases_per_instance:
             return Wait.NOTHING_FREE
+        return self._deal(state, now)
+
+    def _deal(self, state: InstanceState, now: float) -> Lease | Wait:
+        """Which rows an instance that may take more gets: what a thief stole for it, else a
+        weighted-factoring share of the queue, else nothing (and a steal is planned).
+        Baseline policies deal differently by overriding this."""
+        instance_id = state.instance_id
         reserved = self._reserved.pop(instance_id, None)
         if reserved is not None and self.pending.contains(*reserved):
             self.pending.remove(*reserved)
@@ -427,7 +447,6 @@ class Scheduler:
         state = self.instances.get(instance_id)
         if state is None:
             return
-        state.rows_committed += rows
         since = state.last_commit_at if state.last_commit_at is not None else now
         state.last_commit_at = now
         dt = max(now - since, 0.0)

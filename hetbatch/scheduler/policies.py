@@ -13,7 +13,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
-from hetbatch.scheduler.core import Lease, Scheduler, SchedulerConfig, Wait
+from hetbatch.scheduler.core import InstanceState, Lease, Scheduler, SchedulerConfig, Wait
 from hetbatch.scheduler.ranges import RangeSet
 
 POLICIES = ("hetbatch", "round-robin", "static-equal", "static-proportional", "pull-fixed")
@@ -37,16 +37,13 @@ class PullFixedScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         self.block_rows = block_rows or self.config.max_unit_rows
 
-    def request(self, instance_id: str, now: float) -> Lease | Wait:
-        state = self.instances[instance_id]
-        if self.done:
-            return Wait.DONE
-        if len(state.leases) >= self.config.max_leases_per_instance or not self.pending:
+    def _deal(self, state: InstanceState, now: float) -> Lease | Wait:
+        if not self.pending:
             return Wait.NOTHING_FREE
         start, end = self.pending.first()
         cut = min(end, start + self.block_rows)
         self.pending.remove(start, cut)
-        return self._issue(instance_id, start, cut, now)
+        return self._issue(state.instance_id, start, cut, now)
 
 
 class StaticScheduler(Scheduler):
@@ -92,18 +89,13 @@ class StaticScheduler(Scheduler):
 
     # -- dealing ------------------------------------------------------------------------------
 
-    def request(self, instance_id: str, now: float) -> Lease | Wait:
-        state = self.instances[instance_id]
-        if self.done:
-            return Wait.DONE
-        if len(state.leases) >= self.config.max_leases_per_instance:
-            return Wait.NOTHING_FREE
+    def _deal(self, state: InstanceState, now: float) -> Lease | Wait:
         self._ensure_layout()
-        got = self._own(instance_id) or self._orphan()
+        got = self._own(state.instance_id) or self._orphan()
         if got is None:
             return Wait.NOTHING_FREE
         self.pending.remove(*got)
-        return self._issue(instance_id, *got, now)
+        return self._issue(state.instance_id, *got, now)
 
     def _own(self, instance_id: str) -> tuple[int, int] | None:
         queue = (self.queues or {}).get(instance_id)

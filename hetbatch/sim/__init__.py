@@ -1,6 +1,6 @@
 """The simulated cluster: the real scheduler driven by a simulated clock and instances."""
 
-from hetbatch.sim.engine import (
+from hetbatch.sim.simulation import (
     Assignment,
     InstanceStats,
     SimConfig,

@@ -90,6 +90,3 @@ class RowWork:
             return 0.0
         entry = (self._prefix[start:end] - self._prefix[start]) / speed
         return float(np.max(entry + self.output_lens[start:end] * step_s))
-
-    def longest(self, start: int, end: int) -> int:
-        return int(self.output_lens[start:end].max()) if end > start else 0

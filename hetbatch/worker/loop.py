@@ -22,16 +22,11 @@ from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestReje
 from hetbatch.io.parquet import InputDataset, read_rows, write_table
 from hetbatch.io.paths import OutputPaths
 from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_seed
+from hetbatch.scheduler.pacing import PACING
 from hetbatch.spec import JobSpec
 from hetbatch.worker.output import build_output
 
 log = logging.getLogger("hetbatch.worker")
-
-# Units held at once. The window of queued rows is what paces lease requests; this cap only
-# bounds memory. It is well above three because a small unit whose one long request is still
-# decoding must not keep the engine from being fed (a tail of small units would starve it).
-MAX_UNITS = 16
-
 
 @dataclass
 class Unit:
@@ -80,7 +75,7 @@ class Worker:
         self.columns = input_columns(job)
         self.units: list[Unit] = []
         self.in_flight: dict[str, tuple[Unit, int]] = {}
-        self.window = max(2 * engine.max_concurrency, 8)
+        self.window = PACING.window(engine.max_concurrency)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="write")
         self._writes: list[Future] = []
@@ -100,7 +95,7 @@ class Worker:
                 if self.engine.has_unfinished():
                     self._collect(self.engine.step())
                 elif not fed:
-                    time.sleep(0.02)
+                    time.sleep(PACING.idle_s)
                 self._finish_units()
             for f in self._writes:
                 f.result()
@@ -110,7 +105,7 @@ class Worker:
 
     def _maybe_lease(self) -> None:
         now = time.monotonic()
-        if self._done or len(self.units) >= MAX_UNITS or now < self._next_lease_at:
+        if self._done or len(self.units) >= PACING.max_units or now < self._next_lease_at:
             return
         if self.units and self._unsubmitted() > self.window:
             return  # enough queued: ask later, so that the deal reflects the latest rates
@@ -123,7 +118,7 @@ class Worker:
         elif reply.get("done"):
             self._done = True
         else:
-            self._next_lease_at = now + float(reply.get("wait", 0.25))
+            self._next_lease_at = now + float(reply.get("wait", PACING.wait_s))
 
     def _unsubmitted(self) -> int:
         return sum(u.rows - u.next_row for u in self.units)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from hetbatch.engines.base import EngineRequest
+from hetbatch.engines.simulated import SimEngine, delivered_speed, step_seconds
 from hetbatch.scheduler.policies import POLICIES
 from hetbatch.sim import SimInstance, fluid_lower_bound
 from tests.sim.helpers import cluster, rows_exactly_once, run, workload
@@ -55,3 +57,22 @@ def test_fluid_lower_bound_respects_joins_and_losses() -> None:
     assert fluid_lower_bound(insts, 50.0) == pytest.approx(5.0)
     assert fluid_lower_bound(insts, 100.0) == pytest.approx(15.0)
     assert fluid_lower_bound([SimInstance("a", 1, 10.0, lost_at=1.0)], 100.0) == float("inf")
+
+
+@pytest.mark.parametrize(("tokens_per_s", "seqs", "out_tokens"), [(40_000, 64, 8), (10_000, 64, 8),
+                                                                   (600, 8, 32)])
+def test_simulated_engine_delivers_the_speed_the_simulator_assumes(
+    tokens_per_s: float, seqs: int, out_tokens: int
+) -> None:
+    """The fake engine, run on a clock that only counts its sleeps, delivers exactly the speed
+    and the step length that the simulator gives its instances."""
+    slept: list[float] = []
+    engine = SimEngine(tokens_per_s, seqs, sleep=slept.append)
+    for k in range(4 * seqs):
+        engine.add(EngineRequest(str(k), "a prompt", {"max_tokens": out_tokens}))
+    tokens = 0
+    while engine.has_unfinished():
+        tokens += sum(c.completion_tokens for c in engine.step())
+    assert tokens == 4 * seqs * out_tokens
+    assert slept == pytest.approx([step_seconds(tokens_per_s, seqs)] * len(slept))
+    assert tokens / sum(slept) == pytest.approx(delivered_speed(tokens_per_s, seqs, out_tokens))

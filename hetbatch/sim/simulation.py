@@ -1,9 +1,10 @@
 """A discrete-event simulation of a job: simulated clock, simulated instances, the real Scheduler.
 
 Instances talk to the scheduler through the calls the coordinator makes for its workers (join,
-request, heartbeat, release, commit, leave, expire) and behave as the worker loop does: hold up
-to `max_units` units, ask for the next one when few rows are left unsubmitted, heartbeat with
-(submitted, done) per lease, cut released units at max(cut, submitted).
+request, heartbeat, release, commit, leave, expire) and behave as the worker loop does, paced by
+the same `Pacing` object: hold up to `max_units` units, ask for the next one when fewer rows than
+the worker's window are left unsubmitted, heartbeat with (submitted, done) per lease, cut
+released units at max(cut, submitted).
 
 Each instance is a continuously batching engine: a step takes about the same time whatever the
 batch, so tokens/s grow with the requests in flight up to `max_num_seqs`, where the instance runs
@@ -22,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
+from hetbatch.scheduler.pacing import PACING, Pacing
 from hetbatch.sim.workload import RowWork
 
 JOIN, REQUEST, COMMIT, HEARTBEAT, LOSE, TICK = range(6)
@@ -44,9 +46,7 @@ class SimInstance:
 @dataclass(frozen=True)
 class SimConfig:
     heartbeat_s: float = 1.0
-    wait_s: float = 0.25  # what the coordinator tells an instance to wait after "nothing free"
-    tick_s: float = 1.0  # how often the coordinator expires lapsed leases
-    max_units: int = 16
+    pacing: Pacing = PACING  # the worker's and the coordinator's, not a copy
     poll_s: float = 0.1  # the soonest an instance re-checks whether it wants another unit
     loss: str = "leave"  # "leave": the connection drops; "timeout": only lease expiry notices
     record: bool = True
@@ -205,7 +205,7 @@ class Simulation:
             self._push(spec.join_at, JOIN, k)
             if spec.lost_at is not None:
                 self._push(spec.lost_at, LOSE, k)
-        self._push(self.cfg.tick_s, TICK, -1)
+        self._push(self.cfg.pacing.expire_tick_s, TICK, -1)
         handlers = {
             JOIN: self._on_join, REQUEST: self._on_request, COMMIT: self._on_commit,
             HEARTBEAT: self._on_heartbeat, LOSE: self._on_lose, TICK: self._on_tick,
@@ -240,8 +240,8 @@ class Simulation:
 
     def _on_tick(self, _: int, __: int) -> None:
         self._call(self.s.expire, self.now)
-        if any(i.alive or i.spec.join_at > self.now for i in self.insts):
-            self._push(self.now + self.cfg.tick_s, TICK, -1)  # else nobody is left to work
+        if any(i.alive or i.spec.join_at > self.now for i in self.insts):  # else nobody works
+            self._push(self.now + self.cfg.pacing.expire_tick_s, TICK, -1)
 
     # -- asking for work ----------------------------------------------------------------------
 
@@ -251,7 +251,7 @@ class Simulation:
         self._push(t, REQUEST, k, inst.request_token)
 
     def _window(self, inst: _Inst) -> int:
-        return max(2 * inst.spec.max_num_seqs, 8)
+        return self.cfg.pacing.window(inst.spec.max_num_seqs)
 
     def _unsubmitted(self, inst: _Inst) -> int:
         return sum(u.end - self._progress(inst, u)[0] for u in inst.units)
@@ -260,7 +260,7 @@ class Simulation:
         inst = self.insts[k]
         if not inst.alive or inst.finished or token != inst.request_token:
             return
-        if len(inst.units) >= self.cfg.max_units:
+        if len(inst.units) >= self.cfg.pacing.max_units:
             return  # asked again when a unit commits
         if inst.units and self._unsubmitted(inst) > self._window(inst):
             self._want_lease(k, self._when_low(inst))
@@ -274,7 +274,7 @@ class Simulation:
         elif result is Wait.DONE:
             inst.finished = True
         else:
-            self._want_lease(k, self.now + self.cfg.wait_s)
+            self._want_lease(k, self.now + self.cfg.pacing.wait_s)
 
     def _when_low(self, inst: _Inst) -> float:
         """When the queued rows will have dropped to the worker's window (it asks then)."""

@@ -9,6 +9,7 @@ to `max_num_seqs`, where it reaches `tokens_per_s`.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -55,6 +56,28 @@ def sim_text(prompt: str, seed: int | None, n_tokens: int) -> str:
     return " ".join(_WORDS[digest[i % 32] % len(_WORDS)] for i in range(n_tokens))
 
 
+# Steps of about 20 ms keep the simulated engine's sleeps coarse enough to be accurate.
+_STEP_TARGET_S = 0.02
+
+
+def step_quantum(tokens_per_s: float, max_num_seqs: int) -> int:
+    """Tokens each running request gains per step of the simulated engine."""
+    return max(1, round(_STEP_TARGET_S * tokens_per_s / max_num_seqs))
+
+
+def step_seconds(tokens_per_s: float, max_num_seqs: int) -> float:
+    """How long one step of the simulated engine takes, full batch or not."""
+    return step_quantum(tokens_per_s, max_num_seqs) * max_num_seqs / tokens_per_s
+
+
+def delivered_speed(tokens_per_s: float, max_num_seqs: int, out_tokens: int) -> float:
+    """Output tokens/s the simulated engine really delivers at a full batch of requests of
+    `out_tokens` tokens: it bills whole steps, so 8-token requests at a quantum of 12 run at
+    8/12 of `tokens_per_s`."""
+    quantum = step_quantum(tokens_per_s, max_num_seqs)
+    return tokens_per_s * out_tokens / (math.ceil(out_tokens / quantum) * quantum)
+
+
 @dataclass
 class _Running:
     request: EngineRequest
@@ -81,9 +104,8 @@ class SimEngine:
         self._sleep = sleep
         self._waiting: deque[_Running] = deque()
         self._running: dict[str, _Running] = {}
-        # Tokens each running request gains per step: steps of about 20 ms keep the sleep
-        # granularity coarse enough to be accurate.
-        self._quantum = max(1, round(0.02 * tokens_per_s / max_num_seqs))
+        self._quantum = step_quantum(tokens_per_s, max_num_seqs)
+        self._step_s = step_seconds(tokens_per_s, max_num_seqs)
 
     @property
     def max_concurrency(self) -> int:
@@ -115,7 +137,7 @@ class SimEngine:
             self._running[r.request.request_id] = r
         if not self._running:
             return []
-        self._sleep(self._quantum * self.max_num_seqs / self.tokens_per_s)
+        self._sleep(self._step_s)
         finished = []
         for rid, r in list(self._running.items()):
             r.generated = min(r.target, r.generated + self._quantum)

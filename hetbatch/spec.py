@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hetbatch.errors import UserError
+from hetbatch.validate import JobError, check_job
 
 
 class _Strict(BaseModel):
@@ -179,6 +180,10 @@ class JobSpec(_Strict):
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    accelerators: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="accelerator types to add to the catalog, or figures to correct in it",
+    )
 
     @model_validator(mode="after")
     def _template_and_sampling(self) -> JobSpec:
@@ -230,9 +235,14 @@ def parse_job(data: Any, source: str = "job") -> JobSpec:
     if not isinstance(data, dict):
         raise UserError(f"{source}: the job file must be a mapping of keys to values")
     try:
-        return JobSpec.model_validate(data)
+        job = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise UserError(_format_error(source, exc)) from None
+    try:
+        check_job(job)
+    except JobError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    return job
 
 
 def load_job(path: str | Path) -> JobSpec:

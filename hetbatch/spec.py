@@ -175,6 +175,13 @@ class JobSpec(_Strict):
     chat: bool = False
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64})
     seed: int = 0
+    max_error_rate: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="stop the job when more than this share of any 1,000 rows fail "
+        "(or all of the first 100); 1 never stops",
+    )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)

@@ -19,6 +19,7 @@ from typing import Any
 
 from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.coordinator.protocol import ProtocolError, recv_message, send_message
+from hetbatch.error_budget import ErrorBudget
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
 
 log = logging.getLogger("hetbatch.coordinator")
@@ -84,6 +85,7 @@ class Coordinator:
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
         on_done: Callable[[], None] | None = None,
+        error_budget: ErrorBudget | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.store = store
@@ -94,6 +96,9 @@ class Coordinator:
         self.lock = threading.RLock()
         self.metrics: dict[str, InstanceMetrics] = {}
         self.finished = threading.Event()
+        # Set when too many rows fail: the job stops (finished) without _SUCCESS.
+        self.budget = error_budget or ErrorBudget()
+        self.failure: str | None = None
         self.started_at = clock()
         self._rows_done_at_start = scheduler.committed.total
         self._server = _Server((host, port), _Handler)
@@ -161,6 +166,8 @@ class Coordinator:
     def _op_lease(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
         instance = str(msg["instance"])
         now = self.clock()
+        if self.failure is not None:
+            return {"done": True}
         result = self.scheduler.request(instance, now)
         if isinstance(result, Lease):
             m = self.metrics[instance]
@@ -205,6 +212,7 @@ class Coordinator:
             )
         )
         self._count(instance, end - start, stats, now)
+        self._spend_error_budget(end - start, stats, now)
         if self.scheduler.done:
             self._finish()
         return {"status": status.value}
@@ -220,9 +228,10 @@ class Coordinator:
 
     def _disconnect(self, instance: str) -> None:
         for lease in self.scheduler.leave(instance, self.clock()):
-            log.warning(
-                "%s left holding rows [%s, %s): re-queued", instance, lease.start, lease.end
-            )
+            if self.failure is None:  # a stopped job's workers leave holding units; expected
+                log.warning(
+                    "%s left holding rows [%s, %s): re-queued", instance, lease.start, lease.end
+                )
         if instance in self.metrics:
             self.metrics[instance].connected = False
 
@@ -243,6 +252,22 @@ class Coordinator:
         m.errors += int(stats.get("errors", 0))
         m.busy_s += float(stats.get("busy_s", 0.0))
         m.last_commit_at = now
+
+    def _spend_error_budget(self, rows: int, stats: dict[str, Any], now: float) -> None:
+        exceeded = self.budget.record(
+            rows,
+            int(stats.get("errors", 0)),
+            stats.get("top_error"),
+            int(stats.get("top_error_rows", 0)),
+            now,
+        )
+        if exceeded is not None and self.failure is None:
+            self.failure = exceeded.message()
+            log.info("stopping the job: %s", self.failure)
+            self.store.write_json("metrics.json", {**self.metrics_dict(), "failure": self.failure})
+            self.finished.set()
+            if self.on_done:
+                self.on_done()
 
     def _finish(self) -> None:
         if self.finished.is_set():

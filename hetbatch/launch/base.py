@@ -15,6 +15,7 @@ from fsspec.core import url_to_fs
 
 from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
+from hetbatch.error_budget import BudgetConfig, ErrorBudget
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
@@ -169,6 +170,10 @@ class Launcher:
             self.token,
             host=job.coordinator.host,
             port=job.coordinator.port,
+            error_budget=ErrorBudget(
+                BudgetConfig(max_error_rate=job.max_error_rate),
+                rows_to_run=run.total_rows - run.committed_rows,
+            ),
         )
         coordinator.start()
         host, port = coordinator.address

@@ -72,6 +72,11 @@ class LocalLauncher(Launcher):
             # to leave cleanly, then are stopped rather than waited for.
             self._stop_all(workers, grace_s=0.5 if coordinator.finished.is_set() else 10)
             coordinator.stop()
+        if coordinator.failure is not None:
+            done = coordinator.progress().rows_done
+            raise JobFailed(
+                f"{coordinator.failure} ({done:,} of {run.total_rows:,} rows committed and kept)"
+            )
         for line in summary_lines(
             run.store, coordinator.metrics_dict(), time.monotonic() - started
         ):

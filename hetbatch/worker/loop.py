@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,11 +248,15 @@ class Worker:
         )
         name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}.parquet"
         write_table(_staging(self.job, name), table, self.job.output.compression)
+        errors = Counter(r["error"] for r in results if r.get("error") is not None)
+        top_error, top_error_rows = errors.most_common(1)[0] if errors else (None, 0)
         stats = {
             "rows": unit.rows,
             "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in results),
             "completion_tokens": sum(r.get("completion_tokens") or 0 for r in results),
-            "errors": sum(r.get("error") is not None for r in results),
+            "errors": errors.total(),
+            "top_error": top_error,
+            "top_error_rows": top_error_rows,
             "busy_s": time.monotonic() - (unit.started_at or time.monotonic()),
         }
         reply = self.client.call(

@@ -67,6 +67,10 @@ def coordinate(output: str) -> int:
         _linger(coordinator)
     finally:
         coordinator.stop()
+    if coordinator.failure is not None:
+        print(f"job failed: {coordinator.failure}", flush=True)
+        _withdraw_waiting(run.store)
+        return 1
     for line in summary_lines(run.store, coordinator.metrics_dict(), time.monotonic() - started):
         print(line)
     _withdraw_waiting(run.store)

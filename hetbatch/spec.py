@@ -33,6 +33,13 @@ class InputSpec(_Strict):
     prompt_column: str | None = None
     messages_column: str | None = None
     id_column: str | None = None
+    id_is_key: bool = Field(
+        default=True,
+        description="refuse null ids and report duplicates; false when ids may repeat",
+    )
+    cast_prompt: bool = Field(
+        default=False, description="accept a non-text prompt column, converting values to text"
+    )
     keep_columns: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")

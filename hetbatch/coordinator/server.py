@@ -13,6 +13,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,7 @@ class Coordinator:
         # Set when too many rows fail: the job stops (finished) without _SUCCESS.
         self.budget = error_budget or ErrorBudget()
         self.failure: str | None = None
+        self.id_problems: Counter[str] = Counter()  # null and duplicate ids the workers saw
         self.started_at = clock()
         self._rows_done_at_start = scheduler.committed.total
         self._server = _Server((host, port), _Handler)
@@ -254,6 +256,9 @@ class Coordinator:
         m.last_commit_at = now
 
     def _spend_error_budget(self, rows: int, stats: dict[str, Any], now: float) -> None:
+        self.id_problems.update(
+            {k: int(stats.get(k, 0)) for k in ("null_ids", "duplicate_ids") if stats.get(k)}
+        )
         exceeded = self.budget.record(
             rows,
             int(stats.get("errors", 0)),
@@ -283,6 +288,7 @@ class Coordinator:
             "wall_s": round(self.clock() - self.started_at, 3),
             "rows_total": self.scheduler.total_rows,
             "rows_this_run": self.scheduler.committed.total - self._rows_done_at_start,
+            **dict(self.id_problems),
             "instances": {k: m.to_dict(self.started_at) for k, m in sorted(self.metrics.items())},
         }
 

@@ -17,6 +17,7 @@ from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.error_budget import BudgetConfig, ErrorBudget
 from hetbatch.errors import UserError
+from hetbatch.input_checks import check_input, id_statistics
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
@@ -86,7 +87,9 @@ class Launcher:
         With `dry_run` the same checks run and nothing at all is written or removed.
         """
         job = self.job
-        dataset = open_dataset(job.input.path, input_columns(job))
+        id_stats = id_statistics(job)
+        dataset = open_dataset(job.input.path, input_columns(job), id_stats)
+        check_input(job, dataset.schema, id_stats)
         store = OutputStore(job.output.path)
         record = self._job_record(dataset)
         if self.overwrite:

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from hetbatch.coordinator.protocol import Client
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
+from hetbatch.input_checks import unit_id_problems
 from hetbatch.io.parquet import InputDataset, read_rows, write_table
 from hetbatch.spec import JobSpec
 from hetbatch.worker.rows import RowPrompt, build_output, build_prompts, input_columns, row_seed
@@ -257,6 +258,7 @@ class Worker:
             "errors": errors.total(),
             "top_error": top_error,
             "top_error_rows": top_error_rows,
+            **self._id_problems(unit),
             "busy_s": time.monotonic() - (unit.started_at or time.monotonic()),
         }
         reply = self.client.call(
@@ -272,6 +274,13 @@ class Worker:
             log.warning(
                 "unit [%s, %s) was taken over by another instance; discarded", unit.start, unit.end
             )
+
+    def _id_problems(self, unit: Unit) -> dict[str, int]:
+        """Null and repeated ids among the unit's rows: seen here at no extra read."""
+        if not (self.job.input.id_column and self.job.input.id_is_key):
+            return {}
+        nulls, duplicates = unit_id_problems([p.key for p in unit.prompts[: unit.rows]])
+        return {"null_ids": nulls, "duplicate_ids": duplicates}
 
 
 def _staging(job: JobSpec, name: str) -> str:

@@ -7,11 +7,32 @@ the committed units' error counts, when to stop it. Pure: counts and time are pa
 
 from __future__ import annotations
 
+import re
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # Distinct error texts remembered; beyond that new texts are only counted as errors.
 MAX_DISTINCT_ERRORS = 64
+
+
+def error_shape(text: str) -> str:
+    """Errors that differ only in numbers ("prompt is 612 tokens") are one kind of error."""
+    return re.sub(r"\d+", "#", text)
+
+
+def most_common_error(texts: Iterable[str]) -> tuple[int, str | None, int]:
+    """(errors, an example of the most common kind, rows of that kind) among one unit's."""
+    counts: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for text in texts:
+        shape = error_shape(text)
+        counts[shape] += 1
+        examples.setdefault(shape, text)
+    if not counts:
+        return 0, None, 0
+    shape, rows = counts.most_common(1)[0]
+    return counts.total(), examples[shape], rows
 
 
 @dataclass(frozen=True)
@@ -53,7 +74,8 @@ class ErrorBudget:
         self._window: deque[tuple[int, int]] = deque()
         self._window_rows = 0
         self._window_errors = 0
-        self._texts: Counter[str] = Counter()
+        self._texts: Counter[str] = Counter()  # by the error's shape (numbers masked)
+        self._examples: dict[str, str] = {}
         self.exceeded: BudgetExceeded | None = None
 
     def record(
@@ -64,14 +86,21 @@ class ErrorBudget:
             return self.exceeded
         self.rows += rows
         self.errors += errors
-        if top_error and (top_error in self._texts or len(self._texts) < MAX_DISTINCT_ERRORS):
-            self._texts[top_error] += top_error_rows
+        if top_error:
+            self._count_text(top_error, top_error_rows)
         self._slide(rows, errors)
         reason = self._reason()
         if reason is not None:
-            text, count = self._texts.most_common(1)[0] if self._texts else (None, 0)
-            self.exceeded = BudgetExceeded(reason, text, count, now)
+            shape, count = self._texts.most_common(1)[0] if self._texts else (None, 0)
+            example = self._examples.get(shape) if shape else None
+            self.exceeded = BudgetExceeded(reason, example, count, now)
         return self.exceeded
+
+    def _count_text(self, text: str, rows: int) -> None:
+        shape = error_shape(text)
+        if shape in self._texts or len(self._texts) < MAX_DISTINCT_ERRORS:
+            self._texts[shape] += rows
+            self._examples.setdefault(shape, text)
 
     def _slide(self, rows: int, errors: int) -> None:
         """Keep the latest commits that hold at least `window_rows` rows, and no more."""

@@ -103,3 +103,12 @@ def test_max_error_rate_from_the_job(tmp_path) -> None:
     accepted = _run(tmp_path / "lenient", 300, 1.0, max_error_rate=1.0)
     assert accepted.returncode == 0, accepted.stderr
     assert "300 rows have an error value" in accepted.stdout
+
+
+def test_errors_that_differ_in_numbers_count_as_one() -> None:
+    budget = ErrorBudget()
+    budget.record(50, 50, "prompt is 612 tokens, longer than the model's context of 512", 1, 0.0)
+    verdict = budget.record(50, 50, "prompt is 700 tokens, longer than the model's context of 512",
+                            1, 0.0)
+    assert verdict is not None and verdict.top_error_rows == 2
+    assert verdict.top_error == "prompt is 612 tokens, longer than the model's context of 512"

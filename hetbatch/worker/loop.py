@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ import pyarrow as pa
 
 from hetbatch.coordinator.protocol import Client
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
+from hetbatch.error_budget import most_common_error
 from hetbatch.input_checks import unit_id_problems
 from hetbatch.io.parquet import InputDataset, read_rows, write_table
 from hetbatch.spec import JobSpec
@@ -249,13 +249,14 @@ class Worker:
         )
         name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}.parquet"
         write_table(_staging(self.job, name), table, self.job.output.compression)
-        errors = Counter(r["error"] for r in results if r.get("error") is not None)
-        top_error, top_error_rows = errors.most_common(1)[0] if errors else (None, 0)
+        errors, top_error, top_error_rows = most_common_error(
+            r["error"] for r in results if r.get("error") is not None
+        )
         stats = {
             "rows": unit.rows,
             "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in results),
             "completion_tokens": sum(r.get("completion_tokens") or 0 for r in results),
-            "errors": errors.total(),
+            "errors": errors,
             "top_error": top_error,
             "top_error_rows": top_error_rows,
             **self._id_problems(unit),

@@ -11,13 +11,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from hetbatch.errors import UserError
+
+if TYPE_CHECKING:
+    from hetbatch.spec import JobSpec
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -49,7 +52,7 @@ class IdStatistics:
                 self.null_groups.append((shown, g, stats.null_count))
 
 
-def check_columns(job: Any, schema: pa.Schema) -> None:
+def check_columns(job: JobSpec, schema: pa.Schema) -> None:
     """The prompt column is text (unless the job casts), the id column a scalar key."""
     prompt = job.input.prompt_column
     if prompt and prompt in schema.names and not job.input.cast_prompt:
@@ -67,13 +70,13 @@ def check_columns(job: Any, schema: pa.Schema) -> None:
         )
 
 
-def id_statistics(job: Any) -> IdStatistics | None:
+def id_statistics(job: JobSpec) -> IdStatistics | None:
     """The collector to hand `open_dataset`, when the job has ids that must be a key."""
     key = job.input.id_column
     return IdStatistics(key) if key and job.input.id_is_key else None
 
 
-def check_input(job: Any, schema: pa.Schema, stats: IdStatistics | None) -> None:
+def check_input(job: JobSpec, schema: pa.Schema, stats: IdStatistics | None) -> None:
     """Everything about the input the footers tell; raises UserError."""
     check_columns(job, schema)
     if stats is not None:

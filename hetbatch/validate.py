@@ -13,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from hetbatch import vllm_mirror
+
+if TYPE_CHECKING:
+    from hetbatch.spec import JobSpec
 
 
 class JobError(ValueError):
@@ -35,7 +38,7 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f", did you mean {' or '.join(close)}?" if close else ""
 
 
-def check_job(job: Any) -> None:
+def check_job(job: JobSpec) -> None:
     """Every check that needs neither the input nor an engine; raises JobError."""
     check_sampling(job.sampling)
     check_engine_args(job.model.engine_args, "model.engine_args")
@@ -144,7 +147,7 @@ def _use_installed_vllm() -> bool:
 # -- accelerators -----------------------------------------------------------------------------
 
 
-def check_accelerators(job: Any) -> None:
+def check_accelerators(job: JobSpec) -> None:
     """Every pool's accelerator is in the catalog, or the job defines it in `accelerators`."""
     from hetbatch.errors import UserError
     from hetbatch.planner.catalog import DEFAULT_CATALOG

@@ -214,7 +214,7 @@ class Coordinator:
             )
         )
         self._count(instance, end - start, stats, now)
-        self._spend_error_budget(end - start, stats, now)
+        self._after_commit(end - start, stats, now)
         if self.scheduler.done:
             self._finish()
         return {"status": status.value}
@@ -255,7 +255,9 @@ class Coordinator:
         m.busy_s += float(stats.get("busy_s", 0.0))
         m.last_commit_at = now
 
-    def _spend_error_budget(self, rows: int, stats: dict[str, Any], now: float) -> None:
+    def _after_commit(self, rows: int, stats: dict[str, Any], now: float) -> None:
+        """Tally the ids the unit's worker found not to be a key; spend the error budget, and
+        stop the job (finished, no _SUCCESS) once it is spent."""
         self.id_problems.update(
             {k: int(stats.get(k, 0)) for k in ("null_ids", "duplicate_ids") if stats.get(k)}
         )

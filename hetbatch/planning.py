@@ -18,7 +18,7 @@ from typing import Any
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import open_dataset, read_rows
 from hetbatch.planner.calibration import Calibration
-from hetbatch.planner.catalog import Catalog
+from hetbatch.planner.catalog import Catalog, with_overrides
 from hetbatch.planner.profile import ModelProfile, load_model_profile
 from hetbatch.planner.search import plan_cluster
 from hetbatch.planner.types import ClusterPlan, PoolRequest, Workload
@@ -64,7 +64,7 @@ def plan_job(
     """The cluster plan for a job: one deployment per pool with its expected tokens/s."""
     inputs = job_plan_inputs(job, calibration, sample_rows)
     return plan_cluster(inputs.model, inputs.pools, inputs.workload, objective=objective,
-                        calibration=inputs.calibration, top_k=top_k)
+                        catalog=inputs.catalog, calibration=inputs.calibration, top_k=top_k)
 
 
 def job_plan_inputs(
@@ -72,8 +72,9 @@ def job_plan_inputs(
 ) -> JobPlanInputs:
     """Model, pools and workload of a job file."""
     model = model_from_job(job)
+    catalog = with_overrides(job.accelerators) if job.accelerators else None
     return JobPlanInputs(model, pools_from_job(job), workload_from_job(job, sample_rows),
-                         calibration=calibration)
+                         catalog=catalog, calibration=calibration)
 
 
 def model_from_job(job: JobSpec) -> ModelProfile:

@@ -18,6 +18,7 @@ def summary_lines(store: OutputStore, metrics: dict[str, Any], wall_s: float) ->
         f"tokens/s; wrote {store.url} ({shards} shards)"
         + (f"; {errors:,} rows have an error value" if errors else "")
     ]
+    lines += _id_warnings(metrics)
     if instances:
         lines.append(f"  {'instance':<16} {'pool':<10} {'rows':>9} {'share':>6} {'out tok/s':>10}")
         total = max(sum(m["rows"] for m in instances.values()), 1)
@@ -27,3 +28,18 @@ def summary_lines(store: OutputStore, metrics: dict[str, Any], wall_s: float) ->
                 f"{m['output_tokens_per_s']:>10,.0f}"
             )
     return lines
+
+
+def _id_warnings(metrics: dict[str, Any]) -> list[str]:
+    """Loud lines when the id column turned out not to be a key."""
+    found = [
+        f"{metrics[k]:,} {what}"
+        for k, what in (("null_ids", "null ids"), ("duplicate_ids", "repeated ids within units"))
+        if metrics.get(k)
+    ]
+    if not found:
+        return []
+    return [
+        f"WARNING: the id column is not a key: {' and '.join(found)}; every row is in the "
+        "output, but ids do not identify rows (set input.id_is_key: false if that is expected)"
+    ]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hetbatch.errors import UserError
 from hetbatch.scheduler.core import SchedulerConfig
+from hetbatch.validate import JobError, check_job
 
 
 class _Strict(BaseModel):
@@ -33,6 +34,13 @@ class InputSpec(_Strict):
     prompt_column: str | None = None
     messages_column: str | None = None
     id_column: str | None = None
+    id_is_key: bool = Field(
+        default=True,
+        description="refuse null ids and report duplicates; false when ids may repeat",
+    )
+    cast_prompt: bool = Field(
+        default=False, description="accept a non-text prompt column, converting values to text"
+    )
     keep_columns: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -179,11 +187,22 @@ class JobSpec(_Strict):
     chat: bool = False
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64})
     seed: int = 0
+    max_error_rate: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="stop the job when more than this share of any 1,000 rows fail "
+        "(or all of the first 100); 1 never stops",
+    )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    accelerators: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="accelerator types to add to the catalog, or figures to correct in it",
+    )
 
     @model_validator(mode="after")
     def _template_and_sampling(self) -> JobSpec:
@@ -235,9 +254,14 @@ def parse_job(data: Any, source: str = "job") -> JobSpec:
     if not isinstance(data, dict):
         raise UserError(f"{source}: the job file must be a mapping of keys to values")
     try:
-        return JobSpec.model_validate(data)
+        job = JobSpec.model_validate(data)
     except ValidationError as exc:
         raise UserError(_format_error(source, exc)) from None
+    try:
+        check_job(job)
+    except JobError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    return job
 
 
 def load_job(path: str | Path) -> JobSpec:

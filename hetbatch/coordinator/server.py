@@ -13,12 +13,14 @@ import socket
 import socketserver
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.coordinator.protocol import ProtocolError, recv_message, send_message
+from hetbatch.error_budget import ErrorBudget
 from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
 from hetbatch.scheduler.pacing import PACING
@@ -86,6 +88,7 @@ class Coordinator:
         port: int = 0,
         clock: Callable[[], float] = time.monotonic,
         on_done: Callable[[], None] | None = None,
+        error_budget: ErrorBudget | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.store = store
@@ -96,6 +99,10 @@ class Coordinator:
         self.lock = threading.RLock()
         self.metrics: dict[str, InstanceMetrics] = {}
         self.finished = threading.Event()
+        # Set when too many rows fail: the job stops (finished) without _SUCCESS.
+        self.budget = error_budget or ErrorBudget()
+        self.failure: str | None = None
+        self.id_problems: Counter[str] = Counter()  # null and duplicate ids the workers saw
         self.started_at = clock()
         self._rows_done_at_start = scheduler.committed.total
         self._server = _Server((host, port), _Handler)
@@ -163,6 +170,8 @@ class Coordinator:
     def _op_lease(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
         instance = str(msg["instance"])
         now = self.clock()
+        if self.failure is not None:
+            return {"done": True}
         result = self.scheduler.request(instance, now)
         if isinstance(result, Lease):
             m = self.metrics[instance]
@@ -207,6 +216,7 @@ class Coordinator:
             )
         )
         self._count(instance, end - start, stats, now)
+        self._after_commit(end - start, stats, now)
         if self.scheduler.done:
             self._finish()
         return {"status": status.value}
@@ -222,9 +232,10 @@ class Coordinator:
 
     def _disconnect(self, instance: str) -> None:
         for lease in self.scheduler.leave(instance, self.clock()):
-            log.warning(
-                "%s left holding rows [%s, %s): re-queued", instance, lease.start, lease.end
-            )
+            if self.failure is None:  # a stopped job's workers leave holding units; expected
+                log.warning(
+                    "%s left holding rows [%s, %s): re-queued", instance, lease.start, lease.end
+                )
         if instance in self.metrics:
             self.metrics[instance].connected = False
 
@@ -246,6 +257,27 @@ class Coordinator:
         m.busy_s += float(stats.get("busy_s", 0.0))
         m.last_commit_at = now
 
+    def _after_commit(self, rows: int, stats: dict[str, Any], now: float) -> None:
+        """Tally the ids the unit's worker found not to be a key; spend the error budget, and
+        stop the job (finished, no _SUCCESS) once it is spent."""
+        self.id_problems.update(
+            {k: int(stats.get(k, 0)) for k in ("null_ids", "duplicate_ids") if stats.get(k)}
+        )
+        exceeded = self.budget.record(
+            rows,
+            int(stats.get("errors", 0)),
+            stats.get("top_error"),
+            int(stats.get("top_error_rows", 0)),
+            now,
+        )
+        if exceeded is not None and self.failure is None:
+            self.failure = exceeded.message()
+            log.info("stopping the job: %s", self.failure)
+            self.store.write_json("metrics.json", {**self.metrics_dict(), "failure": self.failure})
+            self.finished.set()
+            if self.on_done:
+                self.on_done()
+
     def _finish(self) -> None:
         if self.finished.is_set():
             return
@@ -260,6 +292,7 @@ class Coordinator:
             "wall_s": round(self.clock() - self.started_at, 3),
             "rows_total": self.scheduler.total_rows,
             "rows_this_run": self.scheduler.committed.total - self._rows_done_at_start,
+            **dict(self.id_problems),
             "instances": {k: m.to_dict(self.started_at) for k, m in sorted(self.metrics.items())},
         }
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -89,8 +89,14 @@ def _list_files(fs: fsspec.AbstractFileSystem, path: str, original: str) -> list
     return files
 
 
-def open_dataset(url: str, needed_columns: Sequence[str]) -> InputDataset:
-    """Read the footers of every input file and check the schema once, up front."""
+def open_dataset(
+    url: str,
+    needed_columns: Sequence[str],
+    inspect: Callable[[str, pq.FileMetaData], None] | None = None,
+) -> InputDataset:
+    """Read the footers of every input file and check the schema once, up front.
+
+    `inspect` sees each file's footer (shown path, metadata), e.g. for column statistics."""
     fs, path = url_to_fs(url)
     files: list[InputFile] = []
     schema: pa.Schema | None = None
@@ -110,6 +116,8 @@ def open_dataset(url: str, needed_columns: Sequence[str]) -> InputDataset:
             raise UserError(
                 f"{shown}: schema differs from the first input file: {_diff(schema, file_schema)}"
             )
+        if inspect is not None:
+            inspect(shown, meta)
         rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         files.append(InputFile(file_path, first_row, rows, fs.size(file_path) or 0))
         first_row += sum(rows)

@@ -18,7 +18,9 @@ from fsspec.core import url_to_fs
 
 from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
+from hetbatch.error_budget import BudgetConfig, ErrorBudget
 from hetbatch.errors import UserError
+from hetbatch.input_checks import check_input, id_statistics
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
 from hetbatch.io.paths import OutputPaths
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
@@ -111,7 +113,9 @@ class Launcher(ABC):
         With `dry_run` the same checks run and nothing at all is written or removed.
         """
         job = self.job
-        dataset = open_dataset(job.input.path, input_columns(job))
+        id_stats = id_statistics(job)
+        dataset = open_dataset(job.input.path, input_columns(job), id_stats)
+        check_input(job, dataset.schema, id_stats)
         store = OutputStore(job.output.path)
         record = self._job_record(dataset)
         if self.overwrite:
@@ -189,6 +193,10 @@ class Launcher(ABC):
             self.token,
             host=job.coordinator.host,
             port=job.coordinator.port,
+            error_budget=ErrorBudget(
+                BudgetConfig(max_error_rate=job.max_error_rate),
+                rows_to_run=run.total_rows - run.committed_rows,
+            ),
         )
         coordinator.start()
         host, port = coordinator.address

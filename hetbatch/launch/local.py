@@ -56,6 +56,11 @@ class LocalLauncher(Launcher):
             # to leave cleanly, then are stopped rather than waited for.
             workers.stop(grace_s=0.5 if coordinator.finished.is_set() else 10)
             coordinator.stop()
+        if coordinator.failure is not None:
+            done = coordinator.progress().rows_done
+            raise JobFailed(
+                f"{coordinator.failure} ({done:,} of {run.total_rows:,} rows committed and kept)"
+            )
         self.print_summary(run, coordinator, started)
         return 0
 

@@ -10,6 +10,7 @@ the difference. A job file can add types or override figures through `with_overr
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -149,9 +150,16 @@ class Catalog:
             if _key(acc.name) in (key, _key(alias or "")):
                 return acc
         raise UserError(
-            f"unknown accelerator {name!r}; known: {', '.join(self.names())} "
-            "(or add it to the catalog)"
+            f"unknown accelerator {name!r}{self._did_you_mean(key)}; known: "
+            f"{', '.join(self.names())} (or add it to the catalog)"
         )
+
+    def _did_you_mean(self, key: str) -> str:
+        """`, did you mean H100 SXM?` for the names and aliases closest to a mistyped one."""
+        names = {_key(a.name): a.name for a in self.accelerators} | dict(self.aliases)
+        close = difflib.get_close_matches(key, list(names), n=3, cutoff=0.6)
+        found = list(dict.fromkeys(names[k] for k in close))
+        return f", did you mean {' or '.join(found)}?" if found else ""
 
     def with_overrides(self, overrides: Mapping[str, Mapping[str, Any]]) -> Catalog:
         """Return a catalog where `{name: {field: value}}` overrides figures or adds a type.

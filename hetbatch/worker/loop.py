@@ -19,6 +19,8 @@ import pyarrow as pa
 
 from hetbatch.coordinator.protocol import Client
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
+from hetbatch.error_budget import most_common_error
+from hetbatch.input_checks import unit_id_problems
 from hetbatch.io.parquet import InputDataset, read_rows, write_table
 from hetbatch.io.paths import OutputPaths
 from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_seed
@@ -244,11 +246,17 @@ class Worker:
         )
         name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}.parquet"
         write_table(_staging(self.job, name), table, self.job.output.compression)
+        errors, top_error, top_error_rows = most_common_error(
+            r["error"] for r in results if r.get("error") is not None
+        )
         stats = {
             "rows": unit.rows,
             "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in results),
             "completion_tokens": sum(r.get("completion_tokens") or 0 for r in results),
-            "errors": sum(r.get("error") is not None for r in results),
+            "errors": errors,
+            "top_error": top_error,
+            "top_error_rows": top_error_rows,
+            **self._id_problems(unit),
             "busy_s": time.monotonic() - (unit.started_at or time.monotonic()),
         }
         reply = self.client.call(
@@ -264,6 +272,13 @@ class Worker:
             log.warning(
                 "unit [%s, %s) was taken over by another instance; discarded", unit.start, unit.end
             )
+
+    def _id_problems(self, unit: Unit) -> dict[str, int]:
+        """Null and repeated ids among the unit's rows: seen here at no extra read."""
+        if not (self.job.input.id_column and self.job.input.id_is_key):
+            return {}
+        nulls, duplicates = unit_id_problems([p.key for p in unit.prompts[: unit.rows]])
+        return {"null_ids": nulls, "duplicate_ids": duplicates}
 
 
 def _staging(job: JobSpec, name: str) -> str:

@@ -60,6 +60,10 @@ class StoredJobLauncher(Launcher):
             _linger(coordinator)
         finally:
             coordinator.stop()
+        if coordinator.failure is not None:
+            print(f"job failed: {coordinator.failure}", flush=True)
+            _withdraw_waiting(run.store)
+            return 1
         self.print_summary(run, coordinator, started)
         _withdraw_waiting(run.store)
         return 0

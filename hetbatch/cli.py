@@ -167,11 +167,13 @@ def _register_subsystem_commands() -> None:
     """Commands that live beside their subsystem (planner, simulator, launchers)."""
     from hetbatch.planner.cli import plan_command
     from hetbatch.planner.profile_cli import profile_command
+    from hetbatch.report.cli import report_command
     from hetbatch.sim.cli import simulate_command
 
     main.add_command(plan_command, "plan")
     main.add_command(profile_command, "profile")
     main.add_command(simulate_command, "simulate")
+    main.add_command(report_command, "report")
 
 
 _register_subsystem_commands()

@@ -20,6 +20,7 @@ from typing import Any
 from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.coordinator.protocol import ProtocolError, recv_message, send_message
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
+from hetbatch.scheduler.ranges import RangeSet
 
 log = logging.getLogger("hetbatch.coordinator")
 
@@ -95,6 +96,12 @@ class Coordinator:
         self.metrics: dict[str, InstanceMetrics] = {}
         self.finished = threading.Event()
         self.started_at = clock()
+        self.started_wall = time.time()
+        # For the ledger's per-unit record: when each lease was granted, and which rows were
+        # taken by a steal or came back from a lapsed lease (flagged on their next lease).
+        self._leased_wall: dict[int, tuple[float, bool, bool]] = {}
+        self._stolen_rows = RangeSet()
+        self._returned_rows = RangeSet()
         self._rows_done_at_start = scheduler.committed.total
         self._server = _Server((host, port), _Handler)
         self._server.coordinator = self
@@ -122,6 +129,7 @@ class Coordinator:
         while not self._server.stopping.wait(0.5):
             with self.lock:
                 for lease in self.scheduler.expire(self.clock()):
+                    self._returned_rows.add(lease.start, lease.end)
                     log.warning(
                         "lease %s of %s lapsed: rows [%s, %s) re-queued",
                         lease.lease_id,
@@ -165,6 +173,7 @@ class Coordinator:
         if isinstance(result, Lease):
             m = self.metrics[instance]
             m.first_lease_at = m.first_lease_at or now
+            self._note_lease(result)
             return {"lease": {"id": result.lease_id, "start": result.start, "end": result.end}}
         return {"done": True} if result is Wait.DONE else {"wait": 0.25}
 
@@ -178,10 +187,24 @@ class Coordinator:
         }
 
     def _op_release(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
+        lease = self.scheduler.leases.get(int(msg["lease"]))
+        start, end = (lease.start, lease.end) if lease is not None else (0, 0)
         self.scheduler.release(
             str(msg["instance"]), int(msg["lease"]), int(msg["cut"]), self.clock()
         )
+        if lease is not None:  # rows the holder gave back are the thief's: note them
+            kept = lease.end if lease.lease_id in self.scheduler.leases else start
+            self._stolen_rows.add(kept, end)
         return {"ok": True}
+
+    def _note_lease(self, lease: Lease) -> None:
+        """Remember when a lease was granted and whether its rows were stolen or re-dealt."""
+        flags = []
+        for rows in (self._stolen_rows, self._returned_rows):
+            flags.append(rows.overlaps(lease.start, lease.end))
+            if flags[-1]:
+                rows.remove(lease.start, lease.end)
+        self._leased_wall[lease.lease_id] = (time.time(), *flags)
 
     def _op_commit(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
         instance, start, end = str(msg["instance"]), int(msg["start"]), int(msg["end"])
@@ -192,6 +215,7 @@ class Coordinator:
             self.store.discard(staging)
             return {"status": status.value}
         stats = msg.get("stats", {})
+        leased_at, stolen, redealt = self._leased_wall.pop(int(msg["lease"]), (0.0, False, False))
         self.store.publish(staging, start, end)
         self.store.append(
             CommitRecord(
@@ -202,6 +226,10 @@ class Coordinator:
                 completion_tokens=int(stats.get("completion_tokens", 0)),
                 errors=int(stats.get("errors", 0)),
                 at=time.time(),
+                leased_at=leased_at,
+                pool=self.metrics[instance].pool,
+                stolen=stolen,
+                redealt=redealt,
             )
         )
         self._count(instance, end - start, stats, now)
@@ -220,6 +248,7 @@ class Coordinator:
 
     def _disconnect(self, instance: str) -> None:
         for lease in self.scheduler.leave(instance, self.clock()):
+            self._returned_rows.add(lease.start, lease.end)
             log.warning(
                 "%s left holding rows [%s, %s): re-queued", instance, lease.start, lease.end
             )
@@ -256,6 +285,7 @@ class Coordinator:
     def metrics_dict(self) -> dict[str, Any]:
         return {
             "wall_s": round(self.clock() - self.started_at, 3),
+            "started_at": round(self.started_wall, 3),
             "rows_total": self.scheduler.total_rows,
             "rows_this_run": self.scheduler.committed.total - self._rows_done_at_start,
             "instances": {k: m.to_dict(self.started_at) for k, m in sorted(self.metrics.items())},

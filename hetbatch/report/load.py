@@ -54,7 +54,7 @@ def load_run(output: str, prices: dict[str, float] | None = None) -> JobRun:
     return JobRun(
         title=str(spec["output"]["path"]),
         source="run",
-        state="complete" if complete else ("running" if _coordinator_up(store) else "incomplete"),
+        state="complete" if complete else "in progress",
         rows_total=int(job["rows"]),
         units=units,
         pool_of={k: v for k, v in pool_of.items() if any(u.instance == k for u in units)}
@@ -98,12 +98,6 @@ def _unit(r: CommitRecord, started: float, pool_of: dict[str, str]) -> Unit:
         stolen=r.stolen,
         redealt=r.redealt,
     )
-
-
-def _coordinator_up(store: OutputStore) -> bool:
-    from hetbatch.status import live_status
-
-    return live_status(store, timeout_s=1.0) is not None
 
 
 def _planned_rates(plan: dict[str, Any] | None) -> dict[str, float]:

@@ -49,7 +49,7 @@ class JobRun:
 
     title: str
     source: str  # "run" or "simulation"
-    state: str  # "complete", "running" or "incomplete"
+    state: str  # "complete" or "in progress" (no _SUCCESS yet: running, or stopped)
     rows_total: int
     units: list[Unit]
     pool_of: dict[str, str]  # instance -> pool, for every instance that took part

@@ -113,10 +113,18 @@ def coordinate(output: str) -> None:
 @main.command()
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="A live view, refreshed until the job ends or Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes of --watch.")
 @user_errors
-def status(output: str, as_json: bool) -> None:
+def status(output: str, as_json: bool, watch: bool, interval: float) -> None:
     """Progress of the job writing to OUTPUT: ledger, live coordinator, Slurm jobs."""
     from hetbatch.status import job_status
+
+    if watch:
+        from hetbatch.watch import watch_status
+
+        sys.exit(watch_status(output, interval))
 
     info = job_status(output)
     if as_json:

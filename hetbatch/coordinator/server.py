@@ -54,6 +54,7 @@ class InstanceMetrics:
             "output_tokens_per_s": round(rate, 2),
             "first_lease_s": _since(self.first_lease_at, t0),
             "last_commit_s": _since(self.last_commit_at, t0),
+            "connected": self.connected,
         }
 
 

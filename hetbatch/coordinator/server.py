@@ -13,6 +13,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,7 @@ class Coordinator:
         self._leased_wall: dict[int, tuple[float, bool, bool]] = {}
         self._stolen_rows = RangeSet()
         self._returned_rows = RangeSet()
+        self.events: Counter[str] = Counter()  # lease expiries, steals (for live metrics)
         self._rows_done_at_start = scheduler.committed.total
         self._server = _Server((host, port), _Handler)
         self._server.coordinator = self
@@ -131,6 +133,7 @@ class Coordinator:
             with self.lock:
                 for lease in self.scheduler.expire(self.clock()):
                     self._returned_rows.add(lease.start, lease.end)
+                    self.events["lease_expired"] += 1
                     log.warning(
                         "lease %s of %s lapsed: rows [%s, %s) re-queued",
                         lease.lease_id,
@@ -196,6 +199,7 @@ class Coordinator:
         if lease is not None:  # rows the holder gave back are the thief's: note them
             kept = lease.end if lease.lease_id in self.scheduler.leases else start
             self._stolen_rows.add(kept, end)
+            self.events["steal"] += 1
         return {"ok": True}
 
     def _note_lease(self, lease: Lease) -> None:
@@ -250,6 +254,7 @@ class Coordinator:
     def _disconnect(self, instance: str) -> None:
         for lease in self.scheduler.leave(instance, self.clock()):
             self._returned_rows.add(lease.start, lease.end)
+            self.events["left_holding"] += 1
             log.warning(
                 "%s left holding rows [%s, %s): re-queued", instance, lease.start, lease.end
             )

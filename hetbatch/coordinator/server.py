@@ -102,7 +102,7 @@ class Coordinator:
         # For the ledger's per-unit record: when each lease was granted, and which rows were
         # taken by a steal or came back from a lapsed lease (flagged on their next lease).
         self._leased_wall: dict[int, tuple[float, bool, bool]] = {}
-        self._stolen_rows = RangeSet()
+        self._released_rows: dict[str, RangeSet] = {}  # by the instance that gave them up
         self._returned_rows = RangeSet()
         self.events: Counter[str] = Counter()  # lease expiries, steals (for live metrics)
         self._rows_done_at_start = scheduler.committed.total
@@ -198,18 +198,25 @@ class Coordinator:
         )
         if lease is not None:  # rows the holder gave back are the thief's: note them
             kept = lease.end if lease.lease_id in self.scheduler.leases else start
-            self._stolen_rows.add(kept, end)
+            self._released_rows.setdefault(lease.instance, RangeSet()).add(kept, end)
             self.events["steal"] += 1
         return {"ok": True}
 
     def _note_lease(self, lease: Lease) -> None:
-        """Remember when a lease was granted and whether its rows were stolen or re-dealt."""
-        flags = []
-        for rows in (self._stolen_rows, self._returned_rows):
-            flags.append(rows.overlaps(lease.start, lease.end))
-            if flags[-1]:
-                rows.remove(lease.start, lease.end)
-        self._leased_wall[lease.lease_id] = (time.time(), *flags)
+        """Remember when a lease was granted and whether its rows were stolen (given up by
+        another instance for this one) or re-dealt (back from a lapsed lease or a lost holder)."""
+        span = (lease.start, lease.end)
+        stolen = any(
+            victim != lease.instance and rows.overlaps(*span)
+            for victim, rows in self._released_rows.items()
+        )
+        for victim, rows in list(self._released_rows.items()):
+            rows.remove(*span)
+            if not rows:
+                del self._released_rows[victim]
+        redealt = self._returned_rows.overlaps(*span)
+        self._returned_rows.remove(*span)
+        self._leased_wall[lease.lease_id] = (time.time(), stolen, redealt)
 
     def _op_commit(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
         instance, start, end = str(msg["instance"]), int(msg["start"]), int(msg["end"])

@@ -6,8 +6,11 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import matplotlib
+import numpy as np
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
@@ -25,25 +28,48 @@ def pool_colours(run: JobRun) -> dict[str, str]:
             for k, p in enumerate(run.pools)}
 
 
+MAX_LABELLED_ROWS = 60  # more instances than this: no name per row
+MAX_VECTOR_UNITS = 3000  # more units than this: the bars are drawn as an image in the SVG
+
+
+def _row_height(rows: int) -> float:
+    """Figure height for one row per instance, capped so a huge cluster still renders."""
+    return min(1.2 + 0.35 * rows, 30.0)
+
+
+def _bars(ax: Any, lefts: list[float], widths: list[float], rows: list[int], **style: Any) -> None:
+    """Horizontal bars as one collection (fast for many thousands of bars)."""
+    x0 = np.asarray(lefts, dtype=float)
+    x1 = x0 + np.asarray(widths, dtype=float)
+    y0 = np.asarray(rows, dtype=float) - 0.35
+    y1 = y0 + 0.7
+    verts = np.stack([np.stack(c, axis=1) for c in ((x0, y0), (x0, y1), (x1, y1), (x1, y0))],
+                     axis=1)
+    ax.add_collection(PolyCollection(verts, **style))
+
+
 def gantt(run: JobRun) -> Figure:
     """One row per instance, one bar per unit from lease to commit; hatched when its rows were
     stolen from another instance, outlined red when they were re-dealt after a lapsed lease."""
     colours = pool_colours(run)
     names = run.instances
-    fig = Figure(figsize=(10, 1.2 + 0.35 * len(names)))
+    fig = Figure(figsize=(10, _row_height(len(names))))
     ax = fig.subplots()
-    row_of = {n: k for k, n in enumerate(names)}
-    for u in run.units:
-        if u.leased_s is None or u.instance not in row_of:
-            continue
-        ax.barh(
-            row_of[u.instance], max(u.committed_s - u.leased_s, 1e-3), left=u.leased_s,
-            height=0.7, color=colours.get(u.pool, "grey"), alpha=0.75,
-            edgecolor="crimson" if u.redealt else "white",
-            linewidth=1.5 if u.redealt else 0.4, hatch="///" if u.stolen else None,
-        )
-    ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()
+    groups: dict[tuple[str, bool, bool], tuple[list[float], list[float], list[int]]] = {}
+    for k, name in enumerate(names):
+        for u in run.units_of.get(name, []):
+            if u.leased_s is not None:
+                lefts, widths, rows = groups.setdefault((u.pool, u.stolen, u.redealt),
+                                                        ([], [], []))
+                lefts.append(u.leased_s)
+                widths.append(max(u.committed_s - u.leased_s, 1e-3))
+                rows.append(k)
+    raster = len(run.units) > MAX_VECTOR_UNITS
+    for (pool, stolen, redealt), (lefts, widths, rows) in groups.items():
+        _bars(ax, lefts, widths, rows, facecolors=colours.get(pool, "grey"), alpha=0.75,
+              edgecolors="crimson" if redealt else "white", linewidths=1.5 if redealt else 0.4,
+              hatch="///" if stolen else None, rasterized=raster)
+    _instance_axis(ax, names)
     ax.set_xlim(0, max(run.makespan_s, 1e-3))
     ax.set_xlabel("seconds since the job started")
     handles = [Patch(color=c, label=f"pool {p}") for p, c in colours.items()]
@@ -52,6 +78,15 @@ def gantt(run: JobRun) -> Figure:
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def _instance_axis(ax: Any, names: list[str]) -> None:
+    if len(names) <= MAX_LABELLED_ROWS:
+        ax.set_yticks(range(len(names)), names)
+    else:
+        ax.set_ylabel(f"{len(names):,} instances, by pool")
+        ax.set_yticks([])
+    ax.set_ylim(len(names) - 0.5, -0.5)
 
 
 def throughput(run: JobRun) -> Figure:
@@ -88,19 +123,21 @@ IDLE_PARTS = (("busy", "#4c72b0"), ("startup", "#bbbbbb"), ("waiting", "#dd8452"
 def time_use(run: JobRun) -> Figure:
     """Each instance's busy time and where its idle time went."""
     names = run.instances
-    fig = Figure(figsize=(10, 1.2 + 0.35 * len(names)))
+    fig = Figure(figsize=(10, _row_height(len(names))))
     ax = fig.subplots()
-    left = [0.0] * len(names)
+    left = np.zeros(len(names))
     times = [model.instance_time(run, n) for n in names]
+    rows = list(range(len(names)))
     for part, colour in IDLE_PARTS:
-        widths = [getattr(t, part) for t in times]
-        ax.barh(range(len(names)), widths, left=left, color=colour, height=0.7,
-                label="start-up" if part == "startup" else part)
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    ax.set_yticks(range(len(names)), names)
-    ax.invert_yaxis()
+        widths = np.asarray([getattr(t, part) for t in times])
+        _bars(ax, list(left), list(widths), rows, facecolors=colour, edgecolors="none",
+              rasterized=len(names) > MAX_LABELLED_ROWS)
+        left += widths
+    _instance_axis(ax, names)
+    ax.set_xlim(0, max(float(left.max(initial=0.0)), 1e-3) * 1.02)
     ax.set_xlabel("seconds")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    handles = [Patch(color=c, label="start-up" if p == "startup" else p) for p, c in IDLE_PARTS]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     return fig
 

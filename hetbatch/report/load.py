@@ -57,8 +57,7 @@ def load_run(output: str, prices: dict[str, float] | None = None) -> JobRun:
         state="complete" if complete else "in progress",
         rows_total=int(job["rows"]),
         units=units,
-        pool_of={k: v for k, v in pool_of.items() if any(u.instance == k for u in units)}
-        or pool_of,
+        pool_of={**pool_of, **{u.instance: u.pool for u in units}},
         makespan_s=max(makespan, 0.0),
         planned_rates=_planned_rates(plan),
         pool_devices=_devices(pools),

@@ -54,8 +54,8 @@ def _card(label: str, value: str, key: str, raw: float | None) -> str:
 
 def render_page(run: JobRun, charts: dict[str, str]) -> str:
     t = model.totals(run)
-    eff = model.efficiency(run)
     bound = model.fluid_bound(run)
+    eff = model.efficiency(run, bound)
     pools = model.pool_totals(run)
     costs = [p.cost for p in pools.values() if p.cost is not None]
     total_cost = sum(costs) if costs and len(costs) == len(pools) else None
@@ -147,7 +147,7 @@ def _pool_table(pools: dict[str, model.PoolTotals]) -> str:
 def _instance_table(run: JobRun) -> str:
     rows = []
     for name in run.instances:
-        units = [u for u in run.units if u.instance == name]
+        units = run.units_of.get(name, [])
         t = model.instance_time(run, name)
         rows.append(
             f'<tr data-instance="{html.escape(name)}">' + _td(name) + _td(run.pool_of[name])

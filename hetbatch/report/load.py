@@ -43,11 +43,11 @@ def load_run(output: str, prices: dict[str, float] | None = None) -> JobRun:
     if metrics:
         pool_of.update({k: m["pool"] for k, m in metrics.get("instances", {}).items()})
     units = [_unit(r, started, pool_of) for r in records if r.instance != "recovered"]
-    if complete and metrics:
-        makespan = float(metrics["wall_s"])
-    else:
+    if complete and metrics and started == metrics.get("started_at"):
+        makespan = float(metrics["wall_s"])  # one run, timed by its coordinator
+    else:  # running, or resumed over several runs: up to now, or to the last commit
         last = max((r.at for r in records), default=started)
-        makespan = (time.time() if not complete else last) - started
+        makespan = (last if complete else time.time()) - started
     spec = job["spec"]
     pools = spec["cluster"]["pools"]
     prompts, completions, note = _lengths(store, records)

@@ -172,6 +172,7 @@ class EngineSpec(_Strict):
 class CoordinatorSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)  # serves Prometheus /metrics
 
 
 class LaunchSpec(_Strict):

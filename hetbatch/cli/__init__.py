@@ -13,6 +13,7 @@ import click
 from hetbatch import __version__
 from hetbatch.cli.plan import plan_command
 from hetbatch.cli.profile import profile_command
+from hetbatch.cli.report import report_command
 from hetbatch.cli.run import run_command
 from hetbatch.cli.simulate import simulate_command
 from hetbatch.cli.slurm import cancel_command, coordinate_command, submit_command
@@ -27,5 +28,5 @@ def main() -> None:
 
 
 for _command in (run_command, plan_command, profile_command, simulate_command, submit_command,
-                 status_command, cancel_command, coordinate_command):
+                 status_command, cancel_command, coordinate_command, report_command):
     main.add_command(_command)

@@ -242,9 +242,20 @@ def _step_s(job: JobSpec, insts: list[SimInstance]) -> float:
 @click.option("--slow", multiple=True, metavar="INSTANCE=FACTOR", help="Actual = planned x F.")
 @options.as_json
 @click.option("--gantt", "gantt_path", type=click.Path(dir_okay=False), help="Write a PNG.")
-def simulate_command(job_file: str, as_json: bool, gantt_path: str | None, **o) -> None:
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the HTML report of the simulated run (as `hetbatch report` does).")
+def simulate_command(
+    job_file: str, as_json: bool, gantt_path: str | None, report_path: str | None, **o
+) -> None:
     """Simulate JOB_FILE's cluster and scheduler: makespan, throughput, busy/idle per instance."""
-    result = predict(load_job(job_file), **o)
+    job = load_job(job_file)
+    result = predict(job, **o)
+    if report_path:
+        from hetbatch.report.build import write_report
+        from hetbatch.report.simulated import from_simulation
+
+        insts = build_instances(job, o["lose"], o["join"], o["slow"], o["calibration"])
+        write_report(from_simulation(result, insts, job.output.path), report_path)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))
     if gantt_path:
         gantt(result, gantt_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -13,9 +14,17 @@ from hetbatch.cli import options
 @options.command("status")
 @options.output_folder
 @options.as_json
-def status_command(output: str, as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="A live view, refreshed until the job ends or Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes of --watch.")
+def status_command(output: str, as_json: bool, watch: bool, interval: float) -> None:
     """Progress of the job writing to OUTPUT: ledger, live coordinator, Slurm jobs."""
     from hetbatch.status import job_status
+
+    if watch:
+        from hetbatch.watch import watch_status
+
+        sys.exit(watch_status(output, interval))
 
     info = job_status(output)
     if as_json:

@@ -24,6 +24,7 @@ from hetbatch.error_budget import ErrorBudget
 from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
 from hetbatch.scheduler.pacing import PACING
+from hetbatch.scheduler.ranges import RangeSet
 
 log = logging.getLogger("hetbatch.coordinator")
 
@@ -57,6 +58,7 @@ class InstanceMetrics:
             "output_tokens_per_s": round(rate, 2),
             "first_lease_s": _since(self.first_lease_at, t0),
             "last_commit_s": _since(self.last_commit_at, t0),
+            "connected": self.connected,
         }
 
 
@@ -104,6 +106,13 @@ class Coordinator:
         self.failure: str | None = None
         self.id_problems: Counter[str] = Counter()  # null and duplicate ids the workers saw
         self.started_at = clock()
+        self.started_wall = time.time()
+        # For the ledger's per-unit record: when each lease was granted, and which rows were
+        # taken by a steal or came back from a lapsed lease (flagged on their next lease).
+        self._leased_wall: dict[int, tuple[float, bool, bool]] = {}
+        self._released_rows: dict[str, RangeSet] = {}  # by the instance that gave them up
+        self._returned_rows = RangeSet()
+        self.events: Counter[str] = Counter()  # lease expiries, steals (for live metrics)
         self._rows_done_at_start = scheduler.committed.total
         self._server = _Server((host, port), _Handler)
         self._server.coordinator = self
@@ -131,6 +140,8 @@ class Coordinator:
         while not self._server.stopping.wait(PACING.expire_tick_s):
             with self.lock:
                 for lease in self.scheduler.expire(self.clock()):
+                    self._returned_rows.add(lease.start, lease.end)
+                    self.events["lease_expired"] += 1
                     log.warning(
                         "lease %s of %s lapsed: rows [%s, %s) re-queued",
                         lease.lease_id,
@@ -176,6 +187,7 @@ class Coordinator:
         if isinstance(result, Lease):
             m = self.metrics[instance]
             m.first_lease_at = m.first_lease_at or now
+            self._note_lease(result)
             return {"lease": {"id": result.lease_id, "start": result.start, "end": result.end}}
         return {"done": True} if result is Wait.DONE else {"wait": PACING.wait_s}
 
@@ -189,10 +201,32 @@ class Coordinator:
         }
 
     def _op_release(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
+        lease = self.scheduler.leases.get(int(msg["lease"]))
+        start, end = (lease.start, lease.end) if lease is not None else (0, 0)
         self.scheduler.release(
             str(msg["instance"]), int(msg["lease"]), int(msg["cut"]), self.clock()
         )
+        if lease is not None:  # rows the holder gave back are the thief's: note them
+            kept = lease.end if lease.lease_id in self.scheduler.leases else start
+            self._released_rows.setdefault(lease.instance, RangeSet()).add(kept, end)
+            self.events["steal"] += 1
         return {"ok": True}
+
+    def _note_lease(self, lease: Lease) -> None:
+        """Remember when a lease was granted and whether its rows were stolen (given up by
+        another instance for this one) or re-dealt (back from a lapsed lease or a lost holder)."""
+        span = (lease.start, lease.end)
+        stolen = any(
+            victim != lease.instance and rows.overlaps(*span)
+            for victim, rows in self._released_rows.items()
+        )
+        for victim, rows in list(self._released_rows.items()):
+            rows.remove(*span)
+            if not rows:
+                del self._released_rows[victim]
+        redealt = self._returned_rows.overlaps(*span)
+        self._returned_rows.remove(*span)
+        self._leased_wall[lease.lease_id] = (time.time(), stolen, redealt)
 
     def _op_commit(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
         instance, start, end = str(msg["instance"]), int(msg["start"]), int(msg["end"])
@@ -203,6 +237,7 @@ class Coordinator:
             self.store.discard(staging)
             return {"status": status.value}
         stats = msg.get("stats", {})
+        leased_at, stolen, redealt = self._leased_wall.pop(int(msg["lease"]), (0.0, False, False))
         self.store.publish(staging, start, end)
         self.store.append(
             CommitRecord(
@@ -213,6 +248,10 @@ class Coordinator:
                 completion_tokens=int(stats.get("completion_tokens", 0)),
                 errors=int(stats.get("errors", 0)),
                 at=time.time(),
+                leased_at=leased_at,
+                pool=self.metrics[instance].pool,
+                stolen=stolen,
+                redealt=redealt,
             )
         )
         self._count(instance, end - start, stats, now)
@@ -232,6 +271,8 @@ class Coordinator:
 
     def _disconnect(self, instance: str) -> None:
         for lease in self.scheduler.leave(instance, self.clock()):
+            self._returned_rows.add(lease.start, lease.end)
+            self.events["left_holding"] += 1
             if self.failure is None:  # a stopped job's workers leave holding units; expected
                 log.warning(
                     "%s left holding rows [%s, %s): re-queued", instance, lease.start, lease.end
@@ -290,6 +331,7 @@ class Coordinator:
     def metrics_dict(self) -> dict[str, Any]:
         return {
             "wall_s": round(self.clock() - self.started_at, 3),
+            "started_at": round(self.started_wall, 3),
             "rows_total": self.scheduler.total_rows,
             "rows_this_run": self.scheduler.committed.total - self._rows_done_at_start,
             **dict(self.id_problems),

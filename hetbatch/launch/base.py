@@ -199,6 +199,10 @@ class Launcher(ABC):
             ),
         )
         coordinator.start()
+        if job.coordinator.metrics_port is not None:
+            from hetbatch.prometheus import serve_metrics
+
+            serve_metrics(coordinator, job.coordinator.metrics_port, job.coordinator.host)
         host, port = coordinator.address
         run.store.write_json(
             OutputPaths.COORDINATOR,

@@ -1,4 +1,4 @@
-"""Human-readable summaries of a job's output: what `run` prints at the end, and `report`."""
+"""The few lines `run` prints when a job ends."""
 
 from __future__ import annotations
 

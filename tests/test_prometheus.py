@@ -1,0 +1,53 @@
+"""The coordinator's Prometheus endpoint, scraped while a job runs."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.jobutil import ledger, make_input, sim_job, sim_pool, start_cli, wait_for, write_job
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[str, list]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+def _by_instance(samples: list) -> dict[str, float]:
+    return {s.labels["instance"]: s.value for s in samples if "instance" in s.labels}
+
+
+def test_metrics_endpoint_during_a_run(tmp_path) -> None:
+    rows, port = 12_000, _free_port()
+    job = sim_job(tmp_path, make_input(tmp_path / "in.parquet", rows),
+                  [sim_pool("fast", 8_000), sim_pool("slow", 3_000)],
+                  coordinator={"metrics_port": port})
+    out = tmp_path / "out"
+    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
+    try:
+        wait_for(lambda: len(ledger(out)) >= 4, 60, "a few commits")
+        m = _scrape(port)
+    finally:
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    done = m["hetbatch_rows_done"][0].value
+    assert m["hetbatch_rows_total_job"][0].value == rows
+    assert 0 < done < rows
+    per_rows = _by_instance(m["hetbatch_rows"])
+    assert set(per_rows) == {"fast-0-0", "slow-0-0"} and sum(per_rows.values()) == done
+    pools = {s.labels["instance"]: s.labels["pool"] for s in m["hetbatch_rows"]}
+    assert pools == {"fast-0-0": "fast", "slow-0-0": "slow"}
+    assert all(v == 1 for v in _by_instance(m["hetbatch_instance_connected"]).values())
+    assert sum(_by_instance(m["hetbatch_completion_tokens"]).values()) == 8 * done
+    assert m["hetbatch_queue_rows"][0].value + m["hetbatch_leased_rows"][0].value <= rows - done
+    assert m["hetbatch_eta_seconds"][0].value > 0
+    assert m["hetbatch_steals"][0].value >= 0 and m["hetbatch_lease_expiries"][0].value == 0

@@ -71,3 +71,8 @@ class RangeSet:
         """Whether all of [start, end) is in the set."""
         i = bisect.bisect_right(self._starts, start) - 1
         return i >= 0 and self._ends[i] >= end
+
+    def overlaps(self, start: int, end: int) -> bool:
+        """Whether any of [start, end) is in the set."""
+        i = bisect.bisect_right(self._ends, start)
+        return i < len(self._starts) and self._starts[i] < end

@@ -62,10 +62,11 @@ def test_request_without_token_is_refused(served) -> None:
     assert _client(coord).call("job") == {"job": {"spec": {}}}
 
 
-def test_oversized_message_is_dropped(served) -> None:
+def test_oversized_message_is_refused_and_the_connection_closed(served) -> None:
     coord, _, _ = served
     with socket.create_connection(coord.address) as sock:
         sock.sendall(struct.pack(">I", MAX_MESSAGE_BYTES + 1))
+        assert "exceeds" in recv_message(sock)["error"]
         assert sock.recv(1) == b""
 
 

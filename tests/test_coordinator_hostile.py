@@ -63,7 +63,8 @@ class Served:
     def assert_unharmed(self) -> None:
         """The honest worker still holds its lease and is answered normally."""
         held = self.coord.scheduler.leases[self.lease["id"]]
-        assert (held.instance, held.start, held.end) == ("a", self.lease["start"], self.lease["end"])
+        lease = self.lease
+        assert (held.instance, held.start, held.end) == ("a", lease["start"], lease["end"])
         progress = {str(self.lease["id"]): [0, 0]}
         reply = self.honest.call("heartbeat", instance="a", progress=progress)
         assert reply == {"releases": [], "revoked": [], "done": False}
@@ -113,8 +114,10 @@ BAD: dict[str, st.SearchStrategy[Any]] = {
     ),
     "pool": st.one_of(st.integers(), st.booleans(), st.lists(st.text(), max_size=2),
                       st.just("p" * 300)),
-    "concurrency": st.one_of(st.booleans(), st.text(max_size=5), st.floats(),
-                             st.integers(max_value=0), st.integers(min_value=m.MAX_CONCURRENCY + 1)),
+    "concurrency": st.one_of(
+        st.booleans(), st.text(max_size=5), st.floats(), st.integers(max_value=0),
+        st.integers(min_value=m.MAX_CONCURRENCY + 1),
+    ),
     "lease": st.one_of(JUNK, NOT_JSON_SAFE_INT),
     "cut": st.one_of(JUNK, NOT_JSON_SAFE_INT),
     "start": st.one_of(JUNK, NOT_JSON_SAFE_INT, st.integers(min_value=5, max_value=m.MAX_INT)),
@@ -208,7 +211,8 @@ def test_another_instances_name_and_leases_change_nothing(served: Served) -> Non
     as_a = {"op": "heartbeat", "token": TOKEN, "instance": "a", "progress": {}}
     assert "speaks for 'mallory'" in served.send(sock, as_a)["error"]
     with served.connect() as fresh:
-        assert "has not said hello" in served.send(fresh, {"op": "lease", "token": TOKEN, "instance": "a"})["error"]
+        lease_as_a = {"op": "lease", "token": TOKEN, "instance": "a"}
+        assert "has not said hello" in served.send(fresh, lease_as_a)["error"]
     # Another instance's lease id gets the verdict a lapsed lease gets: an honest worker whose
     # lease lapsed and was dealt again sends exactly these.
     assert served.send(sock, {"op": "release", "token": TOKEN, "instance": "mallory",

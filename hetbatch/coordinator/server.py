@@ -341,7 +341,10 @@ class Coordinator:
         staged = [self.store.staging_url(msg.staging) for msg, _ in batch]
         present = [self._staged(url) for url in staged]
         with self.lock:
-            verdicts = [self._verdict(msg) if ok else None for (msg, _), ok in zip(batch, present)]
+            verdicts = [
+                self._verdict(msg) if ok else None
+                for (msg, _), ok in zip(batch, present, strict=True)
+            ]
         replies: list[dict[str, Any]] = []
         records: list[CommitRecord] = []
         # Publish every accepted shard before discarding any: a discard never races a publish.

@@ -21,6 +21,7 @@ from hetbatch.coordinator.messages import request
 
 MAX_MESSAGE_BYTES = 4 << 20
 _HEADER = struct.Struct(">I")
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 class ProtocolError(Exception):
@@ -29,7 +30,7 @@ class ProtocolError(Exception):
 
 def encode_message(message: dict[str, Any]) -> bytes:
     """One frame: the length, then the JSON body."""
-    body = json.dumps(message, separators=(",", ":")).encode()
+    body = _ENCODER.encode(message).encode()
     if len(body) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
     return _HEADER.pack(len(body)) + body

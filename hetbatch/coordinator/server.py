@@ -209,8 +209,8 @@ class Coordinator:
     def on_frame(self, conn: _Connection, body: bytes) -> None:
         """Answer one framed request; anything malformed gets an error reply, nothing more."""
         try:
-            data = json.loads(body)
-        except ValueError as exc:
+            data = json.loads(body.decode())
+        except ValueError as exc:  # UnicodeDecodeError included
             conn.reply(m.error_reply(f"invalid JSON: {str(exc)[:80]}"))
             return
         token = data.get("token") if type(data) is dict else None

@@ -364,7 +364,7 @@ def summarise(
     kinds = ("lease", "heartbeat", "commit")
     lat = {k: [x for r in reports for x in r["latency"][k]] for k in kinds}
     messages = sum(r["messages"] for r in reports) / args.duration
-    worst_p99 = max(pct(v, 0.99) for v in lat.values() if v)
+    worst_p99 = max((pct(v, 0.99) for v in lat.values() if v), default=float("inf"))
     lost = final["leases_lapsed"] + sum(r["revoked"] + r["stale"] for r in reports)
     print(f"coordinator load: {args.instances:,} instances over {args.procs} load processes, "
           f"heartbeat every {args.heartbeat_s:g} s, unit {args.unit_s:g} s, "

@@ -16,6 +16,7 @@ Built for many thousands of workers on one process:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
@@ -39,6 +40,7 @@ from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
 log = logging.getLogger("hetbatch.coordinator")
 
 TICK_S = 0.5  # how often lapsed leases are looked for
+STALL_S = 0.25  # a tick this late means the coordinator, not the workers, was slow
 LISTEN_BACKLOG = 4096  # thousands of workers may connect at the same moment
 MAX_COMMIT_BATCH = 512
 MAX_UNSENT_BYTES = 16 << 20  # a peer that stops reading its replies is dropped
@@ -118,6 +120,8 @@ class Coordinator:
         self.finished = threading.Event()
         self.started_at = clock()
         self.leases_lapsed = 0
+        self._tick_due = 0.0
+        self._stalls: collections.deque[tuple[float, float]] = collections.deque()
         self._rows_done_at_start = scheduler.committed.total
         self._sock = _listen(host, port)
         self._job_frame: bytes | None = None
@@ -174,7 +178,7 @@ class Coordinator:
                     lambda: _Connection(self), sock=self._sock, backlog=LISTEN_BACKLOG
                 )
             )
-            loop.call_later(TICK_S, self._tick)
+            self._schedule_tick()
             ready.set()
             loop.run_forever()
             server.close()
@@ -190,8 +194,18 @@ class Coordinator:
         self._loop.stop()
 
     def _tick(self) -> None:
+        """Give lapsed leases back, not counting time the coordinator itself was stalled."""
+        assert self._loop is not None
+        late = self._loop.time() - self._tick_due
+        now = self.clock()
+        if late > STALL_S:  # starved of CPU or busy: heartbeats may be waiting unread
+            self._stalls.append((now, late))
+        horizon = now - self.scheduler.config.lease_timeout_s
+        while self._stalls and self._stalls[0][0] < horizon:
+            self._stalls.popleft()
+        stalled = sum(lag for _, lag in self._stalls)
         with self.lock:
-            lapsed = self.scheduler.expire(self.clock())
+            lapsed = self.scheduler.expire(now - stalled)
         self.leases_lapsed += len(lapsed)
         for lease in lapsed:
             log.warning(
@@ -201,8 +215,12 @@ class Coordinator:
                 lease.start,
                 lease.end,
             )
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
         assert self._loop is not None
-        self._loop.call_later(TICK_S, self._tick)
+        self._tick_due = self._loop.time() + TICK_S
+        self._loop.call_at(self._tick_due, self._tick)
 
     # -- requests -------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import socket
 from typing import Any
 
 from hetbatch.coordinator.ledger import OutputStore
+from hetbatch.coordinator.messages import StatusRequest
 from hetbatch.coordinator.protocol import (
     ProtocolError,
     file_locator,
@@ -57,7 +58,7 @@ def live_status(store: OutputStore, timeout_s: float = 3.0) -> dict[str, Any] | 
         return None  # no coordinator address or no token file (a local run): ledger only
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as sock:
-            send_message(sock, {"op": "status", "token": token})
+            send_message(sock, StatusRequest().to_wire(token))
             reply = recv_message(sock)
     except (OSError, ProtocolError):
         return None

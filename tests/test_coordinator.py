@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import struct
+import threading
+import time
 
 import pyarrow as pa
 import pytest
@@ -62,10 +66,11 @@ def test_request_without_token_is_refused(served) -> None:
     assert _client(coord).call("job") == {"job": {"spec": {}}}
 
 
-def test_oversized_message_is_dropped(served) -> None:
+def test_oversized_message_is_refused_and_the_connection_closed(served) -> None:
     coord, _, _ = served
     with socket.create_connection(coord.address) as sock:
         sock.sendall(struct.pack(">I", MAX_MESSAGE_BYTES + 1))
+        assert "exceeds" in recv_message(sock)["error"]
         assert sock.recv(1) == b""
 
 
@@ -122,3 +127,44 @@ def test_dropped_connection_requeues_leases(served) -> None:
         5,
         "lease back in the queue",
     )
+
+
+def test_concurrent_commits_are_published_once_and_success_comes_last(tmp_path) -> None:
+    """Many workers commit at once (the committer batches them): every row is published and
+    recorded exactly once, and `_SUCCESS` appears only after the last ledger line."""
+    store = OutputStore(str(tmp_path / "out"))
+    store.recover()
+    sched = Scheduler(3000, SchedulerConfig(min_unit_rows=10, max_unit_rows=40))
+    coord = Coordinator(sched, store, {"spec": {}}, token="s3cret")
+    coord.start()
+
+    def work(name: str) -> None:
+        client = _client(coord)
+        client.call("hello", instance=name, weight=1)
+        while not (reply := client.call("lease", instance=name)).get("done"):
+            if "lease" not in reply:
+                time.sleep(0.02)
+                continue
+            lease = reply["lease"]
+            staging = f"{name}-{lease['id']}.parquet"
+            _stage(store, staging, lease["end"] - lease["start"])
+            client.call("commit", instance=name, lease=lease["id"], start=lease["start"],
+                        end=lease["end"], staging=staging)
+        client.close()
+
+    try:
+        threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert coord.finished.wait(10)
+    finally:
+        coord.stop()
+    ranges = sorted((r.start, r.end) for r in store.read_ledger())
+    assert ranges == store.published_ranges()
+    assert sum(b - a for a, b in ranges) == 3000 and ranges[0][0] == 0
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    ledger = os.stat(store.path("_hetbatch", "ledger.jsonl")).st_mtime_ns
+    assert os.stat(store.path("_SUCCESS")).st_mtime_ns >= ledger
+    assert store.read_json("metrics.json")["rows_this_run"] == 3000

@@ -17,21 +17,28 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
+from hetbatch.coordinator.messages import request
 from hetbatch.io.paths import OutputPaths
 
 MAX_MESSAGE_BYTES = 4 << 20
 _HEADER = struct.Struct(">I")
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid message, or went away."""
 
 
-def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
-    body = json.dumps(message, separators=(",", ":")).encode()
+def encode_message(message: dict[str, Any]) -> bytes:
+    """One frame: the length, then the JSON body."""
+    body = _ENCODER.encode(message).encode()
     if len(body) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    sock.sendall(_HEADER.pack(len(body)) + body)
+    return _HEADER.pack(len(body)) + body
+
+
+def send_message(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(encode_message(message))
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
@@ -128,6 +135,9 @@ class Client:
             self.restarted = False
 
     def call(self, op: str, **fields: Any) -> dict[str, Any]:
+        """Send one request (checked first, as the coordinator will check it) and return the
+        reply; raises MessageError for a request the coordinator would refuse."""
+        request(op, **fields)
         with self._lock:
             if self.restarted:
                 raise CoordinatorRestarted(f"coordinator restarted; {op} refused")

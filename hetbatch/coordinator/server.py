@@ -1,16 +1,29 @@
 """The live coordinator: the pure scheduler driven by the real clock and real workers over TCP.
 
-One lock serialises every decision, so the scheduler sees one event at a time exactly as it does
-in the simulator. Publishing a shard (a rename) and appending its ledger line happen under that
-lock too: a unit is accepted, published and recorded before any other commit is considered.
+Built for many thousands of workers on one process:
+
+- One asyncio event loop (a thread) serves every connection; a request is a few microseconds
+  of decoding, checking (`messages`) and one scheduler call. Heartbeats are answered inline.
+- One lock serialises every scheduler call, so the scheduler sees one event at a time exactly as
+  it does in the simulator. Nothing slow ever runs under it.
+- Commits go to one committer thread, which takes them in batches: it checks each staged shard
+  exists, takes the scheduler's verdicts under the lock (one event at a time), then, outside
+  the lock, publishes the accepted shards, appends their ledger lines and discards the rest;
+  only then are the workers answered. A unit is published before its ledger line, and
+  `_SUCCESS` is written last, by that same thread, once every accepted commit is durable.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import hmac
+import json
 import logging
+import queue
 import socket
-import socketserver
+import struct
 import threading
 import time
 from collections import Counter
@@ -18,8 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from fsspec.core import url_to_fs
+
+from hetbatch.coordinator import messages as m
 from hetbatch.coordinator.ledger import CommitRecord, OutputStore
-from hetbatch.coordinator.protocol import ProtocolError, recv_message, send_message
+from hetbatch.coordinator.protocol import MAX_MESSAGE_BYTES, encode_message
 from hetbatch.error_budget import ErrorBudget
 from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
@@ -27,6 +43,12 @@ from hetbatch.scheduler.pacing import PACING
 from hetbatch.scheduler.ranges import RangeSet
 
 log = logging.getLogger("hetbatch.coordinator")
+
+STALL_S = 0.25  # a tick this late means the coordinator, not the workers, was slow
+LISTEN_BACKLOG = 4096  # thousands of workers may connect at the same moment
+MAX_COMMIT_BATCH = 512
+MAX_UNSENT_BYTES = 16 << 20  # a peer that stops reading its replies is dropped
+_HEADER = struct.Struct(">I")
 
 
 @dataclass
@@ -56,9 +78,9 @@ class InstanceMetrics:
             "busy_s": round(self.busy_s, 3),
             "active_s": round(max(span, 0.0), 3),
             "output_tokens_per_s": round(rate, 2),
+            "connected": self.connected,
             "first_lease_s": _since(self.first_lease_at, t0),
             "last_commit_s": _since(self.last_commit_at, t0),
-            "connected": self.connected,
         }
 
 
@@ -75,6 +97,7 @@ class Progress:
     completion_tokens: int
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
     done: bool = False
+
 
 
 class Coordinator:
@@ -113,104 +136,206 @@ class Coordinator:
         self._released_rows: dict[str, RangeSet] = {}  # by the instance that gave them up
         self._returned_rows = RangeSet()
         self.events: Counter[str] = Counter()  # lease expiries, steals (for live metrics)
+        self._tick_due = 0.0
+        self._stalls: collections.deque[tuple[float, float]] = collections.deque()
         self._rows_done_at_start = scheduler.committed.total
-        self._server = _Server((host, port), _Handler)
-        self._server.coordinator = self
+        self._sock = _listen(host, port)
+        self._job_frame: bytes | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connections: set[_Connection] = set()
+        self._commits: queue.SimpleQueue[tuple[m.Commit, _Connection] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._handlers: dict[type[m.Request], Callable[[Any, _Connection], dict[str, Any]]] = {
+            m.JobRequest: self._op_job,
+            m.StatusRequest: self._op_status,
+            m.Hello: self._op_hello,
+            m.LeaseRequest: self._op_lease,
+            m.Heartbeat: self._op_heartbeat,
+            m.Release: self._op_release,
+            m.Bye: self._op_bye,
+        }
         if scheduler.done:
             self._finish()
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._server.server_address[:2]
+        host, port = self._sock.getsockname()[:2]
         return host, port
 
     def start(self) -> None:
-        for target in (self._server.serve_forever, self._tick_forever):
-            t = threading.Thread(target=target, daemon=True, name=f"coord-{target.__name__}")
+        ready = threading.Event()
+        for target, name in ((lambda: self._serve(ready), "coord-loop"), (self._commit_forever,
+                                                                         "coord-commit")):
+            t = threading.Thread(target=target, daemon=True, name=name)
             t.start()
             self._threads.append(t)
+        ready.wait()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        """Close every connection, finish the commits already taken, and return."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._shut_down)
+        self._commits.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+        self._sock.close()
         self.finished.set()
 
-    def _tick_forever(self) -> None:
-        while not self._server.stopping.wait(PACING.expire_tick_s):
-            with self.lock:
-                for lease in self.scheduler.expire(self.clock()):
-                    self._returned_rows.add(lease.start, lease.end)
-                    self.events["lease_expired"] += 1
-                    log.warning(
-                        "lease %s of %s lapsed: rows [%s, %s) re-queued",
-                        lease.lease_id,
-                        lease.instance,
-                        lease.start,
-                        lease.end,
-                    )
+    # -- the event loop -------------------------------------------------------------------------
 
-    # -- requests -----------------------------------------------------------------------------
+    def _serve(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            server = loop.run_until_complete(
+                loop.create_server(
+                    lambda: _Connection(self), sock=self._sock, backlog=LISTEN_BACKLOG
+                )
+            )
+            self._schedule_tick()
+            ready.set()
+            loop.run_forever()
+            server.close()
+            loop.run_until_complete(server.wait_closed())
+        finally:
+            ready.set()
+            loop.close()
 
-    def handle(self, message: dict[str, Any], conn_state: dict[str, Any]) -> dict[str, Any]:
-        if not hmac.compare_digest(str(message.get("token", "")), self.token):
-            return {"error": "unauthorized: missing or wrong job token"}
-        op = message.get("op")
-        handler = getattr(self, f"_op_{op}", None)
-        if handler is None:
-            return {"error": f"unknown operation {op!r}"}
+    def _shut_down(self) -> None:
+        for conn in list(self._connections):
+            conn.transport.abort()
+        assert self._loop is not None
+        self._loop.stop()
+
+    def _tick(self) -> None:
+        """Give lapsed leases back, not counting time the coordinator itself was stalled."""
+        assert self._loop is not None
+        late = self._loop.time() - self._tick_due
+        now = self.clock()
+        if late > STALL_S:  # starved of CPU or busy: heartbeats may be waiting unread
+            self._stalls.append((now, late))
+        horizon = now - self.scheduler.config.lease_timeout_s
+        while self._stalls and self._stalls[0][0] < horizon:
+            self._stalls.popleft()
+        stalled = sum(lag for _, lag in self._stalls)
         with self.lock:
-            return handler(message, conn_state)
+            lapsed = self.scheduler.expire(now - stalled)
+            for lease in lapsed:
+                self._returned_rows.add(lease.start, lease.end)
+        self.events["lease_expired"] += len(lapsed)
+        for lease in lapsed:
+            log.warning(
+                "lease %s of %s lapsed: rows [%s, %s) re-queued",
+                lease.lease_id,
+                lease.instance,
+                lease.start,
+                lease.end,
+            )
+        self._schedule_tick()
 
-    def _op_job(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
+    def _schedule_tick(self) -> None:
+        assert self._loop is not None
+        self._tick_due = self._loop.time() + PACING.expire_tick_s
+        self._loop.call_at(self._tick_due, self._tick)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def on_frame(self, conn: _Connection, body: bytes) -> None:
+        """Answer one framed request; anything malformed gets an error reply, nothing more."""
+        try:
+            data = json.loads(body.decode())
+        except ValueError as exc:  # UnicodeDecodeError included
+            conn.reply(m.error_reply(f"invalid JSON: {str(exc)[:80]}"))
+            return
+        token = data.get("token") if type(data) is dict else None
+        if type(token) is not str or not hmac.compare_digest(
+            token.encode(), self.token.encode()
+        ):
+            conn.reply(m.error_reply("unauthorized: missing or wrong job token"), close=True)
+            return
+        try:
+            request = m.parse_request(data)
+        except m.MessageError as exc:
+            conn.reply(m.error_reply(str(exc)))
+            return
+        refusal = self._refusal(request, conn)
+        if refusal is not None:
+            conn.reply(m.error_reply(refusal))
+        elif isinstance(request, m.Commit):
+            conn.hold()
+            self._commits.put((request, conn))
+        elif isinstance(request, m.JobRequest):
+            conn.send_frame(self._job_reply_frame())
+        else:
+            conn.reply(self._decide(request, conn))
+
+    def _refusal(self, request: m.Request, conn: _Connection) -> str | None:
+        """Why this connection may not make this request: it speaks for one instance only,
+        the one that said hello on it."""
+        instance = getattr(request, "instance", None)
+        if instance is None or instance == conn.instance:
+            return None
+        if isinstance(request, m.Hello) and conn.instance is None:
+            return None
+        if conn.instance is None:
+            return f"{request.OP}: instance {instance[:40]!r} has not said hello on this connection"
+        return f"{request.OP}: this connection speaks for {conn.instance[:40]!r}"
+
+    def _decide(self, request: m.Request, conn: _Connection) -> dict[str, Any]:
+        try:
+            with self.lock:
+                return self._handlers[type(request)](request, conn)
+        except Exception:
+            log.exception("coordinator failed on a %s request", request.OP)
+            return m.error_reply(f"{request.OP}: internal error in the coordinator")
+
+    def _job_reply_frame(self) -> bytes:
+        if self._job_frame is None:  # thousands of workers ask for the same, maybe large, job
+            self._job_frame = encode_message({"job": self.job})
+        return self._job_frame
+
+    def _op_job(self, msg: m.JobRequest, conn: _Connection) -> dict[str, Any]:
         return {"job": self.job}
 
-    def _op_hello(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
-        instance = str(msg["instance"])
-        conn["instance"] = instance
+    def _op_hello(self, msg: m.Hello, conn: _Connection) -> dict[str, Any]:
         now = self.clock()
-        concurrency = msg.get("concurrency")
-        self.scheduler.join(
-            instance, float(msg.get("weight", 1.0)), now, int(concurrency) if concurrency else None
-        )
-        m = self.metrics.setdefault(instance, InstanceMetrics(pool=str(msg.get("pool", ""))))
-        m.connected = True
-        m.joined_at = m.joined_at or now
-        return {"done": self.finished.is_set()}
+        self.scheduler.join(msg.instance, msg.weight, now, msg.concurrency)
+        conn.instance = msg.instance
+        metrics = self.metrics.setdefault(msg.instance, InstanceMetrics(pool=msg.pool))
+        metrics.connected = True
+        metrics.joined_at = metrics.joined_at or now
+        return m.done_reply(self.finished.is_set())
 
-    def _op_lease(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
-        instance = str(msg["instance"])
-        now = self.clock()
+    def _op_lease(self, msg: m.LeaseRequest, conn: _Connection) -> dict[str, Any]:
         if self.failure is not None:
-            return {"done": True}
-        result = self.scheduler.request(instance, now)
+            return m.done_reply()
+        now = self.clock()
+        result = self.scheduler.request(msg.instance, now)
         if isinstance(result, Lease):
-            m = self.metrics[instance]
-            m.first_lease_at = m.first_lease_at or now
+            metrics = self.metrics[msg.instance]
+            metrics.first_lease_at = metrics.first_lease_at or now
             self._note_lease(result)
-            return {"lease": {"id": result.lease_id, "start": result.start, "end": result.end}}
-        return {"done": True} if result is Wait.DONE else {"wait": PACING.wait_s}
+            return m.lease_reply(result.lease_id, result.start, result.end)
+        return m.done_reply() if result is Wait.DONE else m.wait_reply(PACING.wait_s)
 
-    def _op_heartbeat(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
-        progress = {int(k): (int(v[0]), int(v[1])) for k, v in msg.get("progress", {}).items()}
-        reply = self.scheduler.heartbeat(str(msg["instance"]), progress, self.clock())
-        return {
-            "releases": [[r.lease_id, r.cut] for r in reply.releases],
-            "revoked": reply.revoked,
-            "done": self.finished.is_set(),
-        }
-
-    def _op_release(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
-        lease = self.scheduler.leases.get(int(msg["lease"]))
-        start, end = (lease.start, lease.end) if lease is not None else (0, 0)
-        self.scheduler.release(
-            str(msg["instance"]), int(msg["lease"]), int(msg["cut"]), self.clock()
+    def _op_heartbeat(self, msg: m.Heartbeat, conn: _Connection) -> dict[str, Any]:
+        reply = self.scheduler.heartbeat(msg.instance, msg.progress, self.clock())
+        return m.heartbeat_reply(
+            [(r.lease_id, r.cut) for r in reply.releases], reply.revoked, self.finished.is_set()
         )
-        if lease is not None:  # rows the holder gave back are the thief's: note them
+
+    def _op_release(self, msg: m.Release, conn: _Connection) -> dict[str, Any]:
+        lease = self.scheduler.leases.get(msg.lease)
+        start, end = (lease.start, lease.end) if lease is not None else (0, 0)
+        self.scheduler.release(msg.instance, msg.lease, msg.cut, self.clock())
+        if lease is not None and lease.instance == msg.instance:
+            # rows the holder gave back are the thief's: note them
             kept = lease.end if lease.lease_id in self.scheduler.leases else start
             self._released_rows.setdefault(lease.instance, RangeSet()).add(kept, end)
             self.events["steal"] += 1
-        return {"ok": True}
+        return m.OK_REPLY
 
     def _note_lease(self, lease: Lease) -> None:
         """Remember when a lease was granted and whether its rows were stolen (given up by
@@ -228,46 +353,13 @@ class Coordinator:
         self._returned_rows.remove(*span)
         self._leased_wall[lease.lease_id] = (time.time(), stolen, redealt)
 
-    def _op_commit(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
-        instance, start, end = str(msg["instance"]), int(msg["start"]), int(msg["end"])
-        now = self.clock()
-        status = self.scheduler.commit(instance, int(msg["lease"]), start, end, now)
-        staging = self.store.staging_url(str(msg["staging"]))
-        if status is not CommitStatus.ACCEPTED:
-            self.store.discard(staging)
-            return {"status": status.value}
-        stats = msg.get("stats", {})
-        leased_at, stolen, redealt = self._leased_wall.pop(int(msg["lease"]), (0.0, False, False))
-        self.store.publish(staging, start, end)
-        self.store.append(
-            CommitRecord(
-                start,
-                end,
-                instance,
-                prompt_tokens=int(stats.get("prompt_tokens", 0)),
-                completion_tokens=int(stats.get("completion_tokens", 0)),
-                errors=int(stats.get("errors", 0)),
-                at=time.time(),
-                leased_at=leased_at,
-                pool=self.metrics[instance].pool,
-                stolen=stolen,
-                redealt=redealt,
-            )
-        )
-        self._count(instance, end - start, stats, now)
-        self._after_commit(end - start, stats, now)
-        if self.scheduler.done:
-            self._finish()
-        return {"status": status.value}
+    def _op_bye(self, msg: m.Bye, conn: _Connection) -> dict[str, Any]:
+        self._disconnect(msg.instance)
+        conn.instance = None
+        return m.OK_REPLY
 
-    def _op_bye(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
-        self._disconnect(str(msg["instance"]))
-        conn.pop("instance", None)
-        return {"ok": True}
-
-    def _op_status(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
-        p = self.progress()
-        return {"progress": p.__dict__}
+    def _op_status(self, msg: m.StatusRequest, conn: _Connection) -> dict[str, Any]:
+        return {"progress": self.progress().__dict__}
 
     def _disconnect(self, instance: str) -> None:
         for lease in self.scheduler.leave(instance, self.clock()):
@@ -280,44 +372,145 @@ class Coordinator:
         if instance in self.metrics:
             self.metrics[instance].connected = False
 
-    def connection_lost(self, conn: dict[str, Any]) -> None:
-        instance = conn.get("instance")
-        if instance is not None:
+    def connection_lost(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        if conn.instance is not None:
             with self.lock:
-                self._disconnect(instance)
+                self._disconnect(conn.instance)
 
-    # -- bookkeeping --------------------------------------------------------------------------
+    # -- commits --------------------------------------------------------------------------------
 
-    def _count(self, instance: str, rows: int, stats: dict[str, Any], now: float) -> None:
-        m = self.metrics[instance]
-        m.rows += rows
-        m.units += 1
-        m.prompt_tokens += int(stats.get("prompt_tokens", 0))
-        m.completion_tokens += int(stats.get("completion_tokens", 0))
-        m.errors += int(stats.get("errors", 0))
-        m.busy_s += float(stats.get("busy_s", 0.0))
-        m.last_commit_at = now
+    def _commit_forever(self) -> None:
+        while True:
+            first = self._commits.get()
+            batch = [first]
+            while first is not None and len(batch) < MAX_COMMIT_BATCH:
+                try:
+                    batch.append(self._commits.get_nowait())
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            work = [item for item in batch if item is not None]
+            if work:
+                try:
+                    self._commit_batch(work)
+                except Exception:
+                    log.exception("coordinator failed to commit a batch")
+                    for _, conn in work:
+                        self._answer(conn, m.error_reply("commit: internal error"))
+            if stopping:
+                return
 
-    def _after_commit(self, rows: int, stats: dict[str, Any], now: float) -> None:
+    def _commit_batch(self, batch: list[tuple[m.Commit, _Connection]]) -> None:
+        """Verdicts under the lock, one commit at a time; the output folder outside it."""
+        staged = [self.store.staging_url(msg.staging) for msg, _ in batch]
+        present = [self._staged(url) for url in staged]
+        with self.lock:
+            verdicts = [
+                self._verdict(msg) if ok else None
+                for (msg, _), ok in zip(batch, present, strict=True)
+            ]
+            notes = [self._unit_note(msg) for msg, _ in batch]
+        replies: list[dict[str, Any]] = []
+        records: list[CommitRecord] = []
+        # Publish every accepted shard before discarding any: a discard never races a publish.
+        for (msg, _), url, verdict, note in zip(batch, staged, verdicts, notes, strict=True):
+            if verdict is CommitStatus.ACCEPTED:
+                try:
+                    self.store.publish(url, msg.start, msg.end)
+                except Exception:
+                    log.exception("rows [%s, %s) accepted but not published", msg.start, msg.end)
+                    replies.append(m.error_reply("commit: the shard could not be published"))
+                    continue
+                records.append(_record(msg, *note))
+            replies.append(
+                m.error_reply(f"commit: no staged shard named {msg.staging!r}")
+                if verdict is None
+                else m.commit_reply(verdict.value)
+            )
+        for url, verdict in zip(staged, verdicts, strict=True):
+            if verdict is not None and verdict is not CommitStatus.ACCEPTED:
+                with contextlib.suppress(OSError):
+                    self.store.discard(url)
+        self._record(records)
+        for (_, conn), reply in zip(batch, replies, strict=True):
+            self._answer(conn, reply)
+        if self.failure is not None:
+            self._fail()
+        elif self.scheduler.done:
+            self._finish()
+
+    def _staged(self, url: str) -> bool:
+        try:
+            fs, path = url_to_fs(url)
+            return bool(fs.exists(path))
+        except (OSError, ValueError):
+            return False
+
+    def _verdict(self, msg: m.Commit) -> CommitStatus:
+        now = self.clock()
+        status = self.scheduler.commit(msg.instance, msg.lease, msg.start, msg.end, now)
+        if status is CommitStatus.ACCEPTED:
+            self._count(msg.instance, msg.end - msg.start, msg.stats, now)
+            self._spend_budget(msg.end - msg.start, msg.stats, now)
+        return status
+
+    def _unit_note(self, msg: m.Commit) -> tuple[float, str, bool, bool]:
+        """The ledger record's lease time, pool, and whether the rows were stolen or re-dealt."""
+        leased_at, stolen, redealt = self._leased_wall.pop(msg.lease, (0.0, False, False))
+        metrics = self.metrics.get(msg.instance)
+        return leased_at, metrics.pool if metrics else "", stolen, redealt
+
+    def _spend_budget(self, rows: int, stats: m.CommitStats, now: float) -> None:
         """Tally the ids the unit's worker found not to be a key; spend the error budget, and
-        stop the job (finished, no _SUCCESS) once it is spent."""
-        self.id_problems.update(
-            {k: int(stats.get(k, 0)) for k in ("null_ids", "duplicate_ids") if stats.get(k)}
-        )
+        mark the job failed once it is spent (the committer then stops it, no _SUCCESS)."""
+        for key, count in (("null_ids", stats.null_ids), ("duplicate_ids", stats.duplicate_ids)):
+            if count:
+                self.id_problems[key] += count
         exceeded = self.budget.record(
-            rows,
-            int(stats.get("errors", 0)),
-            stats.get("top_error"),
-            int(stats.get("top_error_rows", 0)),
-            now,
+            rows, stats.errors, stats.top_error, stats.top_error_rows, now
         )
         if exceeded is not None and self.failure is None:
             self.failure = exceeded.message()
             log.info("stopping the job: %s", self.failure)
-            self.store.write_json("metrics.json", {**self.metrics_dict(), "failure": self.failure})
-            self.finished.set()
-            if self.on_done:
-                self.on_done()
+
+    def _record(self, records: list[CommitRecord]) -> None:
+        """Make a batch of ledger lines durable: in one write where the store can."""
+        if not records:
+            return
+        append_many = getattr(self.store, "append_many", None)
+        if append_many is not None:
+            append_many(records)
+            return
+        for record in records:
+            self.store.append(record)
+
+    def _answer(self, conn: _Connection, reply: dict[str, Any]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(conn.release_hold, reply)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _count(self, instance: str, rows: int, stats: m.CommitStats, now: float) -> None:
+        metrics = self.metrics[instance]
+        metrics.rows += rows
+        metrics.units += 1
+        metrics.prompt_tokens += stats.prompt_tokens
+        metrics.completion_tokens += stats.completion_tokens
+        metrics.errors += stats.errors
+        metrics.busy_s += stats.busy_s
+        metrics.last_commit_at = now
+
+    def _fail(self) -> None:
+        """The error budget is spent: keep what is committed, write why, and stop."""
+        if self.finished.is_set():
+            return
+        self.store.write_json(OutputPaths.METRICS, {**self.metrics_dict(), "failure": self.failure})
+        self.finished.set()
+        if self.on_done:
+            self.on_done()
 
     def _finish(self) -> None:
         if self.finished.is_set():
@@ -329,57 +522,119 @@ class Coordinator:
             self.on_done()
 
     def metrics_dict(self) -> dict[str, Any]:
-        return {
-            "wall_s": round(self.clock() - self.started_at, 3),
-            "started_at": round(self.started_wall, 3),
-            "rows_total": self.scheduler.total_rows,
-            "rows_this_run": self.scheduler.committed.total - self._rows_done_at_start,
-            **dict(self.id_problems),
-            "instances": {k: m.to_dict(self.started_at) for k, m in sorted(self.metrics.items())},
-        }
+        with self.lock:
+            return {
+                "wall_s": round(self.clock() - self.started_at, 3),
+                "started_at": round(self.started_wall, 3),
+                "rows_total": self.scheduler.total_rows,
+                "rows_this_run": self.scheduler.committed.total - self._rows_done_at_start,
+                **dict(self.id_problems),
+                "instances": {
+                    k: v.to_dict(self.started_at) for k, v in sorted(self.metrics.items())
+                },
+            }
 
     def progress(self) -> Progress:
         with self.lock:
             return Progress(
                 total_rows=self.scheduler.total_rows,
                 rows_done=self.scheduler.committed.total,
-                completion_tokens=sum(m.completion_tokens for m in self.metrics.values()),
-                instances={k: m.to_dict(self.started_at) for k, m in sorted(self.metrics.items())},
+                completion_tokens=sum(v.completion_tokens for v in self.metrics.values()),
+                instances={k: v.to_dict(self.started_at) for k, v in sorted(self.metrics.items())},
                 done=self.finished.is_set(),
             )
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    coordinator: Coordinator
+def _record(
+    msg: m.Commit, leased_at: float, pool: str, stolen: bool, redealt: bool
+) -> CommitRecord:
+    return CommitRecord(
+        msg.start,
+        msg.end,
+        msg.instance,
+        prompt_tokens=msg.stats.prompt_tokens,
+        completion_tokens=msg.stats.completion_tokens,
+        errors=msg.stats.errors,
+        at=time.time(),
+        leased_at=leased_at,
+        pool=pool,
+        stolen=stolen,
+        redealt=redealt,
+    )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.stopping = threading.Event()
-        super().__init__(*args, **kwargs)
 
-    def shutdown(self) -> None:
-        self.stopping.set()
-        super().shutdown()
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind now, so that the address is known before the loop starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    """One worker connection: read a request, answer it, until the worker hangs up."""
+class _Connection(asyncio.Protocol):
+    """One peer: frames in, one reply per frame, in order. While its commit is with the
+    committer the connection reads nothing more, so replies never overtake each other."""
 
-    def handle(self) -> None:
-        coordinator = self.server.coordinator  # type: ignore[attr-defined]
-        conn: dict[str, Any] = {}
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            while True:
-                message = recv_message(self.request)
-                reply = coordinator.handle(message, conn)
-                send_message(self.request, reply)
-                if reply.get("error", "").startswith("unauthorized"):
-                    return
-        except (ProtocolError, OSError):
-            pass
-        except Exception:
-            log.exception("coordinator failed on a request")
-        finally:
-            coordinator.connection_lost(conn)
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+        self.instance: str | None = None
+        self.transport: asyncio.Transport
+        self._buffer = bytearray()
+        self._held = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.coordinator._connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._take_frames()
+
+    def _take_frames(self) -> None:
+        while not self._held and not self.transport.is_closing():
+            if len(self._buffer) < _HEADER.size:
+                return
+            (length,) = _HEADER.unpack_from(self._buffer)
+            if length > MAX_MESSAGE_BYTES:
+                self.reply(
+                    m.error_reply(f"message of {length} bytes exceeds {MAX_MESSAGE_BYTES}"),
+                    close=True,
+                )
+                return
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                return
+            body = bytes(self._buffer[_HEADER.size : end])
+            del self._buffer[:end]
+            self.coordinator.on_frame(self, body)
+
+    def reply(self, message: dict[str, Any], close: bool = False) -> None:
+        self.send_frame(encode_message(message))
+        if close:
+            self.transport.close()
+
+    def send_frame(self, frame: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        self.transport.write(frame)
+        if self.transport.get_write_buffer_size() > MAX_UNSENT_BYTES:
+            self.transport.abort()
+
+    def hold(self) -> None:
+        self._held = True
+        self.transport.pause_reading()
+
+    def release_hold(self, reply: dict[str, Any]) -> None:
+        self._held = False
+        if self.transport.is_closing():
+            return
+        self.reply(reply)
+        self.transport.resume_reading()
+        self._take_frames()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.coordinator.connection_lost(self)

@@ -1,0 +1,311 @@
+"""The messages workers, `hetbatch status` and the coordinator exchange, as checked types.
+
+A request arrives as a JSON object with an `op`, the job's `token` and the fields of that
+operation. `parse_request` turns it into one of the dataclasses below or raises MessageError
+naming the field at fault: unknown operations, missing or extra fields, wrong types, numbers
+outside what the job can mean (negative rows, ids beyond JSON's exact integers, NaN weights),
+staging names that are not a plain file name. The server answers every such request with an
+error reply; nothing malformed ever reaches the scheduler or the output folder.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+MAX_INT = 2**53  # the largest integer every JSON reader keeps exactly
+MAX_TEXT = 256
+MAX_ERROR_TEXT = 2000  # a row error quoted in a commit's stats
+MAX_PROGRESS = 4096  # leases one heartbeat may report
+MAX_CONCURRENCY = 1 << 20
+STAGING_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,250}\.parquet")
+
+
+class MessageError(ValueError):
+    """A request that is not a well-formed message of its operation."""
+
+
+def _int(value: Any, name: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    if type(value) is not int:
+        raise MessageError(f"{name}: expected an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise MessageError(f"{name}: {value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _float(value: Any, name: str, lo: float = 0.0, hi: float = float(MAX_INT)) -> float:
+    if type(value) not in (int, float):
+        raise MessageError(f"{name}: expected a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise MessageError(f"{name}: {value} is outside [{lo}, {hi}]")
+    return float(value)
+
+
+def _text(value: Any, name: str) -> str:
+    if type(value) is not str:
+        raise MessageError(f"{name}: expected a string, got {type(value).__name__}")
+    if len(value) > MAX_TEXT:
+        raise MessageError(f"{name}: longer than {MAX_TEXT} characters")
+    return value
+
+
+def _instance(value: Any, name: str = "instance") -> str:
+    text = _text(value, name)
+    if not text:
+        raise MessageError(f"{name}: empty")
+    return text
+
+
+@dataclass(frozen=True)
+class Request:
+    """Base of every request; `OP` names it on the wire."""
+
+    OP: ClassVar[str] = ""
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> Request:
+        return cls()
+
+    def to_wire(self, token: str) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {"op": self.OP, "token": token, **body}
+
+
+@dataclass(frozen=True)
+class JobRequest(Request):
+    OP: ClassVar[str] = "job"
+
+
+@dataclass(frozen=True)
+class StatusRequest(Request):
+    OP: ClassVar[str] = "status"
+
+
+@dataclass(frozen=True)
+class Hello(Request):
+    OP: ClassVar[str] = "hello"
+    instance: str
+    weight: float = 1.0
+    pool: str = ""
+    concurrency: int | None = None
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> Hello:
+        concurrency = data.get("concurrency")
+        weight = _float(data.get("weight", 1.0), "weight", lo=0.0, hi=1e12)
+        if weight <= 0:
+            raise MessageError("weight: must be positive")
+        return cls(
+            _instance(data.get("instance")),
+            weight,
+            _text(data.get("pool", ""), "pool"),
+            None if concurrency is None else _int(concurrency, "concurrency", 1, MAX_CONCURRENCY),
+        )
+
+
+@dataclass(frozen=True)
+class LeaseRequest(Request):
+    OP: ClassVar[str] = "lease"
+    instance: str
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> LeaseRequest:
+        return cls(_instance(data.get("instance")))
+
+
+@dataclass(frozen=True)
+class Bye(Request):
+    OP: ClassVar[str] = "bye"
+    instance: str
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> Bye:
+        return cls(_instance(data.get("instance")))
+
+
+@dataclass(frozen=True)
+class Heartbeat(Request):
+    """Still alive; per lease held, rows handed to the engine and rows finished."""
+
+    OP: ClassVar[str] = "heartbeat"
+    instance: str
+    progress: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> Heartbeat:
+        raw = data.get("progress", {})
+        if type(raw) is not dict:
+            raise MessageError("progress: expected an object of lease id -> [submitted, done]")
+        if len(raw) > MAX_PROGRESS:
+            raise MessageError(f"progress: more than {MAX_PROGRESS} leases")
+        progress = {}
+        for key, pair in raw.items():
+            if type(key) is not str or not (key.isascii() and key.isdigit() and len(key) <= 16):
+                raise MessageError(f"progress: lease id {str(key)[:20]!r} is not a number")
+            if type(pair) is not list or len(pair) != 2:
+                raise MessageError(f"progress[{key}]: expected [submitted, done]")
+            lease_id = _int(int(key), "progress lease id")
+            progress[lease_id] = (
+                _int(pair[0], f"progress[{key}] submitted"),
+                _int(pair[1], f"progress[{key}] done"),
+            )
+        return cls(_instance(data.get("instance")), progress)
+
+    def to_wire(self, token: str) -> dict[str, Any]:
+        progress = {str(k): list(v) for k, v in self.progress.items()}
+        return {"op": self.OP, "token": token, "instance": self.instance, "progress": progress}
+
+
+@dataclass(frozen=True)
+class Release(Request):
+    OP: ClassVar[str] = "release"
+    instance: str
+    lease: int
+    cut: int
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> Release:
+        return cls(
+            _instance(data.get("instance")),
+            _int(data.get("lease"), "lease"),
+            _int(data.get("cut"), "cut"),
+        )
+
+
+@dataclass(frozen=True)
+class CommitStats:
+    """What a worker tells of a finished unit: its counts, its most common row error (for the
+    job's error budget) and the null or repeated ids it saw (the id column is meant as a key)."""
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: int = 0
+    busy_s: float = 0.0
+    top_error: str | None = None
+    top_error_rows: int = 0
+    null_ids: int = 0
+    duplicate_ids: int = 0
+
+    _COUNTS: ClassVar[tuple[str, ...]] = (
+        "rows", "prompt_tokens", "completion_tokens", "errors", "top_error_rows", "null_ids",
+        "duplicate_ids",
+    )
+
+    @classmethod
+    def from_wire(cls, data: Any) -> CommitStats:
+        if type(data) is not dict:
+            raise MessageError("stats: expected an object")
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise MessageError(f"stats: unknown field {sorted(unknown)[0]!r}")
+        top_error = data.get("top_error")
+        if top_error is not None and type(top_error) is not str:
+            kind = type(top_error).__name__
+            raise MessageError(f"stats.top_error: expected a string, got {kind}")
+        if top_error is not None:
+            top_error = top_error[:MAX_ERROR_TEXT]  # an example for the user, not a key
+        return cls(
+            busy_s=_float(data.get("busy_s", 0.0), "stats.busy_s", hi=1e9),
+            top_error=top_error,
+            **{n: _int(data.get(n, 0), f"stats.{n}") for n in cls._COUNTS},
+        )
+
+
+@dataclass(frozen=True)
+class Commit(Request):
+    """Rows [start, end) of a lease are finished and staged as `staging` (a plain file name)."""
+
+    OP: ClassVar[str] = "commit"
+    instance: str
+    lease: int
+    start: int
+    end: int
+    staging: str
+    stats: CommitStats = CommitStats()
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> Commit:
+        start, end = _int(data.get("start"), "start"), _int(data.get("end"), "end")
+        if end <= start:
+            raise MessageError(f"end: {end} is not after start {start}")
+        staging = _text(data.get("staging"), "staging")
+        if not STAGING_NAME.fullmatch(staging) or ".." in staging:
+            raise MessageError(f"staging: {staging[:40]!r} is not a plain .parquet file name")
+        return cls(
+            _instance(data.get("instance")),
+            _int(data.get("lease"), "lease"),
+            start,
+            end,
+            staging,
+            CommitStats.from_wire(data.get("stats", {})),
+        )
+
+    def to_wire(self, token: str) -> dict[str, Any]:
+        wire = super().to_wire(token)
+        wire["stats"] = dict(self.stats.__dict__)
+        return wire
+
+
+REQUESTS: dict[str, type[Request]] = {
+    cls.OP: cls
+    for cls in (JobRequest, StatusRequest, Hello, LeaseRequest, Bye, Heartbeat, Release, Commit)
+}
+_ENVELOPE = {"op", "token"}
+
+
+def parse_request(data: Any) -> Request:
+    """The typed request in a decoded JSON value, or MessageError saying what is wrong."""
+    if type(data) is not dict:
+        raise MessageError("a request must be a JSON object")
+    op = data.get("op")
+    cls = REQUESTS.get(op) if type(op) is str else None
+    if cls is None:
+        raise MessageError(f"unknown operation {str(op)[:40]!r}")
+    allowed = {f.name for f in fields(cls)} | _ENVELOPE
+    unknown = set(data) - allowed
+    if unknown:
+        raise MessageError(f"{op}: unknown field {sorted(map(str, unknown))[0][:40]!r}")
+    try:
+        return cls.from_fields(data)
+    except MessageError as exc:
+        raise MessageError(f"{op}: {exc}") from None
+
+
+def request(op: str, **data: Any) -> Request:
+    """Build a request from keyword fields, checked exactly as the coordinator checks it."""
+    return parse_request({"op": op, **data})
+
+
+# -- replies ----------------------------------------------------------------------------------
+
+
+def error_reply(text: str) -> dict[str, Any]:
+    return {"error": text}
+
+
+def lease_reply(lease_id: int, start: int, end: int) -> dict[str, Any]:
+    return {"lease": {"id": lease_id, "start": start, "end": end}}
+
+
+def wait_reply(seconds: float) -> dict[str, Any]:
+    return {"wait": seconds}
+
+
+def done_reply(done: bool = True) -> dict[str, Any]:
+    return {"done": done}
+
+
+def heartbeat_reply(
+    releases: list[tuple[int, int]], revoked: list[int], done: bool
+) -> dict[str, Any]:
+    return {"releases": [list(r) for r in releases], "revoked": revoked, "done": done}
+
+
+def commit_reply(status: str) -> dict[str, Any]:
+    return {"status": status}
+
+
+OK_REPLY: dict[str, Any] = {"ok": True}

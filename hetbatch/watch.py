@@ -15,6 +15,7 @@ from typing import Any
 
 from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.errors import UserError
+from hetbatch.io.paths import OutputPaths
 
 RATE_WINDOW_S = 30.0  # rates are over the last this many seconds of commits
 MIN_SILENCE_S = 5.0  # an instance is "silent" after max(this, 3x its longest unit) without commits
@@ -173,7 +174,7 @@ def watch_status(output: str, interval_s: float = 2.0) -> int:
     store = OutputStore(output)
     if not store.exists():
         raise UserError(f"{output}: no hetbatch job has written here")
-    rows_total = int(store.read_json("job.json")["rows"])
+    rows_total = int(store.read_json(OutputPaths.JOB)["rows"])
     console = Console()
     try:
         with Live(console=console, auto_refresh=False, transient=False) as view:

@@ -22,6 +22,7 @@ from hetbatch.coordinator.protocol import (
 )
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.io.parquet import write_table
+from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 
 
@@ -167,4 +168,4 @@ def test_concurrent_commits_are_published_once_and_success_comes_last(tmp_path) 
     assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     ledger = os.stat(store.path("_hetbatch", "ledger.jsonl")).st_mtime_ns
     assert os.stat(store.path("_SUCCESS")).st_mtime_ns >= ledger
-    assert store.read_json("metrics.json")["rows_this_run"] == 3000
+    assert store.read_json(OutputPaths.METRICS)["rows_this_run"] == 3000

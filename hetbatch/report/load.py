@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from hetbatch.coordinator.ledger import META_DIR, CommitRecord, OutputStore
+from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import shard_name
+from hetbatch.io.paths import OutputPaths
 from hetbatch.report.model import ErrorKind, JobRun, Unit
 
 LENGTH_SAMPLE_SHARDS = 64  # shards read for the length histograms, spread over the output
@@ -29,11 +30,11 @@ def load_run(output: str, prices: dict[str, float] | None = None) -> JobRun:
     store = OutputStore(output)
     if not store.exists():
         raise UserError(f"{output}: no hetbatch job has written here")
-    job = store.read_json("job.json")
+    job = store.read_json(OutputPaths.JOB)
     records = store.read_ledger()
-    metrics = _optional_json(store, "metrics.json")
-    plan = _optional_json(store, "plan.json")
-    layout = _optional_json(store, "layout.json") or []
+    metrics = _optional_json(store, OutputPaths.METRICS)
+    plan = _optional_json(store, OutputPaths.PLAN)
+    layout = _optional_json(store, OutputPaths.LAYOUT) or []
     complete = store.is_complete()
 
     timed = [r for r in records if r.leased_at > 0]
@@ -71,7 +72,7 @@ def load_run(output: str, prices: dict[str, float] | None = None) -> JobRun:
 
 
 def _optional_json(store: OutputStore, name: str) -> Any:
-    return store.read_json(name) if store.fs.exists(store.path(META_DIR, name)) else None
+    return store.read_json(name) if store.paths.files.exists(name) else None
 
 
 def _start_time(metrics: dict[str, Any] | None, timed: list[CommitRecord]) -> float:

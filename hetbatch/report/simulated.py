@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hetbatch.report.model import JobRun, Unit
-from hetbatch.sim.engine import SimInstance, SimResult
+from hetbatch.sim.simulation import SimInstance, SimResult
 
 
 def from_simulation(result: SimResult, instances: Sequence[SimInstance], title: str) -> JobRun:

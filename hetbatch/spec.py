@@ -33,6 +33,9 @@ class InputSpec(_Strict):
     messages_column: str | None = None
     id_column: str | None = None
     keep_columns: list[str] = Field(default_factory=list)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the fsspec driver, e.g. endpoint_url"
+    )
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:
@@ -44,6 +47,9 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     path: str
     compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = "zstd"
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the fsspec driver, e.g. endpoint_url"
+    )
 
 
 class SimEngineSpec(_Strict):

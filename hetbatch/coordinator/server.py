@@ -1,8 +1,9 @@
 """The live coordinator: the pure scheduler driven by the real clock and real workers over TCP.
 
 One lock serialises every decision, so the scheduler sees one event at a time exactly as it does
-in the simulator. Publishing a shard (a rename) and appending its ledger line happen under that
-lock too: a unit is accepted, published and recorded before any other commit is considered.
+in the simulator. Publishing a shard and appending its ledger line happen outside that lock: the
+commit is accepted (and reserved in the store) under it, then published and recorded by the
+connection's own thread while other decisions go on; `_SUCCESS` waits for every commit in flight.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ class Coordinator:
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
             return {"error": f"unknown operation {op!r}"}
+        if op == "commit":  # takes the lock for the decision only, not for the store's I/O
+            return handler(message, conn_state)
         with self.lock:
             return handler(message, conn_state)
 
@@ -185,15 +188,20 @@ class Coordinator:
 
     def _op_commit(self, msg: dict[str, Any], conn: dict[str, Any]) -> dict[str, Any]:
         instance, start, end = str(msg["instance"]), int(msg["start"]), int(msg["end"])
-        now = self.clock()
-        status = self.scheduler.commit(instance, int(msg["lease"]), start, end, now)
         staging = self.store.staging_url(str(msg["staging"]))
+        stats = msg.get("stats", {})
+        with self.lock:
+            now = self.clock()
+            status = self.scheduler.commit(instance, int(msg["lease"]), start, end, now)
+            if status is CommitStatus.ACCEPTED:
+                self.store.reserve()
+                self._count(instance, end - start, stats, now)
+            done = self.scheduler.done
         if status is not CommitStatus.ACCEPTED:
             self.store.discard(staging)
             return {"status": status.value}
-        stats = msg.get("stats", {})
-        self.store.publish(staging, start, end)
-        self.store.append(
+        self.store.commit(
+            staging,
             CommitRecord(
                 start,
                 end,
@@ -202,10 +210,9 @@ class Coordinator:
                 completion_tokens=int(stats.get("completion_tokens", 0)),
                 errors=int(stats.get("errors", 0)),
                 at=time.time(),
-            )
+            ),
         )
-        self._count(instance, end - start, stats, now)
-        if self.scheduler.done:
+        if done:
             self._finish()
         return {"status": status.value}
 

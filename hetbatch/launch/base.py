@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fsspec.core import url_to_fs
-
 from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.errors import UserError
+from hetbatch.io.fs import filesystem
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
@@ -31,7 +30,7 @@ _OUTPUT_DEFINING = ("model", "input", "prompt_template", "chat", "sampling", "se
 
 def _absolute(url: str) -> str:
     """Local paths become absolute, so that workers started elsewhere resolve them alike."""
-    fs, _ = url_to_fs(url)
+    fs, _ = filesystem(url)
     if is_local(fs):
         return os.path.abspath(url.removeprefix("file://"))
     return url
@@ -85,8 +84,8 @@ class Launcher:
         With `dry_run` the same checks run and nothing at all is written or removed.
         """
         job = self.job
-        dataset = open_dataset(job.input.path, input_columns(job))
-        store = OutputStore(job.output.path)
+        dataset = open_dataset(job.input.path, input_columns(job), job.input.storage_options)
+        store = OutputStore(job.output.path, job.output.storage_options)
         record = self._job_record(dataset)
         if self.overwrite:
             if not dry_run:
@@ -132,9 +131,12 @@ class Launcher:
 
     def _job_record(self, dataset: InputDataset) -> dict[str, Any]:
         spec = self.job.to_dict()
+        defining = {k: spec[k] for k in _OUTPUT_DEFINING}
+        # How the input is reached (endpoint, profile) does not change what the output holds.
+        defining["input"] = {k: v for k, v in spec["input"].items() if k != "storage_options"}
         return {
             "spec": spec,
-            "output_defining": {k: spec[k] for k in _OUTPUT_DEFINING},
+            "output_defining": defining,
             "input_files": dataset.fingerprint(),
             "rows": dataset.num_rows,
         }

@@ -94,7 +94,7 @@ def workload_from_job(job: JobSpec, sample_rows: int = 2000) -> Workload:
     from hetbatch.io.parquet import open_dataset
 
     columns = _prompt_columns(job)
-    dataset = open_dataset(job.input.path, columns)
+    dataset = open_dataset(job.input.path, columns, job.input.storage_options)
     fields = template_fields(job.prompt_template or "")
     rows = _sample(dataset, columns, sample_rows)
     prompts = [p for p in (_render(job, row, fields) for row in rows) if p is not None]

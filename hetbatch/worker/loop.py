@@ -19,7 +19,8 @@ import pyarrow as pa
 
 from hetbatch.coordinator.protocol import Client
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
-from hetbatch.io.parquet import InputDataset, read_rows, write_table
+from hetbatch.io.parquet import InputDataset, read_rows
+from hetbatch.io.shards import stage_shard
 from hetbatch.spec import JobSpec
 from hetbatch.worker.rows import RowPrompt, build_output, build_prompts, input_columns, row_seed
 
@@ -246,7 +247,11 @@ class Worker:
             self.job, self.schema, unit.table, unit.start, results, self.instance_id
         )
         name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}.parquet"
-        write_table(_staging(self.job, name), table, self.job.output.compression)
+        output = self.job.output
+        staged = stage_shard(
+            output.path, output.storage_options, name, unit.start, unit.end, table,
+            output.compression,
+        )
         stats = {
             "rows": unit.rows,
             "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in results),
@@ -260,7 +265,7 @@ class Worker:
             lease=unit.lease_id,
             start=unit.start,
             end=unit.end,
-            staging=name,
+            staging=staged,
             stats=stats,
         )
         if reply.get("status") == "stale":
@@ -268,6 +273,3 @@ class Worker:
                 "unit [%s, %s) was taken over by another instance; discarded", unit.start, unit.end
             )
 
-
-def _staging(job: JobSpec, name: str) -> str:
-    return f"{job.output.path.rstrip('/')}/_hetbatch/staging/{name}"

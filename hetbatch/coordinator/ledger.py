@@ -32,7 +32,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from hetbatch.io.fs import filesystem, is_s3
+from hetbatch.errors import UserError
+from hetbatch.io.fs import filesystem, is_s3, one_line
 from hetbatch.io.parquet import is_local, parse_shard_name, shard_name
 from hetbatch.io.shards import PendingUpload
 
@@ -108,8 +109,20 @@ class OutputStore:
             self.fs.invalidate_cache(path)
 
     def exists(self) -> bool:
+        """Whether a job has written here; the first access, so an unreachable store (no
+        credentials, no network, no bucket) is reported here in one line."""
         self._fresh(self.path(META_DIR))
-        return self.fs.exists(self.path(META_DIR, "job.json"))
+        try:
+            if self.fs.exists(self.path(META_DIR, "job.json")):
+                return True
+            bucket = "" if self.local else self.root.split("/", 1)[0]
+            if bucket and bucket != self.root and not self.fs.exists(bucket):
+                raise UserError(f"{self.url}: the bucket {bucket!r} does not exist")
+            return False
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"{self.url}: cannot reach the output: {one_line(exc)}") from None
 
     def has_foreign_content(self) -> bool:
         """Files that hetbatch did not write: refuse to mix a job into someone else's folder."""

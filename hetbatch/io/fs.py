@@ -58,3 +58,8 @@ def _scheme(url: str) -> str:
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "s3" in protocols or "s3a" in protocols
+
+
+def one_line(exc: BaseException) -> str:
+    """A driver's error message on one line (botocore's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hetbatch.errors import UserError
-from hetbatch.io.fs import filesystem, filesystem_of
+from hetbatch.io.fs import filesystem, filesystem_of, one_line
 
 # Bytes read from the end of each input file in the first pass: the footer of a typical file
 # fits, so one ranged read per file is the whole cost; a larger footer costs one more.
@@ -100,7 +100,7 @@ def _list_files(fs: fsspec.AbstractFileSystem, path: str, original: str) -> dict
     except UserError:
         raise
     except Exception as exc:  # credentials, network, permissions: the driver's own words
-        raise UserError(f"{original}: cannot list the input: {_one_line(exc)}") from None
+        raise UserError(f"{original}: cannot list the input: {one_line(exc)}") from None
     if not files:
         if not fs.exists(path):
             raise UserError(f"{original}: input path does not exist")
@@ -110,10 +110,6 @@ def _list_files(fs: fsspec.AbstractFileSystem, path: str, original: str) -> dict
         size = files[p].get("size")
         sizes[p] = int(size if size is not None else fs.size(p))
     return sizes
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 _OPENED: dict[tuple[str, str], InputDataset] = {}
@@ -150,7 +146,7 @@ def _open_dataset(url: str, storage_options: dict[str, Any]) -> InputDataset:
                 raise meta
             file_schema = meta.schema.to_arrow_schema()
         except (pa.ArrowInvalid, OSError) as exc:
-            raise UserError(f"{shown}: not a readable Parquet file ({_one_line(exc)})") from None
+            raise UserError(f"{shown}: not a readable Parquet file ({one_line(exc)})") from None
         if schema is None:
             schema = file_schema
         elif not file_schema.equals(schema):
@@ -205,7 +201,7 @@ def _cat_tails(
 
 def _parse_footer(tail: bytes | Exception) -> pq.FileMetaData | Exception:
     if isinstance(tail, Exception):
-        return OSError(_one_line(tail))
+        return OSError(one_line(tail))
     if len(tail) < 12 or tail[-4:] != b"PAR1":
         return pa.ArrowInvalid("no Parquet magic bytes at the end of the file")
     try:

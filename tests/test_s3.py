@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,6 @@ from tests.jobutil import (
     sim_job,
     sim_pool,
     start_cli,
-    wait_for,
     worker_pids,
     write_job,
 )
@@ -111,6 +111,14 @@ def assert_every_row_once(server: S3Server, url: str, rows: int) -> None:
 
 def committed(server: S3Server, url: str) -> list[CommitRecord]:
     return OutputStore(url, server.storage_options).read_ledger()
+
+
+def wait_for_rows(server: S3Server, url: str, rows: int, timeout: float) -> None:
+    """Poll the ledger gently (reading it lists and reads every segment)."""
+    deadline = time.monotonic() + timeout
+    while sum(r.end - r.start for r in committed(server, url)) < rows:
+        assert time.monotonic() < deadline, f"timed out waiting for {rows} committed rows"
+        time.sleep(0.5)
 
 
 # -- drivers and errors -------------------------------------------------------------------------
@@ -284,10 +292,10 @@ def test_sim_job_on_s3_survives_a_killed_worker_and_sigkill(tmp_path, s3_server)
     job["output"] = {"path": url, "storage_options": options}
     job_file = write_job(tmp_path / "job.yaml", job)
     proc = start_cli("run", str(job_file))
-    wait_for(lambda: len(committed(s3_server, url)) >= 4, 120, "first commits")
+    wait_for_rows(s3_server, url, 800, 120)
     os.kill(_busy_worker(proc.pid, s3_server, url), signal.SIGKILL)
-    seen = len(committed(s3_server, url))
-    wait_for(lambda: len(committed(s3_server, url)) >= seen + 4, 120, "commits after the kill")
+    seen = sum(r.end - r.start for r in committed(s3_server, url))
+    wait_for_rows(s3_server, url, seen + 800, 120)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     fs = s3_server.filesystem()
@@ -327,14 +335,10 @@ def test_vllm_demo_sized_job_on_s3(tmp_path, tiny_model, s3_env: S3Server) -> No
     }
     job_file = write_job(tmp_path / "job.yaml", job)
     proc = start_cli("run", str(job_file))
-    wait_for(lambda: len(committed(s3_env, url)) >= 2, 300, "first commits")
+    wait_for_rows(s3_env, url, 300, 300)
     os.kill(_busy_worker(proc.pid, s3_env, url), signal.SIGKILL)
     seen = sum(r.end - r.start for r in committed(s3_env, url))
-    wait_for(
-        lambda: sum(r.end - r.start for r in committed(s3_env, url)) >= seen + 500,
-        300,
-        "commits after the kill",
-    )
+    wait_for_rows(s3_env, url, seen + 500, 300)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = sum(r.end - r.start for r in committed(s3_env, url))

@@ -254,7 +254,9 @@ class Coordinator:
     def _finish(self) -> None:
         if self.finished.is_set():
             return
-        self.store.write_json("metrics.json", self.metrics_dict())
+        with self.lock:  # a consistent snapshot; the writes below happen outside the lock
+            metrics = self.metrics_dict()
+        self.store.write_json("metrics.json", metrics)
         self.store.mark_success()
         self.finished.set()
         if self.on_done:

@@ -109,7 +109,7 @@ def _int_or_none(value: Any) -> int | None:
 def workload_from_job(job: JobSpec, sample_rows: int = 2000) -> Workload:
     """Prompt lengths from a sample of the input; output length from sampling.max_tokens."""
     columns = _prompt_columns(job)
-    dataset = open_dataset(job.input.path, columns)
+    dataset = open_dataset(job.input.path, columns, job.input.storage_options)
     fields = template_fields(job.prompt_template or "")
     rows = _sample(dataset, columns, sample_rows)
     prompts = [p for p in (_render(job, row, fields) for row in rows) if p is not None]

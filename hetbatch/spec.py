@@ -42,6 +42,9 @@ class InputSpec(_Strict):
         default=False, description="accept a non-text prompt column, converting values to text"
     )
     keep_columns: list[str] = Field(default_factory=list)
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the fsspec driver, e.g. endpoint_url"
+    )
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:
@@ -53,6 +56,9 @@ class InputSpec(_Strict):
 class OutputSpec(_Strict):
     path: str
     compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = "zstd"
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to the fsspec driver, e.g. endpoint_url"
+    )
 
 
 class SimEngineSpec(_Strict):

@@ -14,6 +14,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.s3server import s3_env, s3_server  # noqa: F401  (the S3 server on loopback)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")

@@ -2,25 +2,38 @@
 
 The layout of an output directory is named in `hetbatch.io.paths`.
 
-Workers write to staging; only the coordinator publishes (renames) a shard, after the scheduler
-accepted its commit, and appends the ledger line afterwards. A crash between the two leaves a
-published shard with no ledger line: recovery adopts it, since a published shard is complete.
+Workers stage their shards (see `hetbatch.io.shards`); only the coordinator publishes one, after
+the scheduler accepted its commit, and records it in the ledger afterwards. A crash between the
+two leaves a published shard with no ledger line: recovery adopts it, since a published shard is
+complete.
+
+A commit costs O(1) store operations whatever the number of committed units: on a local disk a
+line appended and fsynced, on an object store (which cannot append) a new small segment object
+holding the records of every commit that arrived meanwhile (group commit). Resuming reads the
+base ledger and the segments once, and compacts them into the base.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-from fsspec.core import url_to_fs
-
+from hetbatch.errors import UserError
+from hetbatch.io.fs import filesystem, is_s3, one_line
 from hetbatch.io.parquet import parse_shard_name
 from hetbatch.io.paths import OutputPaths
+from hetbatch.io.shards import PendingUpload
 
 META_DIR = OutputPaths.META_DIR
 SUCCESS = OutputPaths.SUCCESS
+
+log = logging.getLogger("hetbatch.ledger")
 
 
 @dataclass(frozen=True)
@@ -31,24 +44,42 @@ class CommitRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: int = 0
-    at: float = 0.0  # wall time of the commit
-    leased_at: float = 0.0  # wall time the unit was leased (0: not known)
-    pool: str = ""
-    stolen: bool = False  # rows taken from another instance's lease by a steal
-    redealt: bool = False  # rows dealt before, returned when a lease lapsed or its holder left
+    at: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, separators=(",", ":"))
 
 
-class OutputStore:
-    """Everything the coordinator reads and writes under the job's output path."""
+class PublishFailed(RuntimeError):
+    """An accepted unit could not be published or recorded: the job must not be marked done."""
 
-    def __init__(self, url: str) -> None:
-        self.paths = OutputPaths(url)
+
+class OutputStore:
+    """Everything the coordinator reads and writes under the job's output path.
+
+    Thread-safe: commits arrive from many connections at once and are published and recorded
+    outside the coordinator's lock. `reserve()` (under that lock, no I/O) counts an accepted
+    commit in flight; `commit()` publishes and records it; `mark_success()` waits for every
+    commit in flight, so `_SUCCESS` never precedes a shard.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.storage_options = dict(storage_options or {})
+        self.paths = OutputPaths(url, self.storage_options)
         self.url, self.fs, self.root = self.paths.url, self.paths.fs, self.paths.root
         self.local = self.paths.local
+        self.s3 = is_s3(self.fs)
         self._records: list[CommitRecord] = []
+        self._lock = threading.Lock()  # records and the queue of records to write
+        self._io_lock = threading.Lock()  # one ledger write at a time: the group commit
+        self._queue: list[CommitRecord] = []
+        self._queued = 0
+        self._durable = 0
+        self._run_id = secrets.token_hex(4)
+        self._segments = 0
+        self._in_flight = 0
+        self._settled = threading.Condition(self._lock)
+        self._failures: list[str] = []
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -63,8 +94,26 @@ class OutputStore:
 
     # -- state --------------------------------------------------------------------------------
 
+    def _fresh(self, path: str | None = None) -> None:
+        """Forget cached listings: other processes write here too."""
+        if not self.local:
+            self.fs.invalidate_cache(path)
+
     def exists(self) -> bool:
-        return self.fs.exists(self.path(OutputPaths.JOB))
+        """Whether a job has written here; the first access, so an unreachable store (no
+        credentials, no network, no bucket) is reported here in one line."""
+        self._fresh(self.path(META_DIR))
+        try:
+            if self.fs.exists(self.path(OutputPaths.JOB)):
+                return True
+            bucket = "" if self.local else self.root.split("/", 1)[0]
+            if bucket and bucket != self.root and not self.fs.exists(bucket):
+                raise UserError(f"{self.url}: the bucket {bucket!r} does not exist")
+            return False
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"{self.url}: cannot reach the output: {one_line(exc)}") from None
 
     def has_foreign_content(self) -> bool:
         """Files that hetbatch did not write: refuse to mix a job into someone else's folder."""
@@ -76,96 +125,272 @@ class OutputStore:
         )
 
     def is_complete(self) -> bool:
+        self._fresh(self.root)
         return self.fs.exists(self.path(SUCCESS))
 
     def read_json(self, name: str) -> Any:
-        """Read one of the job's records by its `OutputPaths` name."""
         with self.fs.open(self.path(name), "r") as fh:
             return json.load(fh)
 
     def write_json(self, name: str, data: Any) -> None:
-        """Write a small metadata file by rename, so a reader never sees half of it."""
+        """Write a small metadata file whole: a reader never sees half of it.
+
+        Local disks: a temporary file renamed. Object stores: one PUT, atomic by itself.
+        """
         target = self.path(name)
+        text = json.dumps(data, indent=2, sort_keys=True)
+        if not self.local:
+            self.fs.pipe_file(target, text.encode())
+            return
         tmp = target + ".tmp"
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         with self.fs.open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write(text)
         self.fs.mv(tmp, target)
 
     def wipe(self) -> None:
         """Remove what an earlier run wrote (for --overwrite)."""
+        self._fresh(self.root)
         if not self.fs.exists(self.root):
             return
         for p in self.fs.ls(self.root, detail=False):
             name = p.rsplit("/", 1)[-1]
             if name.startswith("part-") or name in (META_DIR, SUCCESS):
                 self.fs.rm(p, recursive=True)
+        self._abort_uploads()
 
     # -- ledger -------------------------------------------------------------------------------
 
     def recover(self) -> list[CommitRecord]:
-        """Load the ledger, adopt published shards it lacks, and drop unpublished staging."""
-        self._records = self.read_ledger()
-        known = {(r.start, r.end) for r in self._records}
-        for start, end in self.published_ranges():
-            if (start, end) not in known:
-                self.append(CommitRecord(start, end, instance="recovered"))
+        """Load the ledger, adopt published shards it lacks, drop unpublished staging, and
+        compact an object store's ledger segments into one base object."""
+        records, segments = self._read_all()
+        known = {(r.start, r.end) for r in records}
+        adopted = [
+            CommitRecord(start, end, instance="recovered")
+            for start, end in self.published_ranges()
+            if (start, end) not in known
+        ]
+        if self.local:
+            self._records = records
+            for record in adopted:
+                self.append(record)
+        else:
+            self._records = records + adopted
+            if segments or adopted:
+                self._compact(segments)
+            self._abort_uploads()
         staging = self.path(OutputPaths.STAGING)
         if self.fs.exists(staging):
             self.fs.rm(staging, recursive=True)
         return list(self._records)
 
     def published_ranges(self) -> list[tuple[int, int]]:
+        self._fresh(self.root)
         if not self.fs.exists(self.root):
             return []
         names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
         return sorted(r for r in map(parse_shard_name, names) if r is not None)
 
     def read_ledger(self) -> list[CommitRecord]:
-        path = self.path(OutputPaths.LEDGER)
-        if not self.fs.exists(path):
-            return []
-        records = []
-        with self.fs.open(path, "r") as fh:
-            for line in fh:
-                try:
-                    records.append(CommitRecord(**json.loads(line)))
-                except (ValueError, TypeError):
-                    break  # a torn last line from a crash mid-append
-        return records
+        """Every committed unit on record (base ledger and segments), each once."""
+        return self._read_all()[0]
+
+    def _read_all(self) -> tuple[list[CommitRecord], list[str]]:
+        base = self.path(OutputPaths.LEDGER)
+        self._fresh(self.path(META_DIR))
+        texts = []
+        if self.fs.exists(base):
+            texts.append(self.fs.cat_file(base).decode())
+        segments: list[str] = []
+        if not self.local:
+            folder = self.path(OutputPaths.LEDGER_SEGMENTS)
+            self._fresh(folder)
+            with contextlib.suppress(FileNotFoundError):
+                segments = sorted(self.fs.ls(folder, detail=False))
+            if segments:
+                texts.extend(b.decode() for b in self.fs.cat(segments).values())
+        records, seen = [], set()
+        for text in texts:
+            for record in _parse_lines(text):
+                if (record.start, record.end) not in seen:
+                    seen.add((record.start, record.end))
+                    records.append(record)
+        return records, segments
+
+    def _compact(self, segments: list[str]) -> None:
+        """Fold the segments into the base ledger: write the base whole, then drop them.
+
+        A crash in between leaves records in both; reading takes each unit once."""
+        text = "".join(r.to_json() + "\n" for r in self._records)
+        self.fs.pipe_file(self.path(OutputPaths.LEDGER), text.encode())
+        if segments:
+            self.fs.rm(segments)
 
     def append(self, record: CommitRecord) -> None:
-        """Durably record one committed unit (fsync on local disks)."""
-        self._records.append(record)
-        path = self.path(OutputPaths.LEDGER)
+        """Durably record one committed unit; returns once it is on disk or in the store.
+
+        Group commit: callers that arrive while a write is under way queue up, and the next
+        writer writes all of them at once, so a burst of commits costs one write.
+        """
+        self.append_many([record])
+
+    def append_many(self, records: list[CommitRecord]) -> None:
+        with self._lock:
+            self._queue.extend(records)
+            self._queued += len(records)
+            ticket = self._queued
+        with self._io_lock:
+            if self._durable >= ticket:
+                return  # an earlier writer took these along
+            with self._lock:
+                batch, self._queue = self._queue, []
+            self._write(batch)
+            self._durable += len(batch)
+            with self._lock:
+                self._records.extend(batch)
+
+    def _write(self, batch: list[CommitRecord]) -> None:
+        text = "".join(r.to_json() + "\n" for r in batch)
         if self.local:
+            path = self.path(OutputPaths.LEDGER)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a") as fh:
-                fh.write(record.to_json() + "\n")
+                fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
-        else:  # object stores cannot append: rewrite the whole (small) ledger
-            with self.fs.open(path, "w") as fh:
-                fh.write("".join(r.to_json() + "\n" for r in self._records))
+            return
+        # Object stores cannot append: each write is a new small segment object.
+        self._segments += 1
+        name = f"{self._run_id}-{self._segments:09d}.jsonl"
+        self.fs.pipe_file(self.path(OutputPaths.LEDGER_SEGMENTS, name), text.encode())
 
     @property
     def records(self) -> list[CommitRecord]:
-        return list(self._records)
+        with self._lock:
+            return list(self._records)
+
+    # -- commits ------------------------------------------------------------------------------
+
+    def reserve(self) -> None:
+        """Count one accepted commit in flight (no I/O: call it under the coordinator's lock)."""
+        with self._lock:
+            self._in_flight += 1
+
+    def commit(self, staging_url: str, record: CommitRecord) -> None:
+        """Publish a reserved commit's shard and record it; then it is no longer in flight."""
+        try:
+            self.publish(staging_url, record.start, record.end)
+            self.append(record)
+        except Exception as exc:
+            self.note_failed(record.start, record.end, exc)
+            raise PublishFailed(f"rows [{record.start}, {record.end}): {exc}") from exc
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._settled.notify_all()
+
+    def note_failed(self, start: int, end: int, exc: BaseException) -> None:
+        """An accepted unit that could not be published or recorded: `_SUCCESS` is refused."""
+        with self._lock:
+            self._failures.append(f"[{start}, {end}): {exc}")
 
     # -- shards -------------------------------------------------------------------------------
 
     def publish(self, staging_url: str, start: int, end: int) -> str:
-        """Move a staged shard to its final name; on local disks this is an atomic rename."""
-        _, src = url_to_fs(staging_url)
+        """Make a staged shard visible under its final name.
+
+        S3: complete the worker's multipart upload (one request, no bytes copied). Local disks:
+        an atomic rename. Other stores: a server-side copy and delete.
+        """
         dst = self.path(OutputPaths.shard(start, end))
+        upload = PendingUpload.from_handle(staging_url)
+        if upload is not None:
+            bucket, key, _ = self.fs.split_path(dst)
+            if key != upload.key:
+                raise PublishFailed(f"upload for {upload.key!r} committed as {key!r}")
+            self.fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload.upload_id,
+                MultipartUpload={"Parts": upload.parts()},
+            )
+            return dst
+        _, src = filesystem(staging_url, self.storage_options)
         self.fs.mv(src, dst)
         return dst
 
+    def is_staged(self, handle: str, start: int, end: int) -> bool:
+        """Whether a worker's staging handle names a shard that can be published as rows
+        [start, end): an upload to that shard's key, or a file in the staging folder."""
+        try:
+            upload = PendingUpload.from_handle(handle)
+        except (ValueError, KeyError, TypeError):
+            return False  # not an upload handle hetbatch wrote
+        if upload is not None:
+            _, key, _ = self.fs.split_path(self.path(OutputPaths.shard(start, end)))
+            return self.s3 and upload.key == key
+        try:
+            return bool(self.fs.exists(self.path(OutputPaths.staging(handle))))
+        except (OSError, ValueError):
+            return False
+
     def discard(self, staging_url: str) -> None:
-        _, src = url_to_fs(staging_url)
-        if self.fs.exists(src):
-            self.fs.rm(src)
+        upload = PendingUpload.from_handle(staging_url)
+        if upload is None:
+            _, src = filesystem(staging_url, self.storage_options)
+            if self.fs.exists(src):
+                self.fs.rm(src)
+            return
+        bucket, _, _ = self.fs.split_path(self.root)
+        with contextlib.suppress(OSError):
+            self.fs.call_s3(
+                "abort_multipart_upload", Bucket=bucket, Key=upload.key, UploadId=upload.upload_id
+            )
+
+    def _abort_uploads(self) -> None:
+        """Abort shard uploads nobody will complete (a lost worker's, a discarded unit's)."""
+        if not self.s3:
+            return
+        bucket, prefix, _ = self.fs.split_path(self.path("part-"))
+        marker: dict[str, str] = {}
+        while True:
+            reply = self.fs.call_s3(
+                "list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker
+            )
+            for u in reply.get("Uploads", []):
+                self.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"]
+                )
+            if not reply.get("IsTruncated"):
+                return
+            marker = {
+                "KeyMarker": reply["NextKeyMarker"],
+                "UploadIdMarker": reply["NextUploadIdMarker"],
+            }
 
     def mark_success(self) -> None:
-        with self.fs.open(self.path(SUCCESS), "w") as fh:
-            fh.write("")
+        """Write `_SUCCESS` once every accepted commit is published and recorded."""
+        with self._lock:
+            self._settled.wait_for(lambda: self._in_flight == 0)
+            failures = list(self._failures)
+        if failures:
+            raise PublishFailed(
+                f"{len(failures)} committed units failed to publish (first: {failures[0]}); "
+                "run the job again to redo them"
+            )
+        self.fs.pipe_file(self.path(SUCCESS), b"")
+        if self.s3:
+            with contextlib.suppress(OSError):
+                self._abort_uploads()
+
+
+def _parse_lines(text: str) -> list[CommitRecord]:
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(CommitRecord(**json.loads(line)))
+        except (ValueError, TypeError):
+            break  # a torn last line from a crash mid-append
+    return records

@@ -20,7 +20,11 @@ MAX_TEXT = 256
 MAX_ERROR_TEXT = 2000  # a row error quoted in a commit's stats
 MAX_PROGRESS = 4096  # leases one heartbeat may report
 MAX_CONCURRENCY = 1 << 20
-STAGING_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,250}\.parquet")
+# A staged shard is a plain file name under the output's staging folder, or (on S3) the handle
+# of an uncompleted multipart upload: `upload-` and URL-safe base64.
+STAGING_NAME = re.compile(
+    r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,250}\.parquet|upload-[A-Za-z0-9_-]{1,16000}={0,2}"
+)
 
 
 class MessageError(ValueError):
@@ -231,9 +235,13 @@ class Commit(Request):
         start, end = _int(data.get("start"), "start"), _int(data.get("end"), "end")
         if end <= start:
             raise MessageError(f"end: {end} is not after start {start}")
-        staging = _text(data.get("staging"), "staging")
+        staging = data.get("staging")
+        if type(staging) is not str:
+            raise MessageError(f"staging: expected a string, got {type(staging).__name__}")
         if not STAGING_NAME.fullmatch(staging) or ".." in staging:
-            raise MessageError(f"staging: {staging[:40]!r} is not a plain .parquet file name")
+            raise MessageError(
+                f"staging: {staging[:40]!r} is neither a plain .parquet file name nor an upload"
+            )
         return cls(
             _instance(data.get("instance")),
             _int(data.get("lease"), "lease"),

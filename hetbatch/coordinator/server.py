@@ -31,10 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fsspec.core import url_to_fs
-
 from hetbatch.coordinator import messages as m
-from hetbatch.coordinator.ledger import CommitRecord, OutputStore
+from hetbatch.coordinator.ledger import CommitRecord, OutputStore, PublishFailed
 from hetbatch.coordinator.protocol import MAX_MESSAGE_BYTES, encode_message
 from hetbatch.error_budget import ErrorBudget
 from hetbatch.io.paths import OutputPaths
@@ -404,7 +402,7 @@ class Coordinator:
     def _commit_batch(self, batch: list[tuple[m.Commit, _Connection]]) -> None:
         """Verdicts under the lock, one commit at a time; the output folder outside it."""
         staged = [self.store.staging_url(msg.staging) for msg, _ in batch]
-        present = [self._staged(url) for url in staged]
+        present = [self.store.is_staged(msg.staging, msg.start, msg.end) for msg, _ in batch]
         with self.lock:
             verdicts = [
                 self._verdict(msg) if ok else None
@@ -418,8 +416,9 @@ class Coordinator:
             if verdict is CommitStatus.ACCEPTED:
                 try:
                     self.store.publish(url, msg.start, msg.end)
-                except Exception:
+                except Exception as exc:
                     log.exception("rows [%s, %s) accepted but not published", msg.start, msg.end)
+                    self.store.note_failed(msg.start, msg.end, exc)
                     replies.append(m.error_reply("commit: the shard could not be published"))
                     continue
                 records.append(_record(msg, *note))
@@ -439,13 +438,6 @@ class Coordinator:
             self._fail()
         elif self.scheduler.done:
             self._finish()
-
-    def _staged(self, url: str) -> bool:
-        try:
-            fs, path = url_to_fs(url)
-            return bool(fs.exists(path))
-        except (OSError, ValueError):
-            return False
 
     def _verdict(self, msg: m.Commit) -> CommitStatus:
         now = self.clock()
@@ -516,7 +508,12 @@ class Coordinator:
         if self.finished.is_set():
             return
         self.store.write_json(OutputPaths.METRICS, self.metrics_dict())
-        self.store.mark_success()
+        try:
+            self.store.mark_success()
+        except PublishFailed as exc:  # committed units that never became visible: no _SUCCESS
+            self.failure = str(exc)
+            self._fail()
+            return
         self.finished.set()
         if self.on_done:
             self.on_done()

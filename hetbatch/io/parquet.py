@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import base64
 import bisect
+import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.core import url_to_fs
 
 from hetbatch.errors import UserError
+from hetbatch.io.fs import filesystem, filesystem_of, one_line
+
+# Bytes read from the end of each input file in the first pass: the footer of a typical file
+# fits, so one ranged read per file is the whole cost; a larger footer costs one more.
+FOOTER_GUESS_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class InputDataset:
     protocol: str
     files: tuple[InputFile, ...]
     schema: pa.Schema
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
     def num_rows(self) -> int:
@@ -70,62 +78,153 @@ def _full_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def _list_files(fs: fsspec.AbstractFileSystem, path: str, original: str) -> list[str]:
-    if any(ch in path for ch in "*?["):
-        files = sorted(p for p in fs.glob(path) if fs.isfile(p))
-    elif fs.isdir(path):
-        files = sorted(
-            p
-            for p in fs.find(path)
-            if p.endswith((".parquet", ".parq", ".pq"))
-            and not any(part.startswith(("_", ".")) for part in p[len(path) :].split("/"))
-        )
-    elif fs.exists(path):
-        files = [path]
-    else:
-        raise UserError(f"{original}: input path does not exist")
+def _list_files(fs: fsspec.AbstractFileSystem, path: str, original: str) -> dict[str, int]:
+    """Input files and their sizes from one listing (sizes come with it: no request per file)."""
+    try:
+        if any(ch in path for ch in "*?["):
+            found = fs.glob(path, detail=True)
+            files = {p: i for p, i in found.items() if i.get("type") != "directory"}
+        else:
+            found = fs.find(path, detail=True)
+            files = {
+                p: i
+                for p, i in found.items()
+                if p.rstrip("/") == path.rstrip("/")
+                or (
+                    p.endswith((".parquet", ".parq", ".pq"))
+                    and not any(part.startswith(("_", ".")) for part in p[len(path) :].split("/"))
+                )
+            }
+    except FileNotFoundError:
+        files = {}
+    except UserError:
+        raise
+    except Exception as exc:  # credentials, network, permissions: the driver's own words
+        raise UserError(f"{original}: cannot list the input: {one_line(exc)}") from None
     if not files:
+        if not fs.exists(path):
+            raise UserError(f"{original}: input path does not exist")
         raise UserError(f"{original}: no Parquet files found")
-    return files
+    sizes = {}
+    for p in sorted(files):
+        size = files[p].get("size")
+        sizes[p] = int(size if size is not None else fs.size(p))
+    return sizes
+
+
+_OPENED: dict[tuple[str, str], tuple[InputDataset, list[tuple[str, pq.FileMetaData]]]] = {}
+FooterInspector = Callable[[str, pq.FileMetaData], None]
 
 
 def open_dataset(
     url: str,
     needed_columns: Sequence[str],
-    inspect: Callable[[str, pq.FileMetaData], None] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    inspect: FooterInspector | None = None,
 ) -> InputDataset:
-    """Read the footers of every input file and check the schema once, up front.
+    """Read the footers of every input file (in parallel) and check the schema once, up front.
 
-    `inspect` sees each file's footer (shown path, metadata), e.g. for column statistics."""
-    fs, path = url_to_fs(url)
+    The dataset is listed once and each footer read once per process: planning and preparing
+    a run share the result. `inspect` sees each file's footer (shown path, metadata), e.g. for
+    column statistics.
+    """
+    key = (url, json.dumps(storage_options or {}, sort_keys=True))
+    if key not in _OPENED:
+        _OPENED[key] = _open_dataset(url, storage_options or {})
+    dataset, footers = _OPENED[key]
+    _check_columns(_full_path_of(dataset, 0), dataset.schema, needed_columns)
+    if inspect is not None:
+        for shown, meta in footers:
+            inspect(shown, meta)
+    return dataset
+
+
+def _open_dataset(
+    url: str, storage_options: dict[str, Any]
+) -> tuple[InputDataset, list[tuple[str, pq.FileMetaData]]]:
+    fs, path = filesystem(url, storage_options)
+    sizes = _list_files(fs, path, url)
+    footers = read_footers(fs, sizes)
+    kept: list[tuple[str, pq.FileMetaData]] = []
     files: list[InputFile] = []
     schema: pa.Schema | None = None
     first_row = 0
-    for file_path in _list_files(fs, path, url):
+    for file_path, size in sizes.items():
         shown = _full_path(fs, file_path)
         try:
-            with fs.open(file_path, "rb") as fh:
-                meta = pq.ParquetFile(fh).metadata
-                file_schema = meta.schema.to_arrow_schema()
+            meta = footers[file_path]
+            if isinstance(meta, Exception):
+                raise meta
+            file_schema = meta.schema.to_arrow_schema()
         except (pa.ArrowInvalid, OSError) as exc:
-            raise UserError(f"{shown}: not a readable Parquet file ({exc})") from None
+            raise UserError(f"{shown}: not a readable Parquet file ({one_line(exc)})") from None
         if schema is None:
             schema = file_schema
-            _check_columns(shown, schema, needed_columns)
         elif not file_schema.equals(schema):
             raise UserError(
                 f"{shown}: schema differs from the first input file: {_diff(schema, file_schema)}"
             )
-        if inspect is not None:
-            inspect(shown, meta)
+        kept.append((shown, meta))
         rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-        files.append(InputFile(file_path, first_row, rows, fs.size(file_path) or 0))
+        files.append(InputFile(file_path, first_row, rows, size))
         first_row += sum(rows)
     assert schema is not None
     if first_row == 0:
         raise UserError(f"{url}: the input dataset has no rows")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return InputDataset(protocol, tuple(files), schema)
+    return InputDataset(protocol, tuple(files), schema, dict(storage_options)), kept
+
+
+def read_footers(
+    fs: fsspec.AbstractFileSystem, sizes: dict[str, int]
+) -> dict[str, pq.FileMetaData | Exception]:
+    """Parquet footers of many files, read as ranged reads of their tails in parallel.
+
+    Object-store drivers run the reads of one `cat_ranges` call concurrently; a footer larger
+    than the first guess costs its file one more read. A file that is not Parquet maps to its
+    error, reported by the caller with the file's name.
+    """
+    paths = list(sizes)
+    tails = _cat_tails(fs, paths, [min(sizes[p], FOOTER_GUESS_BYTES) for p in paths], sizes)
+    short = {}
+    for p, tail in tails.items():
+        if isinstance(tail, bytes) and len(tail) >= 8 and tail[-4:] == b"PAR1":
+            need = int.from_bytes(tail[-8:-4], "little") + 8
+            if need > len(tail) and need <= sizes[p]:
+                short[p] = need
+    if short:
+        tails.update(_cat_tails(fs, list(short), list(short.values()), sizes))
+    return {p: _parse_footer(tail) for p, tail in tails.items()}
+
+
+def _cat_tails(
+    fs: fsspec.AbstractFileSystem, paths: list[str], lengths: list[int], sizes: dict[str, int]
+) -> dict[str, bytes | Exception]:
+    if not paths:
+        return {}
+    ends = [sizes[p] for p in paths]
+    starts = [end - n for end, n in zip(ends, lengths, strict=True)]
+    try:
+        data = fs.cat_ranges(paths, starts, ends, on_error="return")
+    except Exception as exc:
+        data = [exc] * len(paths)
+    return dict(zip(paths, data, strict=True))
+
+
+def _parse_footer(tail: bytes | Exception) -> pq.FileMetaData | Exception:
+    if isinstance(tail, Exception):
+        return OSError(one_line(tail))
+    if len(tail) < 12 or tail[-4:] != b"PAR1":
+        return pa.ArrowInvalid("no Parquet magic bytes at the end of the file")
+    try:
+        return pq.read_metadata(pa.BufferReader(tail))
+    except (pa.ArrowInvalid, OSError) as exc:
+        return exc
+
+
+def _full_path_of(dataset: InputDataset, i: int) -> str:
+    path = dataset.files[i].path
+    return path if dataset.protocol in ("file", "local") else f"{dataset.protocol}://{path}"
 
 
 def _check_columns(path: str, schema: pa.Schema, needed: Sequence[str]) -> None:
@@ -148,7 +247,7 @@ def _diff(a: pa.Schema, b: pa.Schema) -> str:
 
 def read_rows(dataset: InputDataset, start: int, end: int, columns: Sequence[str]) -> pa.Table:
     """Read global rows [start, end), touching only the row groups that overlap them."""
-    fs = fsspec.filesystem(dataset.protocol)
+    fs = filesystem_of(dataset.protocol, dataset.storage_options)
     starts = [f.first_row for f in dataset.files]
     pieces = []
     i = max(bisect.bisect_right(starts, start) - 1, 0)
@@ -171,7 +270,8 @@ def _read_file_slice(
             groups.append(g)
             offset = group_start if offset is None else offset
         group_start += n
-    with fs.open(f.path, "rb") as fh:
+    sized = {} if is_local(fs) else {"size": f.size}  # the size is known: no request for it
+    with fs.open(f.path, "rb", **sized) as fh:
         table = pq.ParquetFile(fh).read_row_groups(groups, columns=list(columns))
     return table.slice(lo - (offset or 0), hi - lo)
 
@@ -192,12 +292,18 @@ def parse_shard_name(name: str) -> tuple[int, int] | None:
         return None
 
 
-def write_table(url: str, table: pa.Table, compression: str) -> None:
+def write_table(
+    url: str, table: pa.Table, compression: str, storage_options: dict[str, Any] | None = None
+) -> None:
     """Write one Parquet file in a single pass (callers publish it by renaming)."""
-    fs, path = url_to_fs(url)
+    fs, path = filesystem(url, storage_options)
     fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "wb") as fh:
-        pq.write_table(table, fh, compression=None if compression == "none" else compression)
+        pq.write_table(table, fh, compression=parquet_compression(compression))
+
+
+def parquet_compression(compression: str) -> str | None:
+    return None if compression == "none" else compression
 
 
 def dataset_to_dict(dataset: InputDataset) -> dict:
@@ -214,6 +320,7 @@ def dataset_to_dict(dataset: InputDataset) -> dict:
             for f in dataset.files
         ],
         "schema": base64.b64encode(dataset.schema.serialize().to_pybytes()).decode(),
+        "storage_options": dataset.storage_options,
     }
 
 
@@ -223,4 +330,4 @@ def dataset_from_dict(data: dict) -> InputDataset:
         for f in data["files"]
     )
     schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(data["schema"])))
-    return InputDataset(data["protocol"], files, schema)
+    return InputDataset(data["protocol"], files, schema, data.get("storage_options") or {})

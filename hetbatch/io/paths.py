@@ -6,6 +6,7 @@
     _hetbatch/layout.json                    the instances: pool, node, devices, engine args
     _hetbatch/plan.json                      the planner's sizing, when it sized a pool
     _hetbatch/ledger.jsonl                   one line per committed unit, appended and fsynced
+    _hetbatch/ledger/RUN-SEQ.jsonl           object stores: ledger segments not yet compacted
     _hetbatch/metrics.json                   per-instance rows, tokens, busy time, tokens/s
     _hetbatch/coordinator.json               where the running coordinator listens, its epoch
     _hetbatch/token                          the job's secret (owner-only) for Slurm workers
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import fsspec
-from fsspec.core import url_to_fs
 from fsspec.implementations.dirfs import DirFileSystem
 
+from hetbatch.io.fs import filesystem
 from hetbatch.io.parquet import is_local, shard_name
 
 
@@ -39,6 +41,7 @@ class OutputPaths:
     LAYOUT = f"{META_DIR}/layout.json"
     PLAN = f"{META_DIR}/plan.json"
     LEDGER = f"{META_DIR}/ledger.jsonl"
+    LEDGER_SEGMENTS = f"{META_DIR}/ledger"  # object stores: segments not yet compacted
     METRICS = f"{META_DIR}/metrics.json"
     COORDINATOR = f"{META_DIR}/coordinator.json"
     TOKEN = f"{META_DIR}/token"
@@ -47,8 +50,9 @@ class OutputPaths:
     SLURM_SCRIPTS = f"{META_DIR}/slurm"
     LOGS = f"{META_DIR}/logs"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
 
     @classmethod
     def of(cls, url: str, name: str) -> OutputPaths:
@@ -66,7 +70,7 @@ class OutputPaths:
     # The filesystem is opened on first use: naming a path needs no connection.
     @cached_property
     def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        return url_to_fs(self.url)
+        return filesystem(self.url, self.storage_options)
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:

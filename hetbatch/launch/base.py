@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fsspec.core import url_to_fs
-
 from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.error_budget import BudgetConfig, ErrorBudget
 from hetbatch.errors import UserError
 from hetbatch.input_checks import check_input, id_statistics
+from hetbatch.io.fs import filesystem
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
 from hetbatch.io.paths import OutputPaths
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
@@ -38,7 +37,7 @@ _OUTPUT_DEFINING = ("model", "input", "prompt_template", "chat", "sampling", "se
 
 def _absolute(url: str) -> str:
     """Local paths become absolute, so that workers started elsewhere resolve them alike."""
-    fs, _ = url_to_fs(url)
+    fs, _ = filesystem(url)
     if is_local(fs):
         return os.path.abspath(url.removeprefix("file://"))
     return url
@@ -114,9 +113,11 @@ class Launcher(ABC):
         """
         job = self.job
         id_stats = id_statistics(job)
-        dataset = open_dataset(job.input.path, input_columns(job), id_stats)
+        dataset = open_dataset(
+            job.input.path, input_columns(job), job.input.storage_options, inspect=id_stats
+        )
         check_input(job, dataset.schema, id_stats)
-        store = OutputStore(job.output.path)
+        store = OutputStore(job.output.path, job.output.storage_options)
         record = self._job_record(dataset)
         if self.overwrite:
             if not dry_run:
@@ -156,9 +157,12 @@ class Launcher(ABC):
 
     def _job_record(self, dataset: InputDataset) -> dict[str, Any]:
         spec = self.job.to_dict()
+        defining = {k: spec[k] for k in _OUTPUT_DEFINING}
+        # How the input is reached (endpoint, profile) does not change what the output holds.
+        defining["input"] = {k: v for k, v in spec["input"].items() if k != "storage_options"}
         return {
             "spec": spec,
-            "output_defining": {k: spec[k] for k in _OUTPUT_DEFINING},
+            "output_defining": defining,
             "input_files": dataset.fingerprint(),
             "rows": dataset.num_rows,
         }

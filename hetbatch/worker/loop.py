@@ -21,8 +21,8 @@ from hetbatch.coordinator.protocol import Client
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
 from hetbatch.error_budget import most_common_error
 from hetbatch.input_checks import unit_id_problems
-from hetbatch.io.parquet import InputDataset, read_rows, write_table
-from hetbatch.io.paths import OutputPaths
+from hetbatch.io.parquet import InputDataset, read_rows
+from hetbatch.io.shards import stage_shard
 from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_seed
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.spec import JobSpec
@@ -245,7 +245,11 @@ class Worker:
             self.job, self.schema, unit.table, unit.start, results, self.instance_id
         )
         name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}.parquet"
-        write_table(_staging(self.job, name), table, self.job.output.compression)
+        output = self.job.output
+        staged = stage_shard(
+            output.path, output.storage_options, name, unit.start, unit.end, table,
+            output.compression,
+        )
         errors, top_error, top_error_rows = most_common_error(
             r["error"] for r in results if r.get("error") is not None
         )
@@ -265,7 +269,7 @@ class Worker:
             lease=unit.lease_id,
             start=unit.start,
             end=unit.end,
-            staging=name,
+            staging=staged,
             stats=stats,
         )
         if reply.get("status") == "stale":
@@ -279,7 +283,3 @@ class Worker:
             return {}
         nulls, duplicates = unit_id_problems([p.key for p in unit.prompts[: unit.rows]])
         return {"null_ids": nulls, "duplicate_ids": duplicates}
-
-
-def _staging(job: JobSpec, name: str) -> str:
-    return OutputPaths(job.output.path).url_of(OutputPaths.staging(name))

@@ -1,0 +1,65 @@
+"""Filesystems from URLs: one place that turns a URL and its storage options into an fsspec
+filesystem, and turns a missing driver or a bad option into one line for the user.
+
+Credentials and endpoints come the usual way: the environment (`AWS_ENDPOINT_URL`,
+`AWS_PROFILE`, `GOOGLE_APPLICATION_CREDENTIALS`, ...), the SDKs' profile files, and the job's
+`storage_options`, passed to the fsspec driver as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.registry import known_implementations
+
+from hetbatch.errors import UserError
+
+
+def filesystem(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem serving `url` and the path inside it."""
+    try:
+        return url_to_fs(url, **(storage_options or {}))
+    except ImportError:
+        raise UserError(f"{url}: {missing_driver(url)}") from None
+    except ValueError as exc:
+        if "Protocol not known" in str(exc):
+            raise UserError(f"{url}: unknown URL scheme {_scheme(url)!r}") from None
+        raise
+    except TypeError as exc:
+        raise UserError(f"{url}: storage_options not accepted by the driver: {exc}") from None
+
+
+def filesystem_of(protocol: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """A filesystem by protocol name (for workers, which receive paths without a scheme)."""
+    try:
+        return fsspec.filesystem(protocol, **(storage_options or {}))
+    except ImportError:
+        raise UserError(f"{protocol}://: {missing_driver(protocol + '://')}") from None
+
+
+def missing_driver(url: str) -> str:
+    """What to install for a URL whose fsspec driver is not importable."""
+    scheme = _scheme(url)
+    known = known_implementations.get(scheme, {})
+    package = str(known.get("class", "")).split(".", 1)[0]
+    if package and package != "fsspec":
+        return f"{scheme}:// needs the package {package!r}: pip install {package}"
+    return str(known.get("err") or f"no fsspec driver for {scheme}:// is installed")
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "s3" in protocols or "s3a" in protocols
+
+
+def one_line(exc: BaseException) -> str:
+    """A driver's error message on one line (botocore's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -44,7 +44,11 @@ class CommitRecord:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: int = 0
-    at: float = 0.0
+    at: float = 0.0  # wall time of the commit
+    leased_at: float = 0.0  # wall time the unit was leased (0: not known)
+    pool: str = ""
+    stolen: bool = False  # rows taken from another instance's lease by a steal
+    redealt: bool = False  # rows dealt before, returned when a lease lapsed or its holder left
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, separators=(",", ":"))

@@ -188,12 +188,35 @@ class JobSpec(_Strict):
             raise ValueError(
                 "sampling.seed is derived per row from the job's `seed`; set `seed` instead"
             )
-        if "n" in self.sampling and self.sampling["n"] != 1:
-            raise ValueError("sampling.n must be 1 (one completion per row)")
+        _check_output_shaping(self.sampling)
         return self
+
+    @property
+    def samples_per_row(self) -> int:
+        """Completions per row (`sampling.n`); above one, per-sample columns are lists."""
+        return int(self.sampling.get("n", 1))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_output_shaping(sampling: dict[str, Any]) -> None:
+    """The sampling fields that decide the output's columns must be valid before any row runs:
+    a bad one would otherwise fail every row alike."""
+    n = sampling.get("n", 1)
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"sampling.n must be a whole number of samples per row, not {n!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = sampling.get(name)
+        if k is not None and (not _is_int(k) or k < -1):
+            raise ValueError(
+                f"sampling.{name} must be a number of top tokens (0 or more, -1 for all), "
+                f"not {k!r}"
+            )
 
 
 def template_fields(template: str) -> list[str]:

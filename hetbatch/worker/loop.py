@@ -21,7 +21,14 @@ from hetbatch.coordinator.protocol import Client
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
 from hetbatch.io.parquet import InputDataset, read_rows, write_table
 from hetbatch.spec import JobSpec
-from hetbatch.worker.rows import RowPrompt, build_output, build_prompts, input_columns, row_seed
+from hetbatch.worker.rows import (
+    RowPrompt,
+    build_output,
+    build_prompts,
+    completion_values,
+    input_columns,
+    row_seed,
+)
 
 log = logging.getLogger("hetbatch.worker")
 
@@ -221,12 +228,7 @@ class Worker:
             if entry is None:
                 continue
             unit, i = entry
-            unit.results[i] = {
-                "generated_text": c.text,
-                "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                "finish_reason": c.finish_reason,
-            }
+            unit.results[i] = completion_values(self.job, c)
 
     # -- committing ---------------------------------------------------------------------------
 

@@ -1,0 +1,81 @@
+"""What a row can ask for beyond one completion, through `hetbatch run` on real vLLM (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.jobutil import TINY_ENGINE_ARGS, assert_ledger_covers, read_output, run_cli, write_job
+
+pytestmark = pytest.mark.vllm
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "prompts.parquet"
+
+
+def _input(path: Path, rows: int, **columns: list[Any]) -> Path:
+    table = pl.read_parquet(DATA).head(rows).select("id", "prompt").to_arrow()
+    for name, values in columns.items():
+        table = table.append_column(name, pa.array(values))
+    pq.write_table(table, path, row_group_size=50)
+    return path
+
+
+def _job(out: Path, model: Path, src: Path, devices: int = 1, **extra: Any) -> dict:
+    job = {
+        "model": {"path": str(model), "engine_args": dict(TINY_ENGINE_ARGS)},
+        "input": {"path": str(src), "prompt_column": "prompt", "id_column": "id"},
+        "sampling": {"max_tokens": 12, "temperature": 0.8},
+        "seed": 3,
+        "output": {"path": str(out)},
+        "scheduler": {"max_unit_rows": 32, "heartbeat_s": 0.5},
+        "cluster": {"pools": [{"name": "cpu", "accelerator": "cpu", "devices_per_node": devices}]},
+    }
+    job.update(extra)
+    return job
+
+
+def _run(tmp: Path, name: str, job: dict) -> pl.DataFrame:
+    result = run_cli("run", str(write_job(tmp / f"{name}.yaml", job)))
+    assert result.returncode == 0, result.stderr
+    out = Path(job["output"]["path"])
+    df = read_output(out).sort("id")
+    assert_ledger_covers(out, df.height)
+    return df
+
+
+def test_n_samples_with_logprobs_are_placement_independent(tmp_path, tiny_model) -> None:
+    """Three samples per row with log-probabilities; two instances and small units, then one
+    instance and large units: every row's samples are the same."""
+    src = _input(tmp_path / "in.parquet", 120)
+    sampling = {"max_tokens": 12, "temperature": 0.9, "n": 3, "logprobs": 2, "prompt_logprobs": 1}
+    two = _run(tmp_path, "two", _job(tmp_path / "two", tiny_model, src, 2, sampling=sampling))
+    assert two.height == 120 and two["error"].null_count() == 120
+    assert two["instance"].n_unique() == 2
+    for row in two.iter_rows(named=True):
+        texts, reasons, counts = (
+            row["generated_text"], row["finish_reason"], row["sample_completion_tokens"]
+        )
+        assert len(texts) == len(reasons) == len(counts) == 3
+        assert set(reasons) <= {"length", "stop"}
+        assert sum(counts) == row["completion_tokens"]
+        assert [len(lp) for lp in row["token_logprobs"]] == counts
+        assert all(lp <= 0 for sample in row["token_logprobs"] for lp in sample)
+        assert all(len(at) == 2 for sample in row["top_logprobs"] for at in sample)
+        top = row["top_logprobs"][0][0]
+        assert top[0]["logprob"] >= top[1]["logprob"]
+        assert len(row["prompt_logprobs"]) == row["prompt_tokens"]
+        assert row["prompt_logprobs"][0] is None and row["prompt_logprobs"][1] <= 0
+    # Samples of one row differ (sampled at temperature 0.9, each with its own seed).
+    assert (two["generated_text"].list.n_unique() > 1).mean() > 0.9
+
+    one_job = _job(tmp_path / "one", tiny_model, src, 1, sampling=sampling)
+    one_job["scheduler"] = {"max_unit_rows": 512}
+    one = _run(tmp_path, "one", one_job)
+    assert one["instance"].n_unique() == 1
+    assert one["generated_text"].to_list() == two["generated_text"].to_list()
+    assert one["token_logprobs"].to_list() == two["token_logprobs"].to_list()

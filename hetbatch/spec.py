@@ -6,6 +6,8 @@ and the file, so that a typo costs one glance rather than a traceback.
 
 from __future__ import annotations
 
+import json
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -121,6 +123,58 @@ class PoolSpec(_Strict):
         return self
 
 
+class StructuredOutputSpec(_Strict):
+    """Constrained decoding for every row: output that matches a JSON schema, a regular
+    expression, or one of a list of choices (vLLM's structured outputs)."""
+
+    json_schema: dict[str, Any] | str | None = Field(
+        default=None, description="a JSON schema, as a mapping or a JSON string"
+    )
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> StructuredOutputSpec:
+        given = [n for n in ("json_schema", "regex", "choice") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json_schema, regex and choice")
+        if self.json_schema is not None:
+            json_schema(self.json_schema)
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return self
+
+    def constraint(self) -> dict[str, Any]:
+        """vLLM's StructuredOutputsParams fields for this constraint."""
+        if self.json_schema is not None:
+            return {"json": json_schema(self.json_schema)}
+        if self.regex is not None:
+            return {"regex": self.regex}
+        return {"choice": list(self.choice or ())}
+
+
+def json_schema(value: dict[str, Any] | str) -> dict[str, Any]:
+    """A JSON schema given as a mapping or a JSON string, checked against the JSON Schema
+    meta-schema; ValueError with one line on anything else."""
+    import jsonschema
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"json_schema is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("json_schema must be a JSON object")
+    try:
+        jsonschema.validators.validator_for(value).check_schema(value)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"json_schema is not a valid JSON schema: {exc.message}") from None
+    return value
+
+
 class ClusterSpec(_Strict):
     pools: list[PoolSpec] = Field(min_length=1)
 
@@ -173,6 +227,7 @@ class JobSpec(_Strict):
     prompt_template: str | None = None
     chat: bool = False
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64})
+    structured_output: StructuredOutputSpec | None = None
     seed: int = 0
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
@@ -187,6 +242,11 @@ class JobSpec(_Strict):
         if "seed" in self.sampling:
             raise ValueError(
                 "sampling.seed is derived per row from the job's `seed`; set `seed` instead"
+            )
+        if "structured_outputs" in self.sampling:
+            raise ValueError(
+                "sampling.structured_outputs: set `structured_output` instead "
+                "(json_schema, regex or choice), so that outputs are checked"
             )
         _check_output_shaping(self.sampling)
         return self

@@ -79,3 +79,74 @@ def test_n_samples_with_logprobs_are_placement_independent(tmp_path, tiny_model)
     assert one["instance"].n_unique() == 1
     assert one["generated_text"].to_list() == two["generated_text"].to_list()
     assert one["token_logprobs"].to_list() == two["token_logprobs"].to_list()
+
+
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "maxLength": 12},
+        "score": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["answer", "score"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_makes_random_weights_write_valid_json(tmp_path, tiny_model) -> None:
+    """Constrained decoding with two samples per row: every sample that stopped on its own has
+    the schema's structure; the flag column says exactly which samples a strict JSON parser or
+    the schema rejects. (The grammar lets random weights put raw control characters in strings,
+    which strict JSON forbids, and bytes that are not UTF-8, which decode as U+FFFD and can make
+    a string longer than maxLength: those samples are flagged.)"""
+    src = _input(tmp_path / "in.parquet", 40)
+    job = _job(
+        tmp_path / "out", tiny_model, src,
+        sampling={"max_tokens": 120, "temperature": 0.7, "n": 2},
+        structured_output={"json_schema": ANSWER_SCHEMA},
+    )
+    df = _run(tmp_path, "json", job)
+    assert df["error"].null_count() == df.height == 40
+    samples = [
+        (text, reason, flag)
+        for row in df.iter_rows(named=True)
+        for text, reason, flag in zip(
+            row["generated_text"], row["finish_reason"], row["structured_error"], strict=True
+        )
+    ]
+    assert len(samples) == 80
+    stopped = [(text, flag) for text, reason, flag in samples if reason == "stop"]
+    assert len(stopped) > 40, "most constrained samples should finish their document"
+    import json
+
+    import jsonschema
+
+    matching = 0
+    for text, flag in stopped:
+        assert set(json.loads(text, strict=False)) == {"answer", "score"}
+        try:
+            valid = jsonschema.Draft202012Validator(ANSWER_SCHEMA).is_valid(json.loads(text))
+        except json.JSONDecodeError:
+            valid = False
+        assert (flag is None) == valid, (text, flag)
+        matching += valid
+    assert matching > 0.5 * len(stopped)
+    for _text, reason, flag in samples:
+        if reason == "length":
+            assert flag is not None and "cut off at max_tokens" in flag
+
+
+def test_choice_and_regex_constraints(tmp_path, tiny_model) -> None:
+    src = _input(tmp_path / "in.parquet", 30)
+    choice = _run(tmp_path, "choice", _job(
+        tmp_path / "choice", tiny_model, src,
+        structured_output={"choice": ["positive", "negative", "neutral"]},
+    ))
+    assert set(choice["generated_text"]) <= {"positive", "negative", "neutral"}
+    assert choice["structured_error"].null_count() == 30
+    regex = _run(tmp_path, "regex", _job(
+        tmp_path / "regex", tiny_model, src,
+        sampling={"max_tokens": 16, "temperature": 1.0},
+        structured_output={"regex": "[A-Z]{2}-[0-9]{3}"},
+    ))
+    assert regex["generated_text"].str.contains(r"^[A-Z]{2}-[0-9]{3}$").all()
+    assert regex["structured_error"].null_count() == 30

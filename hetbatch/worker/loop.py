@@ -27,7 +27,7 @@ from hetbatch.worker.rows import (
     build_prompts,
     completion_values,
     input_columns,
-    row_seed,
+    row_sampling,
 )
 
 log = logging.getLogger("hetbatch.worker")
@@ -214,7 +214,7 @@ class Worker:
             unit.results[i] = {"error": row.error}
             return
         rid = f"{unit.lease_id}:{i}"
-        sampling = {**self.job.sampling, "seed": row_seed(self.job.seed, row.key)}
+        sampling = row_sampling(self.job, row)
         try:
             self.engine.add(EngineRequest(rid, row.prompt, sampling, row.token_ids))
         except RequestRejected as exc:
@@ -228,7 +228,7 @@ class Worker:
             if entry is None:
                 continue
             unit, i = entry
-            unit.results[i] = completion_values(self.job, c)
+            unit.results[i] = completion_values(self.job, c, unit.prompts[i])
 
     # -- committing ---------------------------------------------------------------------------
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import jsonschema
 import pyarrow as pa
 
 from hetbatch.engines.base import Completion, Sample, TopLogprob
@@ -42,10 +45,12 @@ def output_fields(job: JobSpec) -> list[pa.Field]:
     if job.sampling.get("prompt_logprobs") is not None:
         fields.append(pa.field("prompt_logprobs", TOKEN_LOGPROBS))
         fields.append(pa.field("prompt_top_logprobs", TOP_LOGPROBS))
+    if job.structured_output is not None:
+        fields.append(pa.field("structured_error", per_sample(pa.string())))
     return [*fields, pa.field("error", pa.string()), pa.field("instance", pa.string())]
 
 
-def completion_values(job: JobSpec, c: Completion) -> dict[str, Any]:
+def completion_values(job: JobSpec, c: Completion, prompt: RowPrompt) -> dict[str, Any]:
     """A finished request as the values of its row's output columns."""
     samples = c.samples or (Sample(c.text, c.completion_tokens, c.finish_reason),)
     many = job.samples_per_row > 1
@@ -64,7 +69,32 @@ def completion_values(job: JobSpec, c: Completion) -> dict[str, Any]:
         "prompt_logprobs": c.prompt_logprobs,
         "prompt_top_logprobs": _top_rows(c.prompt_top_logprobs),
     }
+    constraint = prompt.sampling.get("structured_outputs")
+    if constraint is not None:
+        row["structured_error"] = per_sample([structured_error(s, constraint) for s in samples])
     return row
+
+
+def structured_error(sample: Sample, constraint: dict[str, Any]) -> str | None:
+    """Why a constrained sample does not parse (None when it does). Constrained decoding
+    keeps every token valid, but a sample cut off by max_tokens is an unfinished document."""
+    text = sample.text
+    cut = " (cut off at max_tokens)" if sample.finish_reason == "length" else ""
+    if "json" in constraint:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"output is not valid JSON: {exc}{cut}"
+        schema = constraint["json"]
+        problem = jsonschema.exceptions.best_match(
+            jsonschema.validators.validator_for(schema)(schema).iter_errors(value)
+        )
+        return None if problem is None else f"output does not match the schema: {problem.message}"
+    if "regex" in constraint and not re.fullmatch(constraint["regex"], text):
+        return f"output does not match the regex{cut}"
+    if "choice" in constraint and text not in constraint["choice"]:
+        return f"output is not one of the choices{cut}"
+    return None
 
 
 def _top_rows(top: list[list[TopLogprob]] | None) -> list[list[dict[str, Any]]] | None:
@@ -102,12 +132,19 @@ def output_schema(job: JobSpec, input_schema: pa.Schema) -> pa.Schema:
 
 @dataclass
 class RowPrompt:
-    """One row ready for the engine, or the reason it cannot be run."""
+    """One row ready for the engine, or the reason it cannot be run. `sampling` holds what
+    this row sets on top of the job's sampling (its structured-output constraint too)."""
 
     key: Any
     prompt: str | None
     error: str | None
     token_ids: list[int] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def row_sampling(job: JobSpec, row: RowPrompt) -> dict[str, Any]:
+    """The sampling parameters of one row's request, with its placement-independent seed."""
+    return {**job.sampling, **row.sampling, "seed": row_seed(job.seed, row.key)}
 
 
 def build_prompts(
@@ -118,12 +155,15 @@ def build_prompts(
     n = table.num_rows
     keys = cols[job.input.id_column] if job.input.id_column else range(first_row, first_row + n)
     fields = template_fields(job.prompt_template or "")
+    job_sampling = (
+        {"structured_outputs": job.structured_output.constraint()} if job.structured_output else {}
+    )
     out = []
     for i, key in enumerate(keys):
         try:
             prompt = row_prompt(job, {c: v[i] for c, v in cols.items()}, fields)
             text = prompt if isinstance(prompt, str) else chat(prompt)
-            out.append(RowPrompt(key, text, None))
+            out.append(RowPrompt(key, text, None, sampling=job_sampling))
         except RowError as exc:
             out.append(RowPrompt(key, None, str(exc)))
     return out

@@ -1,0 +1,69 @@
+"""Job-file fields for what a row asks for: each mistake is one line naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hetbatch.errors import UserError
+from hetbatch.spec import parse_job
+
+
+def _job(**extra: Any) -> dict[str, Any]:
+    job = {
+        "model": {"path": "m"},
+        "input": {"path": "in.parquet", "prompt_column": "prompt"},
+        "output": {"path": "out"},
+        "cluster": {"pools": [{"name": "a", "accelerator": "cpu", "devices_per_node": 1}]},
+    }
+    job.update(extra)
+    return job
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"sampling": {"n": 0}}, "job: sampling.n must be a whole number of samples per row"),
+        ({"sampling": {"n": 2.5}}, "job: sampling.n must be a whole number"),
+        ({"sampling": {"logprobs": "x"}}, "job: sampling.logprobs must be a number of top tokens"),
+        ({"sampling": {"prompt_logprobs": -2}}, "job: sampling.prompt_logprobs must be"),
+        (
+            {"sampling": {"structured_outputs": {"regex": "a"}}},
+            "job: sampling.structured_outputs: set `structured_output` instead",
+        ),
+        (
+            {"structured_output": {"regex": "a", "choice": ["a"]}},
+            "job: structured_output: give exactly one of json_schema, regex and choice",
+        ),
+        ({"structured_output": {}}, "job: structured_output: give exactly one of"),
+        ({"structured_output": {"regex": "(a"}}, "job: structured_output: regex does not compile"),
+        (
+            {"structured_output": {"json_schema": "{oops"}},
+            "job: structured_output: json_schema is not valid JSON",
+        ),
+        (
+            {"structured_output": {"json_schema": {"type": "objekt"}}},
+            "job: structured_output: json_schema is not a valid JSON schema",
+        ),
+        ({"structured_output": {"choice": []}}, "job: structured_output.choice: List should"),
+        ({"structured_output": {"grammar": "x"}}, "job: structured_output.grammar: unknown key"),
+    ],
+)
+def test_bad_row_fields_are_one_line(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_job(_job(**extra))
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_good_row_fields_parse() -> None:
+    job = parse_job(
+        _job(
+            sampling={"n": 4, "logprobs": 2, "prompt_logprobs": 0, "max_tokens": 8},
+            structured_output={"json_schema": '{"type": "object"}'},
+        )
+    )
+    assert job.samples_per_row == 4
+    assert job.structured_output is not None
+    assert job.structured_output.constraint() == {"json": {"type": "object"}}

@@ -175,6 +175,21 @@ def json_schema(value: dict[str, Any] | str) -> dict[str, Any]:
     return value
 
 
+class RowOverridesSpec(_Strict):
+    """Input columns that set a row's own sampling; a null cell keeps the job's value."""
+
+    max_tokens: str | None = Field(default=None, description="column of whole numbers")
+    temperature: str | None = Field(default=None, description="column of numbers")
+    stop: str | None = Field(default=None, description="column of strings or lists of strings")
+    json_schema: str | None = Field(
+        default=None, description="column of JSON schemas (JSON strings) for structured output"
+    )
+
+    def columns(self) -> dict[str, str]:
+        """Overridden field -> input column."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class ClusterSpec(_Strict):
     pools: list[PoolSpec] = Field(min_length=1)
 
@@ -228,6 +243,7 @@ class JobSpec(_Strict):
     chat: bool = False
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64})
     structured_output: StructuredOutputSpec | None = None
+    row_overrides: RowOverridesSpec = Field(default_factory=RowOverridesSpec)
     seed: int = 0
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     engine: EngineSpec = Field(default_factory=EngineSpec)
@@ -250,6 +266,11 @@ class JobSpec(_Strict):
             )
         _check_output_shaping(self.sampling)
         return self
+
+    @property
+    def structured(self) -> bool:
+        """Whether any row may be constrained (job-wide, or by a schema column)."""
+        return self.structured_output is not None or self.row_overrides.json_schema is not None
 
     @property
     def samples_per_row(self) -> int:

@@ -150,3 +150,60 @@ def test_choice_and_regex_constraints(tmp_path, tiny_model) -> None:
     ))
     assert regex["generated_text"].str.contains(r"^[A-Z]{2}-[0-9]{3}$").all()
     assert regex["structured_error"].null_count() == 30
+
+
+def test_per_row_overrides_from_columns(tmp_path, tiny_model) -> None:
+    """Rows set their own max_tokens, temperature, stop strings and JSON schema; null cells
+    keep the job's sampling; a bad cell is that row's error, naming the column."""
+    rows = 48
+    schema = '{"type": "object", "properties": {"k": {"type": "integer"}}, "required": ["k"]}'
+    max_tokens = [None if i % 3 == 0 else 2 + i % 5 for i in range(rows)]
+    temperature = [0.0 if i % 4 == 0 else None for i in range(rows)]
+    stop = [[" ", "e"] if i % 2 and i % 6 != 1 else None for i in range(rows)]
+    schemas = [schema if i % 6 == 1 else None for i in range(rows)]
+    max_tokens[5], schemas[7] = -1, "{not json"
+    src = _input(
+        tmp_path / "in.parquet", rows,
+        row_max=max_tokens, row_temp=temperature, row_stop=stop, row_schema=schemas,
+    )
+    # The same prompt under every id: greedy rows (temperature 0) must then agree.
+    table = pq.read_table(src)
+    same = pa.array([table.column("prompt")[0].as_py()] * rows)
+    pq.write_table(table.set_column(1, "prompt", same), src)
+    job = _job(
+        tmp_path / "out", tiny_model, src,
+        sampling={"max_tokens": 40, "temperature": 1.0},
+        row_overrides={
+            "max_tokens": "row_max", "temperature": "row_temp",
+            "stop": "row_stop", "json_schema": "row_schema",
+        },
+    )
+    df = _run(tmp_path, "rows", job)
+    by_id = {r["id"]: r for r in df.iter_rows(named=True)}
+    ids = pl.read_parquet(src)["id"].to_list()
+    assert by_id[ids[5]]["error"] == "column 'row_max': max_tokens must be a positive whole number"
+    assert by_id[ids[7]]["error"].startswith("column 'row_schema': json_schema is not valid JSON")
+    ok = [(i, by_id[ids[i]]) for i in range(rows) if i not in (5, 7)]
+    assert all(r["error"] is None for _, r in ok)
+    for i, r in ok:
+        limit = max_tokens[i] or 40
+        assert r["completion_tokens"] <= limit
+        if r["finish_reason"] == "length":
+            assert r["completion_tokens"] == limit
+        if stop[i]:
+            assert " " not in r["generated_text"] and "e" not in r["generated_text"]
+        if schemas[i] is not None and r["finish_reason"] == "stop":
+            import json
+
+            assert "k" in json.loads(r["generated_text"], strict=False)
+        if schemas[i] is None:
+            assert r["structured_error"] is None
+    assert sum(r["finish_reason"] == "stop" for i, r in ok if stop[i]) > 5
+    # Greedy rows with the same prompt and limit agree, whatever their seeds.
+    greedy = {}
+    for i, r in ok:
+        if temperature[i] == 0.0 and schemas[i] is None:
+            greedy.setdefault((max_tokens[i], bool(stop[i])), set()).add(r["generated_text"])
+    assert greedy and all(len(texts) == 1 for texts in greedy.values())
+    sampled = {r["generated_text"] for i, r in ok if temperature[i] is None and not stop[i]}
+    assert len(sampled) > 3

@@ -48,6 +48,8 @@ def _job(**extra: Any) -> dict[str, Any]:
         ),
         ({"structured_output": {"choice": []}}, "job: structured_output.choice: List should"),
         ({"structured_output": {"grammar": "x"}}, "job: structured_output.grammar: unknown key"),
+        ({"row_overrides": {"top_k": "k"}}, "job: row_overrides.top_k: unknown key"),
+        ({"row_overrides": {"stop": 3}}, "job: row_overrides.stop: Input should be a valid string"),
     ],
 )
 def test_bad_row_fields_are_one_line(extra: dict[str, Any], message: str) -> None:
@@ -67,3 +69,22 @@ def test_good_row_fields_parse() -> None:
     assert job.samples_per_row == 4
     assert job.structured_output is not None
     assert job.structured_output.constraint() == {"json": {"type": "object"}}
+
+
+def test_override_columns_are_read_and_checked(tmp_path) -> None:
+    """The columns a job names in row_overrides must exist in the input (one line, exit 2)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hetbatch.io.parquet import open_dataset
+    from hetbatch.worker.rows import input_columns
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "limit": [3]}), src)
+    job = parse_job(
+        _job(input={"path": str(src), "prompt_column": "prompt"},
+             row_overrides={"max_tokens": "limit", "stop": "stops"})
+    )
+    assert input_columns(job) == ["prompt", "limit", "stops"]
+    with pytest.raises(UserError, match="column 'stops' not found"):
+        open_dataset(str(src), input_columns(job))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -13,7 +14,7 @@ import jsonschema
 import pyarrow as pa
 
 from hetbatch.engines.base import Completion, Sample, TopLogprob
-from hetbatch.spec import JobSpec, template_fields
+from hetbatch.spec import JobSpec, json_schema, template_fields
 
 TOP_LOGPROB = pa.struct(
     [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())]
@@ -45,7 +46,7 @@ def output_fields(job: JobSpec) -> list[pa.Field]:
     if job.sampling.get("prompt_logprobs") is not None:
         fields.append(pa.field("prompt_logprobs", TOKEN_LOGPROBS))
         fields.append(pa.field("prompt_top_logprobs", TOP_LOGPROBS))
-    if job.structured_output is not None:
+    if job.structured:
         fields.append(pa.field("structured_error", per_sample(pa.string())))
     return [*fields, pa.field("error", pa.string()), pa.field("instance", pa.string())]
 
@@ -120,6 +121,7 @@ def input_columns(job: JobSpec) -> list[str]:
     if job.prompt_template:
         cols += template_fields(job.prompt_template)
     cols += job.input.keep_columns
+    cols += job.row_overrides.columns().values()
     return list(dict.fromkeys(c for c in cols if c))
 
 
@@ -163,7 +165,9 @@ def build_prompts(
         try:
             prompt = row_prompt(job, {c: v[i] for c, v in cols.items()}, fields)
             text = prompt if isinstance(prompt, str) else chat(prompt)
-            out.append(RowPrompt(key, text, None, sampling=job_sampling))
+            own = row_overrides(job, {c: v[i] for c, v in cols.items()})
+            sampling = {**job_sampling, **own} if own else job_sampling
+            out.append(RowPrompt(key, text, None, sampling=sampling))
         except RowError as exc:
             out.append(RowPrompt(key, None, str(exc)))
     return out
@@ -171,6 +175,45 @@ def build_prompts(
 
 class RowError(Exception):
     """This row cannot be run; the message becomes its `error` value."""
+
+
+def row_overrides(job: JobSpec, row: dict[str, Any]) -> dict[str, Any]:
+    """The sampling a row sets from its own columns (`row_overrides`); nulls keep the job's."""
+    own: dict[str, Any] = {}
+    for name, column in job.row_overrides.columns().items():
+        value = row[column]
+        if value is not None:
+            own.update(_override(name, column, value))
+    return own
+
+
+def _override(name: str, column: str, value: Any) -> dict[str, Any]:
+    if name == "max_tokens":
+        whole = isinstance(value, (int, float)) and float(value).is_integer()
+        if isinstance(value, bool) or not whole or value < 1:
+            raise RowError(f"column {column!r}: max_tokens must be a positive whole number")
+        return {"max_tokens": int(value)}
+    if name == "temperature":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise RowError(f"column {column!r}: temperature must be a number >= 0")
+        return {"temperature": float(value)}
+    if name == "stop":
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise RowError(f"column {column!r}: stop must be a string or a list of strings")
+        return {"stop": stops}
+    if not isinstance(value, str):
+        raise RowError(f"column {column!r}: json_schema must be a JSON string")
+    try:
+        return {"structured_outputs": {"json": _row_schema(value)}}
+    except ValueError as exc:
+        raise RowError(f"column {column!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _row_schema(text: str) -> dict[str, Any]:
+    """Parsed and checked once per distinct schema (rows usually share a few)."""
+    return json_schema(text)
 
 
 def row_prompt(

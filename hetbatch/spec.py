@@ -241,6 +241,10 @@ class JobSpec(_Strict):
     cluster: ClusterSpec
     prompt_template: str | None = None
     chat: bool = False
+    task: Literal["generate", "embed", "classify"] = Field(
+        default="generate",
+        description="generate text, or one vector per row: an embedding or class scores",
+    )
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64})
     structured_output: StructuredOutputSpec | None = None
     row_overrides: RowOverridesSpec = Field(default_factory=RowOverridesSpec)
@@ -265,6 +269,8 @@ class JobSpec(_Strict):
                 "(json_schema, regex or choice), so that outputs are checked"
             )
         _check_output_shaping(self.sampling)
+        if self.task != "generate":
+            _check_pooling(self)
         return self
 
     @property
@@ -298,6 +304,17 @@ def _check_output_shaping(sampling: dict[str, Any]) -> None:
                 f"sampling.{name} must be a number of top tokens (0 or more, -1 for all), "
                 f"not {k!r}"
             )
+
+
+def _check_pooling(job: JobSpec) -> None:
+    """A pooling task makes one vector per row: what shapes generated text does not apply."""
+    shaping = [k for k in ("n", "logprobs", "prompt_logprobs") if k in job.sampling]
+    if shaping:
+        raise ValueError(f"sampling.{shaping[0]} does not apply to task {job.task}")
+    if job.structured_output is not None:
+        raise ValueError(f"structured_output does not apply to task {job.task}")
+    if job.row_overrides.columns():
+        raise ValueError(f"row_overrides do not apply to task {job.task}")
 
 
 def template_fields(template: str) -> list[str]:

@@ -207,3 +207,35 @@ def test_per_row_overrides_from_columns(tmp_path, tiny_model) -> None:
     assert greedy and all(len(texts) == 1 for texts in greedy.values())
     sampled = {r["generated_text"] for i, r in ok if temperature[i] is None and not stop[i]}
     assert len(sampled) > 3
+
+
+def test_embed_and_classify_give_one_vector_per_row(tmp_path, tiny_model) -> None:
+    """Pooling tasks through the same scheduling: two instances, then one, the same vectors;
+    a row that cannot run is still that row's error."""
+    import numpy as np
+
+    rows = 3000  # enough that the second instance is up before the first has done them all
+    src = _input(tmp_path / "in.parquet", rows)
+    table = pq.read_table(src)
+    prompts = table.column("prompt").to_pylist()
+    prompts[4] = None
+    pq.write_table(table.set_column(1, "prompt", pa.array(prompts)), src)
+    two = _run(tmp_path, "embed2", _job(tmp_path / "embed2", tiny_model, src, 2, task="embed"))
+    assert two["instance"].n_unique() == 2
+    assert "generated_text" not in two.columns
+    assert two.filter(pl.col("error").is_not_null())["error"].to_list() == ["prompt is null"]
+    good = two.filter(pl.col("error").is_null())
+    vectors = np.array(good["embedding"].to_list())
+    assert vectors.shape == (rows - 1, 128)  # the tiny model's hidden size
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)  # normalized
+    distinct_prompts = good.join(pl.read_parquet(src), on="id")["prompt"].n_unique()
+    assert len({tuple(np.round(v, 4)) for v in vectors}) == distinct_prompts
+    one_job = _job(tmp_path / "embed1", tiny_model, src, 1, task="embed")
+    one_job["scheduler"] = {"max_unit_rows": 512}
+    one = _run(tmp_path, "embed1", one_job).filter(pl.col("error").is_null())
+    assert np.allclose(np.array(one["embedding"].to_list()), vectors, atol=1e-4)
+
+    scores = _run(tmp_path, "cls", _job(tmp_path / "cls", tiny_model, src, task="classify"))
+    probs = np.array(scores.filter(pl.col("error").is_null())["class_scores"].to_list())
+    assert probs.shape == (rows - 1, 2)  # the default two labels of a converted checkpoint
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)

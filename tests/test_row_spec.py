@@ -49,6 +49,12 @@ def _job(**extra: Any) -> dict[str, Any]:
         ({"structured_output": {"choice": []}}, "job: structured_output.choice: List should"),
         ({"structured_output": {"grammar": "x"}}, "job: structured_output.grammar: unknown key"),
         ({"row_overrides": {"top_k": "k"}}, "job: row_overrides.top_k: unknown key"),
+        ({"task": "rerank"}, "job: task: Input should be 'generate', 'embed' or 'classify'"),
+        ({"task": "embed", "sampling": {"n": 2}}, "job: sampling.n does not apply to task embed"),
+        (
+            {"task": "classify", "structured_output": {"choice": ["a"]}},
+            "job: structured_output does not apply to task classify",
+        ),
         ({"row_overrides": {"stop": 3}}, "job: row_overrides.stop: Input should be a valid string"),
     ],
 )

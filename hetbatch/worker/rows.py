@@ -23,10 +23,21 @@ TOKEN_LOGPROBS = pa.list_(pa.float32())
 TOP_LOGPROBS = pa.list_(pa.list_(TOP_LOGPROB))
 
 
+# The column that holds a pooling task's vector.
+VECTOR_COLUMNS = {"embed": "embedding", "classify": "class_scores"}
+
+
 def output_fields(job: JobSpec) -> list[pa.Field]:
     """The completion columns of a job's output. With `sampling.n > 1` the per-sample columns
     are lists of n values (`completion_tokens` stays the row's total, the tokens paid for);
     log-probability columns appear only when asked for."""
+    if job.task != "generate":
+        return [
+            pa.field(VECTOR_COLUMNS[job.task], pa.list_(pa.float32())),
+            pa.field("prompt_tokens", pa.int32()),
+            pa.field("error", pa.string()),
+            pa.field("instance", pa.string()),
+        ]
     many = job.samples_per_row > 1
 
     def per_sample(kind: pa.DataType) -> pa.DataType:
@@ -53,6 +64,8 @@ def output_fields(job: JobSpec) -> list[pa.Field]:
 
 def completion_values(job: JobSpec, c: Completion, prompt: RowPrompt) -> dict[str, Any]:
     """A finished request as the values of its row's output columns."""
+    if job.task != "generate":
+        return {VECTOR_COLUMNS[job.task]: c.vector, "prompt_tokens": c.prompt_tokens}
     samples = c.samples or (Sample(c.text, c.completion_tokens, c.finish_reason),)
     many = job.samples_per_row > 1
 

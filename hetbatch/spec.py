@@ -104,6 +104,9 @@ class PoolSpec(_Strict):
     tensor_parallel_size: int | None = Field(default=None, ge=1)
     instances_per_node: int | None = Field(default=None, ge=1)
     capacity_weight: float | None = Field(default=None, gt=0)
+    price_per_device_hour: float | None = Field(
+        default=None, ge=0, description="dollars per device-hour, for the run's cost figures"
+    )
     engine_args: dict[str, Any] = Field(default_factory=dict)
     sim: SimEngineSpec | None = None
     slurm: PoolSlurmSpec = Field(default_factory=PoolSlurmSpec)
@@ -199,6 +202,12 @@ class ClusterSpec(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"pool names must be unique, repeated: {', '.join(dupes)}")
+        priced = [p.price_per_device_hour is not None for p in self.pools]
+        if any(priced) and not all(priced):
+            missing = self.pools[priced.index(False)].name
+            raise ValueError(
+                f"pool {missing!r} has no price_per_device_hour: price every pool or none"
+            )
         return self
 
 

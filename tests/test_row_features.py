@@ -239,3 +239,43 @@ def test_embed_and_classify_give_one_vector_per_row(tmp_path, tiny_model) -> Non
     probs = np.array(scores.filter(pl.col("error").is_null())["class_scores"].to_list())
     assert probs.shape == (rows - 1, 2)  # the default two labels of a converted checkpoint
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_cost_per_pool_and_overall(tmp_path, tiny_model) -> None:
+    """Two priced pools: metrics.json and the summary give dollars, tokens per dollar and
+    dollars per million output tokens, from the prices and the run's wall time."""
+    import json
+
+    src = _input(tmp_path / "in.parquet", 1500)
+    pools = [
+        {"name": "fast", "accelerator": "cpu", "devices_per_node": 1, "price_per_device_hour": 3.0},
+        {"name": "cheap", "accelerator": "cpu", "devices_per_node": 1,
+         "price_per_device_hour": 0.75},
+    ]
+    job = _job(tmp_path / "out", tiny_model, src, cluster={"pools": pools})
+    result = run_cli("run", str(write_job(tmp_path / "cost.yaml", job)))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "_hetbatch" / "metrics.json").read_text())
+    cost, instances = metrics["cost"], metrics["instances"].values()
+    hours = cost["wall_s"] / 3600
+    assert cost["wall_s"] == pytest.approx(metrics["wall_s"], abs=0.01)
+    for name, price in (("fast", 3.0), ("cheap", 0.75)):
+        pool = cost["pools"][name]
+        assert pool["dollars"] == pytest.approx(price * hours, rel=1e-4)
+        out = sum(m["completion_tokens"] for m in instances if m["pool"] == name)
+        prompt = sum(m["prompt_tokens"] for m in instances if m["pool"] == name)
+        assert pool["output_tokens"] == out
+        assert pool["tokens_per_dollar"] == pytest.approx((out + prompt) / pool["dollars"], 1e-3)
+        per_million = pool["dollars_per_million_output_tokens"]
+        # A pool whose instance came up after the other had done every row made no tokens.
+        assert per_million == (pytest.approx(pool["dollars"] * 1e6 / out, 1e-3) if out else None)
+    overall = cost["overall"]
+    assert overall["dollars"] == pytest.approx(3.75 * hours, rel=1e-4)
+    assert overall["output_tokens"] == sum(m["completion_tokens"] for m in instances) > 0
+    assert overall["dollars_per_million_output_tokens"] == pytest.approx(
+        overall["dollars"] * 1e6 / overall["output_tokens"], rel=1e-3
+    )
+    table = result.stdout[result.stdout.index("  cost "):].splitlines()
+    assert [line.split()[0] for line in table] == ["cost", "fast", "cheap", "overall"]
+    # The summary is taken once the workers have stopped, a moment after metrics.json.
+    assert float(table[3].split()[1]) == pytest.approx(overall["dollars"], rel=0.05)

@@ -94,3 +94,18 @@ def test_override_columns_are_read_and_checked(tmp_path) -> None:
     assert input_columns(job) == ["prompt", "limit", "stops"]
     with pytest.raises(UserError, match="column 'stops' not found"):
         open_dataset(str(src), input_columns(job))
+
+
+def test_prices_for_every_pool_or_none() -> None:
+    pools = [
+        {"name": "a", "accelerator": "cpu", "devices_per_node": 1, "price_per_device_hour": 2.0},
+        {"name": "b", "accelerator": "cpu", "devices_per_node": 1},
+    ]
+    with pytest.raises(UserError) as info:
+        parse_job(_job(cluster={"pools": pools}))
+    assert str(info.value) == (
+        "job: cluster: pool 'b' has no price_per_device_hour: price every pool or none"
+    )
+    pools[0]["price_per_device_hour"] = -1
+    with pytest.raises(UserError, match=r"cluster.pools\[0\].price_per_device_hour: Input"):
+        parse_job(_job(cluster={"pools": pools}))

@@ -19,6 +19,7 @@ from typing import Any
 
 from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.coordinator.protocol import ProtocolError, recv_message, send_message
+from hetbatch.cost import cost_summary
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
 
 log = logging.getLogger("hetbatch.coordinator")
@@ -254,12 +255,19 @@ class Coordinator:
             self.on_done()
 
     def metrics_dict(self) -> dict[str, Any]:
-        return {
-            "wall_s": round(self.clock() - self.started_at, 3),
+        wall_s = self.clock() - self.started_at
+        instances = {k: m.to_dict(self.started_at) for k, m in sorted(self.metrics.items())}
+        metrics = {
+            "wall_s": round(wall_s, 3),
             "rows_total": self.scheduler.total_rows,
             "rows_this_run": self.scheduler.committed.total - self._rows_done_at_start,
-            "instances": {k: m.to_dict(self.started_at) for k, m in sorted(self.metrics.items())},
+            "instances": instances,
         }
+        pools = self.job.get("spec", {}).get("cluster", {}).get("pools", [])
+        cost = cost_summary(pools, instances, wall_s)
+        if cost is not None:
+            metrics["cost"] = cost
+        return metrics
 
     def progress(self) -> Progress:
         with self.lock:

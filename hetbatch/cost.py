@@ -19,11 +19,12 @@ def cost_summary(
     priced = [p for p in pools if p.get("price_per_device_hour") is not None]
     if not priced:
         return None
-    per_pool = {}
+    per_pool, total_dollars = {}, 0.0
     for pool in priced:
         mine = [m for m in instances.values() if m.get("pool") == pool["name"]]
         devices = int(pool.get("nodes", 1)) * int(pool["devices_per_node"])
         dollars = float(pool["price_per_device_hour"]) * devices * wall_s / 3600
+        total_dollars += dollars
         figures = _figures(
             dollars,
             sum(m.get("prompt_tokens", 0) for m in mine),
@@ -35,7 +36,7 @@ def cost_summary(
             **figures,
         }
     overall = _figures(
-        sum(p["dollars"] for p in per_pool.values()),
+        total_dollars,
         sum(p["prompt_tokens"] for p in per_pool.values()),
         sum(p["output_tokens"] for p in per_pool.values()),
     )

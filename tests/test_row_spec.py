@@ -109,3 +109,22 @@ def test_prices_for_every_pool_or_none() -> None:
     pools[0]["price_per_device_hour"] = -1
     with pytest.raises(UserError, match=r"cluster.pools\[0\].price_per_device_hour: Input"):
         parse_job(_job(cluster={"pools": pools}))
+
+
+def test_resume_refuses_a_changed_row_shape(tmp_path) -> None:
+    """Structured output, overrides and the task define the output: a resume with another
+    value is refused (one line, exit 2) rather than mixing two schemas in one dataset."""
+    from tests.jobutil import make_input, run_cli, sim_job, sim_pool, write_job
+
+    src = make_input(tmp_path / "in.parquet", 200)
+    job = sim_job(tmp_path, src, [sim_pool("a", 20000)])
+    assert run_cli("run", str(write_job(tmp_path / "a.yaml", job))).returncode == 0
+    job["structured_output"] = {"choice": ["yes", "no"]}
+    result = run_cli("run", str(write_job(tmp_path / "b.yaml", job)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "holds the output of a job with a different `structured_output`; use --overwrite to "
+        "start over, or another output path"
+    )
+    del job["structured_output"]
+    assert run_cli("run", str(write_job(tmp_path / "c.yaml", job))).returncode == 0

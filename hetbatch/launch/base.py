@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from hetbatch.planner.types import ClusterPlan
 
 # Fields of the job that change what the output holds: a resume must not mix two of them.
-_OUTPUT_DEFINING = ("model", "input", "prompt_template", "chat", "sampling", "seed")
+_OUTPUT_DEFINING = (
+    "model", "input", "prompt_template", "chat", "sampling", "seed",
+    "task", "structured_output", "row_overrides",
+)
 
 
 def _absolute(url: str) -> str:
@@ -142,7 +145,7 @@ class Launcher:
     def _check_same_job(self, store: OutputStore, record: dict[str, Any]) -> None:
         old = store.read_json("job.json")
         for key in _OUTPUT_DEFINING:
-            if old["output_defining"].get(key) != record["output_defining"][key]:
+            if old["output_defining"].get(key, _default(key)) != record["output_defining"][key]:
                 raise UserError(
                     f"{self.job.output.path}: holds the output of a job with a different "
                     f"`{key}`; use --overwrite to start over, or another output path"
@@ -201,6 +204,13 @@ class Launcher:
                 for i in run.instances
             },
         }
+
+
+def _default(key: str) -> Any:
+    """A job field's default as job.json records it (outputs written before the field existed
+    ran with its default)."""
+    default = JobSpec.model_fields[key].get_default(call_default_factory=True)
+    return default.model_dump(mode="json") if hasattr(default, "model_dump") else default
 
 
 def advertised_host(bound: str) -> str:

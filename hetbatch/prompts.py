@@ -6,14 +6,15 @@ of prompt lengths and the profiler's short real run, so that all of them see the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from hetbatch.spec import JobSpec, template_fields
+from hetbatch.spec import JobSpec, json_schema, template_fields
 
 
 def row_seed(job_seed: int, row_key: Any) -> int:
@@ -30,17 +31,25 @@ def input_columns(job: JobSpec) -> list[str]:
     if job.prompt_template:
         cols += template_fields(job.prompt_template)
     cols += job.input.keep_columns
+    cols += job.row_overrides.columns().values()
     return list(dict.fromkeys(c for c in cols if c))
 
 
 @dataclass
 class RowPrompt:
-    """One row ready for the engine, or the reason it cannot be run."""
+    """One row ready for the engine, or the reason it cannot be run. `sampling` holds what
+    this row sets on top of the job's sampling (its structured-output constraint too)."""
 
     key: Any
     prompt: str | None
     error: str | None
     token_ids: list[int] | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def row_sampling(job: JobSpec, row: RowPrompt) -> dict[str, Any]:
+    """The sampling parameters of one row's request, with its placement-independent seed."""
+    return {**job.sampling, **row.sampling, "seed": row_seed(job.seed, row.key)}
 
 
 def build_prompts(
@@ -51,12 +60,17 @@ def build_prompts(
     n = table.num_rows
     keys = cols[job.input.id_column] if job.input.id_column else range(first_row, first_row + n)
     fields = template_fields(job.prompt_template or "")
+    job_sampling = (
+        {"structured_outputs": job.structured_output.constraint()} if job.structured_output else {}
+    )
     out = []
     for i, key in enumerate(keys):
         try:
             prompt = row_prompt(job, {c: v[i] for c, v in cols.items()}, fields)
             text = prompt if isinstance(prompt, str) else chat(prompt)
-            out.append(RowPrompt(key, text, None))
+            own = row_overrides(job, {c: v[i] for c, v in cols.items()})
+            sampling = {**job_sampling, **own} if own else job_sampling
+            out.append(RowPrompt(key, text, None, sampling=sampling))
         except RowError as exc:
             out.append(RowPrompt(key, None, str(exc)))
     return out
@@ -64,6 +78,45 @@ def build_prompts(
 
 class RowError(Exception):
     """This row cannot be run; the message becomes its `error` value."""
+
+
+def row_overrides(job: JobSpec, row: dict[str, Any]) -> dict[str, Any]:
+    """The sampling a row sets from its own columns (`row_overrides`); nulls keep the job's."""
+    own: dict[str, Any] = {}
+    for name, column in job.row_overrides.columns().items():
+        value = row[column]
+        if value is not None:
+            own.update(_override(name, column, value))
+    return own
+
+
+def _override(name: str, column: str, value: Any) -> dict[str, Any]:
+    if name == "max_tokens":
+        whole = isinstance(value, (int, float)) and float(value).is_integer()
+        if isinstance(value, bool) or not whole or value < 1:
+            raise RowError(f"column {column!r}: max_tokens must be a positive whole number")
+        return {"max_tokens": int(value)}
+    if name == "temperature":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise RowError(f"column {column!r}: temperature must be a number >= 0")
+        return {"temperature": float(value)}
+    if name == "stop":
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise RowError(f"column {column!r}: stop must be a string or a list of strings")
+        return {"stop": stops}
+    if not isinstance(value, str):
+        raise RowError(f"column {column!r}: json_schema must be a JSON string")
+    try:
+        return {"structured_outputs": {"json": _row_schema(value)}}
+    except ValueError as exc:
+        raise RowError(f"column {column!r}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _row_schema(text: str) -> dict[str, Any]:
+    """Parsed and checked once per distinct schema (rows usually share a few)."""
+    return json_schema(text)
 
 
 def row_prompt(

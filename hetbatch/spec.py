@@ -6,6 +6,8 @@ and the file, so that a typo costs one glance rather than a traceback.
 
 from __future__ import annotations
 
+import json
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -117,6 +119,9 @@ class PoolSpec(_Strict):
     tensor_parallel_size: int | None = Field(default=None, ge=1)
     instances_per_node: int | None = Field(default=None, ge=1)
     capacity_weight: float | None = Field(default=None, gt=0)
+    price_per_device_hour: float | None = Field(
+        default=None, ge=0, description="dollars per device-hour, for the run's cost figures"
+    )
     engine_args: dict[str, Any] = Field(default_factory=dict)
     sim: SimEngineSpec | None = None
     slurm: PoolSlurmSpec = Field(default_factory=PoolSlurmSpec)
@@ -136,6 +141,73 @@ class PoolSpec(_Strict):
         return self
 
 
+class StructuredOutputSpec(_Strict):
+    """Constrained decoding for every row: output that matches a JSON schema, a regular
+    expression, or one of a list of choices (vLLM's structured outputs)."""
+
+    json_schema: dict[str, Any] | str | None = Field(
+        default=None, description="a JSON schema, as a mapping or a JSON string"
+    )
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> StructuredOutputSpec:
+        given = [n for n in ("json_schema", "regex", "choice") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json_schema, regex and choice")
+        if self.json_schema is not None:
+            json_schema(self.json_schema)
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        return self
+
+    def constraint(self) -> dict[str, Any]:
+        """vLLM's StructuredOutputsParams fields for this constraint."""
+        if self.json_schema is not None:
+            return {"json": json_schema(self.json_schema)}
+        if self.regex is not None:
+            return {"regex": self.regex}
+        return {"choice": list(self.choice or ())}
+
+
+def json_schema(value: dict[str, Any] | str) -> dict[str, Any]:
+    """A JSON schema given as a mapping or a JSON string, checked against the JSON Schema
+    meta-schema; ValueError with one line on anything else."""
+    import jsonschema
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"json_schema is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("json_schema must be a JSON object")
+    try:
+        jsonschema.validators.validator_for(value).check_schema(value)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"json_schema is not a valid JSON schema: {exc.message}") from None
+    return value
+
+
+class RowOverridesSpec(_Strict):
+    """Input columns that set a row's own sampling; a null cell keeps the job's value."""
+
+    max_tokens: str | None = Field(default=None, description="column of whole numbers")
+    temperature: str | None = Field(default=None, description="column of numbers")
+    stop: str | None = Field(default=None, description="column of strings or lists of strings")
+    json_schema: str | None = Field(
+        default=None, description="column of JSON schemas (JSON strings) for structured output"
+    )
+
+    def columns(self) -> dict[str, str]:
+        """Overridden field -> input column."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class ClusterSpec(_Strict):
     pools: list[PoolSpec] = Field(min_length=1)
 
@@ -145,6 +217,12 @@ class ClusterSpec(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"pool names must be unique, repeated: {', '.join(dupes)}")
+        priced = [p.price_per_device_hour is not None for p in self.pools]
+        if any(priced) and not all(priced):
+            missing = self.pools[priced.index(False)].name
+            raise ValueError(
+                f"pool {missing!r} has no price_per_device_hour: price every pool or none"
+            )
         return self
 
 
@@ -192,7 +270,13 @@ class JobSpec(_Strict):
     cluster: ClusterSpec
     prompt_template: str | None = None
     chat: bool = False
+    task: Literal["generate", "embed", "classify"] = Field(
+        default="generate",
+        description="generate text, or one vector per row: an embedding or class scores",
+    )
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64})
+    structured_output: StructuredOutputSpec | None = None
+    row_overrides: RowOverridesSpec = Field(default_factory=RowOverridesSpec)
     seed: int = 0
     max_error_rate: float = Field(
         default=0.5,
@@ -219,12 +303,58 @@ class JobSpec(_Strict):
             raise ValueError(
                 "sampling.seed is derived per row from the job's `seed`; set `seed` instead"
             )
-        if "n" in self.sampling and self.sampling["n"] != 1:
-            raise ValueError("sampling.n must be 1 (one completion per row)")
+        if "structured_outputs" in self.sampling:
+            raise ValueError(
+                "sampling.structured_outputs: set `structured_output` instead "
+                "(json_schema, regex or choice), so that outputs are checked"
+            )
+        _check_output_shaping(self.sampling)
+        if self.task != "generate":
+            _check_pooling(self)
         return self
+
+    @property
+    def structured(self) -> bool:
+        """Whether any row may be constrained (job-wide, or by a schema column)."""
+        return self.structured_output is not None or self.row_overrides.json_schema is not None
+
+    @property
+    def samples_per_row(self) -> int:
+        """Completions per row (`sampling.n`); above one, per-sample columns are lists."""
+        return int(self.sampling.get("n", 1))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_output_shaping(sampling: dict[str, Any]) -> None:
+    """The sampling fields that decide the output's columns must be valid before any row runs:
+    a bad one would otherwise fail every row alike."""
+    n = sampling.get("n", 1)
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"sampling.n must be a whole number of samples per row, not {n!r}")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = sampling.get(name)
+        if k is not None and (not _is_int(k) or k < -1):
+            raise ValueError(
+                f"sampling.{name} must be a number of top tokens (0 or more, -1 for all), "
+                f"not {k!r}"
+            )
+
+
+def _check_pooling(job: JobSpec) -> None:
+    """A pooling task makes one vector per row: what shapes generated text does not apply."""
+    shaping = [k for k in ("n", "logprobs", "prompt_logprobs") if k in job.sampling]
+    if shaping:
+        raise ValueError(f"sampling.{shaping[0]} does not apply to task {job.task}")
+    if job.structured_output is not None:
+        raise ValueError(f"structured_output does not apply to task {job.task}")
+    if job.row_overrides.columns():
+        raise ValueError(f"row_overrides do not apply to task {job.task}")
 
 
 def template_fields(template: str) -> list[str]:

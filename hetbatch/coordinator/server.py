@@ -34,6 +34,7 @@ from typing import Any
 from hetbatch.coordinator import messages as m
 from hetbatch.coordinator.ledger import CommitRecord, OutputStore, PublishFailed
 from hetbatch.coordinator.protocol import MAX_MESSAGE_BYTES, encode_message
+from hetbatch.cost import cost_summary
 from hetbatch.error_budget import ErrorBudget
 from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
@@ -520,16 +521,21 @@ class Coordinator:
 
     def metrics_dict(self) -> dict[str, Any]:
         with self.lock:
-            return {
-                "wall_s": round(self.clock() - self.started_at, 3),
+            wall_s = self.clock() - self.started_at
+            instances = {k: v.to_dict(self.started_at) for k, v in sorted(self.metrics.items())}
+            metrics = {
+                "wall_s": round(wall_s, 3),
                 "started_at": round(self.started_wall, 3),
                 "rows_total": self.scheduler.total_rows,
                 "rows_this_run": self.scheduler.committed.total - self._rows_done_at_start,
                 **dict(self.id_problems),
-                "instances": {
-                    k: v.to_dict(self.started_at) for k, v in sorted(self.metrics.items())
-                },
+                "instances": instances,
             }
+        pools = self.job.get("spec", {}).get("cluster", {}).get("pools", [])
+        cost = cost_summary(pools, instances, wall_s)
+        if cost is not None:
+            metrics["cost"] = cost
+        return metrics
 
     def progress(self) -> Progress:
         with self.lock:

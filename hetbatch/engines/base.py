@@ -12,14 +12,43 @@ from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token at one position, as vLLM ranks it (rank 1 is the likeliest)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    rank: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One of a request's `n` completions. Log-probabilities are present only when asked for
+    (`logprobs` in the sampling parameters): per generated token, the sampled token's and the
+    top candidates'."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[TopLogprob]] | None = None
+
+
+@dataclass(frozen=True)
 class Completion:
-    """One finished request."""
+    """One finished request. `text` and `finish_reason` are the first sample's and
+    `completion_tokens` counts all samples; `samples` holds each of the `n` samples (empty
+    from engines that make one sample and say nothing more)."""
 
     request_id: str
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    samples: tuple[Sample, ...] = ()
+    prompt_logprobs: list[float | None] | None = None  # per prompt token; the first is None
+    prompt_top_logprobs: list[list[TopLogprob]] | None = None
+    vector: list[float] | None = None  # pooling tasks: the embedding or the class scores
 
 
 @dataclass(frozen=True)

@@ -35,5 +35,5 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         # vLLM's CPU backend crashes on per-request seeds when a prompt's prefill is chunked
         # ("CPU Generator does not use offset"); every row carries a seed, so prefill whole.
         args.setdefault("enable_chunked_prefill", False)
-    return VllmEngine(job.model.path, args, name=instance["id"])
+    return VllmEngine(job.model.path, args, name=instance["id"], task=job.task)
 

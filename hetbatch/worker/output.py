@@ -1,28 +1,132 @@
-"""Rows out: the output shard of a unit, built from its input rows and their completions."""
+"""Rows out: the output shard of a unit, built from its input rows and their completions.
+
+With `sampling.n > 1` the per-sample columns are lists of n values; log-probability and
+structured-output columns appear only when the job asks for them; pooling tasks (embed,
+classify) give a vector column instead of text.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
+import jsonschema
 import pyarrow as pa
 
+from hetbatch.engines.base import Completion, Sample, TopLogprob
+from hetbatch.prompts import RowPrompt
 from hetbatch.spec import JobSpec
 
-OUTPUT_FIELDS = [
-    pa.field("generated_text", pa.string()),
-    pa.field("prompt_tokens", pa.int32()),
-    pa.field("completion_tokens", pa.int32()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("error", pa.string()),
-    pa.field("instance", pa.string()),
-]
+TOP_LOGPROB = pa.struct(
+    [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())]
+)
+TOKEN_LOGPROBS = pa.list_(pa.float32())
+TOP_LOGPROBS = pa.list_(pa.list_(TOP_LOGPROB))
+
+
+# The column that holds a pooling task's vector.
+VECTOR_COLUMNS = {"embed": "embedding", "classify": "class_scores"}
+
+
+def output_fields(job: JobSpec) -> list[pa.Field]:
+    """The completion columns of a job's output. With `sampling.n > 1` the per-sample columns
+    are lists of n values (`completion_tokens` stays the row's total, the tokens paid for);
+    log-probability columns appear only when asked for."""
+    if job.task != "generate":
+        return [
+            pa.field(VECTOR_COLUMNS[job.task], pa.list_(pa.float32())),
+            pa.field("prompt_tokens", pa.int32()),
+            pa.field("error", pa.string()),
+            pa.field("instance", pa.string()),
+        ]
+    many = job.samples_per_row > 1
+
+    def per_sample(kind: pa.DataType) -> pa.DataType:
+        return pa.list_(kind) if many else kind
+
+    fields = [
+        pa.field("generated_text", per_sample(pa.string())),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32()),
+        pa.field("finish_reason", per_sample(pa.string())),
+    ]
+    if many:
+        fields.append(pa.field("sample_completion_tokens", pa.list_(pa.int32())))
+    if job.sampling.get("logprobs") is not None:
+        fields.append(pa.field("token_logprobs", per_sample(TOKEN_LOGPROBS)))
+        fields.append(pa.field("top_logprobs", per_sample(TOP_LOGPROBS)))
+    if job.sampling.get("prompt_logprobs") is not None:
+        fields.append(pa.field("prompt_logprobs", TOKEN_LOGPROBS))
+        fields.append(pa.field("prompt_top_logprobs", TOP_LOGPROBS))
+    if job.structured:
+        fields.append(pa.field("structured_error", per_sample(pa.string())))
+    return [*fields, pa.field("error", pa.string()), pa.field("instance", pa.string())]
+
+
+def completion_values(job: JobSpec, c: Completion, prompt: RowPrompt) -> dict[str, Any]:
+    """A finished request as the values of its row's output columns."""
+    if job.task != "generate":
+        return {VECTOR_COLUMNS[job.task]: c.vector, "prompt_tokens": c.prompt_tokens}
+    samples = c.samples or (Sample(c.text, c.completion_tokens, c.finish_reason),)
+    many = job.samples_per_row > 1
+
+    def per_sample(values: list[Any]) -> Any:
+        return values if many else values[0]
+
+    row: dict[str, Any] = {
+        "generated_text": per_sample([s.text for s in samples]),
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "finish_reason": per_sample([s.finish_reason for s in samples]),
+        "sample_completion_tokens": [s.completion_tokens for s in samples],
+        "token_logprobs": per_sample([s.token_logprobs for s in samples]),
+        "top_logprobs": per_sample([_top_rows(s.top_logprobs) for s in samples]),
+        "prompt_logprobs": c.prompt_logprobs,
+        "prompt_top_logprobs": _top_rows(c.prompt_top_logprobs),
+    }
+    constraint = prompt.sampling.get("structured_outputs")
+    if constraint is not None:
+        row["structured_error"] = per_sample([structured_error(s, constraint) for s in samples])
+    return row
+
+
+def structured_error(sample: Sample, constraint: dict[str, Any]) -> str | None:
+    """Why a constrained sample does not parse (None when it does). Constrained decoding
+    keeps every token valid, but a sample cut off by max_tokens is an unfinished document."""
+    text = sample.text
+    cut = " (cut off at max_tokens)" if sample.finish_reason == "length" else ""
+    if "json" in constraint:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"output is not valid JSON: {exc}{cut}"
+        schema = constraint["json"]
+        problem = jsonschema.exceptions.best_match(
+            jsonschema.validators.validator_for(schema)(schema).iter_errors(value)
+        )
+        return None if problem is None else f"output does not match the schema: {problem.message}"
+    if "regex" in constraint and not re.fullmatch(constraint["regex"], text):
+        return f"output does not match the regex{cut}"
+    if "choice" in constraint and text not in constraint["choice"]:
+        return f"output is not one of the choices{cut}"
+    return None
+
+
+def _top_rows(top: list[list[TopLogprob]] | None) -> list[list[dict[str, Any]]] | None:
+    if top is None:
+        return None
+    return [
+        [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob} for t in at]
+        for at in top
+    ]
 
 
 def output_schema(job: JobSpec, input_schema: pa.Schema) -> pa.Schema:
     key = job.input.id_column
     fields = [input_schema.field(key) if key else pa.field("row_id", pa.int64())]
     fields += [input_schema.field(c) for c in job.input.keep_columns if c != key]
-    return pa.schema(fields + OUTPUT_FIELDS)
+    return pa.schema(fields + output_fields(job))
 
 
 def build_output(
@@ -44,7 +148,7 @@ def build_output(
     for c in job.input.keep_columns:
         if c != key:
             columns[c] = table.column(c)
-    for f in OUTPUT_FIELDS:
+    for f in output_fields(job):
         if f.name == "instance":
             columns[f.name] = pa.array([instance] * n, f.type)
         else:

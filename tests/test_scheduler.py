@@ -32,6 +32,7 @@ def test_rangeset_matches_a_plain_set(ops) -> None:
         (s.add if add else s.remove)(a, b)
         (ref.update if add else ref.difference_update)(range(a, b))
     assert {i for a, b in s for i in range(a, b)} == ref
+    assert s.total == len(ref)
     starts = [a for a, _ in s]
     ends = [b for _, b in s]
     assert all(e < s2 for e, s2 in zip(ends, starts[1:], strict=False))  # disjoint, not touching

@@ -17,6 +17,7 @@ decisions dominate the cost.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 import time
@@ -196,8 +197,8 @@ class Simulation:
         out = fn(*args)
         self.sched_s += time.perf_counter() - t0
         self.calls += 1
-        if self.trace is not None:
-            self.trace.append((fn.__name__, args, out))
+        if self.trace is not None:  # a copy: the scheduler changes a lease it handed out later
+            self.trace.append((fn.__name__, args, copy.copy(out)))
         return out
 
     def run(self) -> SimResult:

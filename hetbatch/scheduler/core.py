@@ -37,7 +37,9 @@ class SchedulerConfig:
     lease_timeout_s: float = 120.0
     max_leases_per_instance: int = 16
     rate_window_s: float = 60.0  # measured speed forgets with this time constant
-    tail_latency_factor: float = 2.0  # 0 turns the end-game rule off
+    # A job's last row leaves an engine this many mean engine latencies after it entered (its
+    # longest requests, up to max_tokens, run several times the mean); 0 turns the end game off.
+    tail_latency_factor: float = 3.0
     asking_window_s: float = 5.0  # instances that asked for work this recently can take it
     refuse_margin: float = 0.25  # refuse only for an instance that finishes this much sooner
     rank_interval_s: float = 0.5  # how stale the ranking of instances by finish time may be

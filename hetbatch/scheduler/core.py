@@ -284,20 +284,29 @@ class Scheduler:
         instances that turn a unit around soonest, not on whichever asks first. Before the end
         (when everyone's queue outlasts the job's remaining work) nobody is refused.
         """
-        if self.config.tail_latency_factor <= 0 or self.latency(instance_id) is None:
+        cfg = self.config
+        me = self.instances[instance_id]
+        if cfg.tail_latency_factor <= 0 or me.concurrency is None or me.measured_rate is None:
             return False
+        # finish_time and _unit_done_in written out for measured instances: this runs on every
+        # request of the end game, from every instance.
+        tail = cfg.tail_latency_factor
         unfinished = self.pending.total + self._leased_unfinished
-        if self.finish_time(instance_id) <= unfinished / self._total_rate():
+        if (me.queued + tail * me.concurrency) / me.measured_rate <= (
+            unfinished / self._total_rate()
+        ):
             return False
         size = min(self.unit_size(instance_id), self.pending.total or 1)
-        mine = self._unit_done_in(instance_id, size)
-        recent = now - self.config.asking_window_s
+        bar = (1 - cfg.refuse_margin) * (
+            (me.queued + size + tail * me.concurrency) / me.measured_rate
+        )
+        recent = now - cfg.asking_window_s
         candidates = (self.instances[i] for i in self._ranking(now) if i != instance_id)
         return any(
             s.alive and s.last_heard_at >= recent
-            and self.latency(s.instance_id) is not None
-            and len(s.leases) < self.config.max_leases_per_instance
-            and self._unit_done_in(s.instance_id, size) < mine * (1 - self.config.refuse_margin)
+            and s.concurrency is not None and s.measured_rate is not None
+            and len(s.leases) < cfg.max_leases_per_instance
+            and (s.queued + size + tail * s.concurrency) / s.measured_rate < bar
             for s in itertools.islice(candidates, _CANDIDATES)
         )
 
@@ -380,11 +389,12 @@ class Scheduler:
         for lid in state.leases:
             lease = self.leases[lid]
             self._renew(lease, deadline)
-            if lid in progress:
-                submitted, done = progress[lid]
+            reported = progress.get(lid)
+            if reported is not None:
+                submitted, done = reported
                 lease.submitted = min(max(submitted, lease.start), lease.end)
                 before = lease.unfinished_rows
-                lease.done = min(done, lease.rows)
+                lease.done = min(done, lease.end - lease.start)
                 self._add_queued(state, lease.unfinished_rows - before)
             if lease.release_to is not None:
                 releases.append(Release(lid, max(lease.release_to, lease.submitted)))
@@ -394,7 +404,8 @@ class Scheduler:
         lease.deadline = deadline
         if deadline < self._latest_deadline:
             self._deadlines_in_order = False  # a clock that went back: expire sorts again
-        self._latest_deadline = max(self._latest_deadline, deadline)
+        else:
+            self._latest_deadline = deadline
         self._by_deadline[lease.lease_id] = None
         self._by_deadline.move_to_end(lease.lease_id)
 

@@ -3,11 +3,12 @@
 Efficiency is the fluid lower bound (all work spread over all capacity while it is up) over the
 makespan. Instance speeds and batch limits come from the planner's plan for Llama-3.1-8B.
 
-    python bench/scheduling.py [--hours 2] [--quick] [--seed N] [--skip-scale]
+    python bench/scheduling.py [--hours 2] [--quick] [--seed N] [--skip-scale | --only-scale]
 """
 
 from __future__ import annotations
 
+import math
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -118,28 +119,58 @@ def table(seed: int, hours: float, echo: Callable[[str], None]) -> None:
         echo(f"{'':28s}hetbatch over round-robin: {gain:+.1%}")
 
 
-def scale(seed: int, quick: bool, echo: Callable[[str], None]) -> None:
-    """(f): a thousand instances and ten million rows, hetbatch only."""
+def large_cluster(instances: int) -> list[SimInstance]:
+    """`instances` instances, the four types in equal numbers of 8-instance nodes."""
+    per_kind = math.ceil(instances / (8 * len(ACCELERATORS)))
     pools = planned_pools()
-    per_kind = 3 if quick else 32  # nodes of 8 per accelerator type: 96 or 1,024 instances
-    insts = [i for a in ACCELERATORS for i in nodes(pools, a, per_kind)][: 96 if quick else 1000]
-    rows = 1_000_000 if quick else 10_000_000
-    work = RowWork.sample(rows, np.random.default_rng(seed), INPUT, OUTPUT)
-    sched = make_scheduler("hetbatch", rows, SchedulerConfig())
-    sim = SimConfig(record=False)
+    return [i for a in ACCELERATORS for i in nodes(pools, a, per_kind)][:instances]
+
+
+def run_large(
+    name: str, insts: list[SimInstance], work: RowWork, sim: SimConfig, echo: Callable[[str], None]
+) -> None:
+    """hetbatch alone on a large cluster: efficiency, the scheduler's decisions/s (time spent
+    inside its calls), and the peak memory of the simulation (scheduler and simulated
+    instances; the workload's row lengths are allocated before tracing)."""
+    sched = make_scheduler("hetbatch", work.rows, SchedulerConfig())
     tracemalloc.start()
     t0 = time.perf_counter()
     result = simulate(sched, insts, work, sim)
     wall = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    units = sum(s.units for s in result.instances.values())
     echo(
-        f"f: {len(insts)} instances, {rows:,} rows: efficiency {result.efficiency:.3f}, "
-        f"{result.scheduler_calls:,} scheduler calls at "
-        f"{result.scheduler_calls / result.scheduler_s:,.0f}/s (traced), "
-        f"whole simulation {wall:.0f} s; peak traced memory {peak / 2**20:.1f} MiB "
-        f"(scheduler + simulator state; the row lengths are allocated before tracing)"
+        f"{name}: {len(insts):,} instances, {work.rows:,} rows "
+        f"({result.lower_bound / 3600:.2f} h at full speed): efficiency {result.efficiency:.3f}\n"
+        f"   {result.scheduler_calls:,} scheduler calls at "
+        f"{result.scheduler_calls / result.scheduler_s:,.0f}/s, whole simulation {wall:.0f} s; "
+        f"{units:,} units, peak traced memory {peak / 2**20:.1f} MiB "
+        f"({peak / max(units, 1):,.0f} B per unit)"
     )
+
+
+def scale(seed: int, quick: bool, hours: float, echo: Callable[[str], None]) -> None:
+    """(f): a thousand instances, ten million rows (about 16 minutes of work for them), then
+    the same cluster with a job sized by hours like (a)-(e), hetbatch only."""
+    insts = large_cluster(96 if quick else 1000)
+    rows = 1_000_000 if quick else 10_000_000
+    rng = np.random.default_rng(seed)
+    work = RowWork.sample(rows, rng, INPUT, OUTPUT)
+    run_large("f", insts, work, SimConfig(record=False), echo)
+    long_job = RowWork.tiled(rows_for(insts, hours, rng), work)
+    run_large(f"f, {hours:g} h", insts, long_job, SimConfig(record=False), echo)
+
+
+def huge(seed: int, quick: bool, heartbeat_s: float, echo: Callable[[str], None]) -> None:
+    """(g): ten thousand instances of four types, a billion rows. Rows are simulated one by
+    one, but their lengths repeat a sample of 2^22 rows (units are far smaller); instances
+    heartbeat every `heartbeat_s`, as a job of this size would set."""
+    insts = large_cluster(1000 if quick else 10_000)
+    rows = 10**8 if quick else 10**9
+    block = RowWork.sample(2**22, np.random.default_rng(seed), INPUT, OUTPUT)
+    sim = SimConfig(record=False, heartbeat_s=heartbeat_s)
+    run_large(f"g, heartbeat {heartbeat_s:g} s", insts, RowWork.tiled(rows, block), sim, echo)
 
 
 @click.command()
@@ -147,11 +178,19 @@ def scale(seed: int, quick: bool, echo: Callable[[str], None]) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--hours", type=float, default=2.0, show_default=True,
               help="Size of each job (a)-(e): hours of work for its cluster at full speed.")
-@click.option("--skip-scale", is_flag=True, help="Leave out (f).")
-def main(quick: bool, seed: int, hours: float, skip_scale: bool) -> None:
-    table(seed, 0.25 if quick else hours, click.echo)
+@click.option("--skip-scale", is_flag=True, help="Leave out (f) and (g).")
+@click.option("--only-scale", is_flag=True, help="Only (f) and (g).")
+@click.option("--heartbeat", type=float, default=10.0, show_default=True,
+              help="Heartbeat interval of the instances in (g).")
+def main(
+    quick: bool, seed: int, hours: float, skip_scale: bool, only_scale: bool, heartbeat: float
+) -> None:
+    hours = 0.25 if quick else hours
+    if not only_scale:
+        table(seed, hours, click.echo)
     if not skip_scale:
-        scale(seed, quick, click.echo)
+        scale(seed, quick, hours, click.echo)
+        huge(seed, quick, heartbeat, click.echo)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ def test_rangeset_matches_a_plain_set(ops) -> None:
     assert {i for a, b in s for i in range(a, b)} == ref
     for a in range(0, 60, 7):
         assert s.overlaps(a, a + 5) == bool(ref & set(range(a, a + 5)))
+    assert s.total == len(ref)
     starts = [a for a, _ in s]
     ends = [b for _, b in s]
     assert all(e < s2 for e, s2 in zip(ends, starts[1:], strict=False))  # disjoint, not touching

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -36,7 +37,9 @@ class SchedulerConfig:
     lease_timeout_s: float = 120.0
     max_leases_per_instance: int = 16
     rate_window_s: float = 60.0  # measured speed forgets with this time constant
-    tail_latency_factor: float = 2.0  # 0 turns the end-game rule off
+    # A job's last row leaves an engine this many mean engine latencies after it entered (its
+    # longest requests, up to max_tokens, run several times the mean); 0 turns the end game off.
+    tail_latency_factor: float = 3.0
     asking_window_s: float = 5.0  # instances that asked for work this recently can take it
     refuse_margin: float = 0.25  # refuse only for an instance that finishes this much sooner
     rank_interval_s: float = 0.5  # how stale the ranking of instances by finish time may be
@@ -91,6 +94,7 @@ class InstanceState:
     window_s: float = 0.0
     queued: int = 0  # unfinished rows of its leases
     last_request_at: float = -math.inf
+    last_heard_at: float = -math.inf  # its last request or heartbeat
 
 
 class Wait(Enum):
@@ -139,6 +143,11 @@ class Scheduler:
         self.boundaries = sorted(set(boundaries))
         self.instances: dict[str, InstanceState] = {}
         self.leases: dict[int, Lease] = {}
+        # Lease ids by deadline, soonest first (deadlines are set at `now` plus a constant, and
+        # `now` only grows), so that expiring costs O(lapsed leases), not O(leases), per tick.
+        self._by_deadline: OrderedDict[int, None] = OrderedDict()
+        self._latest_deadline = -math.inf
+        self._deadlines_in_order = True
         self._next_lease_id = 1
         self._thief_of: dict[int, str] = {}  # lease asked to release -> instance that asked
         self._reserved: dict[str, tuple[int, int]] = {}  # released rows kept for the thief
@@ -207,7 +216,7 @@ class Scheduler:
         if reserved is not None and self.pending.contains(*reserved):
             self.pending.remove(*reserved)
             return self._issue(instance_id, *reserved, now)
-        state.last_request_at = now
+        state.last_request_at = state.last_heard_at = now
         self._set_alive(state, True)
         if self._too_late(instance_id, now):
             return Wait.NOTHING_FREE
@@ -244,11 +253,10 @@ class Scheduler:
         return cut
 
     def _issue(self, instance_id: str, start: int, end: int, now: float) -> Lease:
-        lease = Lease(
-            self._next_lease_id, instance_id, start, end, now + self.config.lease_timeout_s
-        )
+        lease = Lease(self._next_lease_id, instance_id, start, end, -math.inf)
         self._next_lease_id += 1
         self.leases[lease.lease_id] = lease
+        self._renew(lease, now + self.config.lease_timeout_s)
         state = self.instances[instance_id]
         state.leases.append(lease.lease_id)
         self._add_queued(state, lease.rows)
@@ -276,20 +284,29 @@ class Scheduler:
         instances that turn a unit around soonest, not on whichever asks first. Before the end
         (when everyone's queue outlasts the job's remaining work) nobody is refused.
         """
-        if self.config.tail_latency_factor <= 0 or self.latency(instance_id) is None:
+        cfg = self.config
+        me = self.instances[instance_id]
+        if cfg.tail_latency_factor <= 0 or me.concurrency is None or me.measured_rate is None:
             return False
+        # finish_time and _unit_done_in written out for measured instances: this runs on every
+        # request of the end game, from every instance.
+        tail = cfg.tail_latency_factor
         unfinished = self.pending.total + self._leased_unfinished
-        if self.finish_time(instance_id) <= unfinished / self._total_rate():
+        if (me.queued + tail * me.concurrency) / me.measured_rate <= (
+            unfinished / self._total_rate()
+        ):
             return False
         size = min(self.unit_size(instance_id), self.pending.total or 1)
-        mine = self._unit_done_in(instance_id, size)
-        recent = now - self.config.asking_window_s
+        bar = (1 - cfg.refuse_margin) * (
+            (me.queued + size + tail * me.concurrency) / me.measured_rate
+        )
+        recent = now - cfg.asking_window_s
         candidates = (self.instances[i] for i in self._ranking(now) if i != instance_id)
         return any(
-            s.alive and s.last_request_at >= recent
-            and self.latency(s.instance_id) is not None
-            and len(s.leases) < self.config.max_leases_per_instance
-            and self._unit_done_in(s.instance_id, size) < mine * (1 - self.config.refuse_margin)
+            s.alive and s.last_heard_at >= recent
+            and s.concurrency is not None and s.measured_rate is not None
+            and len(s.leases) < cfg.max_leases_per_instance
+            and (s.queued + size + tail * s.concurrency) / s.measured_rate < bar
             for s in itertools.islice(candidates, _CANDIDATES)
         )
 
@@ -365,24 +382,42 @@ class Scheduler:
         """Renew the instance's leases, note its progress (submitted, done), pass on releases."""
         state = self.instances[instance_id]
         self._set_alive(state, True)
+        state.last_heard_at = now
         revoked = [lid for lid in progress if lid not in state.leases]
         releases = []
+        deadline = now + self.config.lease_timeout_s
         for lid in state.leases:
             lease = self.leases[lid]
-            lease.deadline = now + self.config.lease_timeout_s
-            if lid in progress:
-                submitted, done = progress[lid]
+            self._renew(lease, deadline)
+            reported = progress.get(lid)
+            if reported is not None:
+                submitted, done = reported
                 lease.submitted = min(max(submitted, lease.start), lease.end)
                 before = lease.unfinished_rows
-                lease.done = min(done, lease.rows)
+                lease.done = min(done, lease.end - lease.start)
                 self._add_queued(state, lease.unfinished_rows - before)
             if lease.release_to is not None:
                 releases.append(Release(lid, max(lease.release_to, lease.submitted)))
         return HeartbeatReply(releases, revoked)
 
+    def _renew(self, lease: Lease, deadline: float) -> None:
+        lease.deadline = deadline
+        if deadline < self._latest_deadline:
+            self._deadlines_in_order = False  # a clock that went back: expire sorts again
+        else:
+            self._latest_deadline = deadline
+        self._by_deadline[lease.lease_id] = None
+        self._by_deadline.move_to_end(lease.lease_id)
+
     def expire(self, now: float) -> list[Lease]:
         """Leases not renewed in time go back to the queue."""
-        lapsed = [lid for lid, lease in self.leases.items() if lease.deadline < now]
+        if not self._deadlines_in_order:
+            order = sorted(self._by_deadline, key=lambda lid: self.leases[lid].deadline)
+            self._by_deadline = OrderedDict.fromkeys(order)
+            self._deadlines_in_order = True
+        lapsed = list(itertools.takewhile(
+            lambda lid: self.leases[lid].deadline < now, self._by_deadline
+        ))
         for lid in lapsed:
             # Silent past its lease: count it out of the cluster's capacity until it speaks.
             self._set_alive(self.instances[self.leases[lid].instance], False)
@@ -390,6 +425,7 @@ class Scheduler:
 
     def _return_lease(self, lease_id: int) -> Lease:
         lease = self.leases.pop(lease_id)
+        del self._by_deadline[lease_id]
         state = self.instances[lease.instance]
         state.leases.remove(lease_id)
         self._add_queued(state, -lease.unfinished_rows)
@@ -422,6 +458,7 @@ class Scheduler:
             )
         ):
             self.leases.pop(lease_id)
+            del self._by_deadline[lease_id]
             state = self.instances[instance_id]
             state.leases.remove(lease_id)
             self._add_queued(state, -lease.unfinished_rows)

@@ -15,6 +15,7 @@ class RangeSet:
     def __init__(self, ranges: Iterable[tuple[int, int]] = ()) -> None:
         self._starts: list[int] = []
         self._ends: list[int] = []
+        self._total = 0  # kept as ranges come and go: read on every scheduling decision
         for a, b in ranges:
             self.add(a, b)
 
@@ -32,7 +33,7 @@ class RangeSet:
 
     @property
     def total(self) -> int:
-        return sum(b - a for a, b in self)
+        return self._total
 
     def first(self) -> tuple[int, int]:
         return self._starts[0], self._ends[0]
@@ -46,6 +47,9 @@ class RangeSet:
         if i < j:
             start = min(start, self._starts[i])
             end = max(end, self._ends[j - 1])
+        self._total += (end - start) - sum(
+            e - s for s, e in zip(self._starts[i:j], self._ends[i:j], strict=True)
+        )
         self._starts[i:j] = [start]
         self._ends[i:j] = [end]
 
@@ -64,6 +68,9 @@ class RangeSet:
         if self._ends[j - 1] > end:
             keep_s.append(end)
             keep_e.append(self._ends[j - 1])
+        self._total += sum(e - s for s, e in zip(keep_s, keep_e, strict=True)) - sum(
+            e - s for s, e in zip(self._starts[i:j], self._ends[i:j], strict=True)
+        )
         self._starts[i:j] = keep_s
         self._ends[i:j] = keep_e
 

@@ -17,6 +17,8 @@ decisions dominate the cost.
 
 from __future__ import annotations
 
+import bisect
+import copy
 import heapq
 import math
 import time
@@ -176,6 +178,8 @@ class Simulation:
         self.specs = instances
         self.insts = [_Inst(i, i.max_num_seqs / i.speed) for i in instances]
         self.by_id = {i.instance_id: k for k, i in enumerate(instances)}
+        self.alive_count = 0
+        self.join_times = sorted(i.join_at for i in instances)
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.seq = 0
         self.now = 0.0
@@ -196,8 +200,8 @@ class Simulation:
         out = fn(*args)
         self.sched_s += time.perf_counter() - t0
         self.calls += 1
-        if self.trace is not None:
-            self.trace.append((fn.__name__, args, out))
+        if self.trace is not None:  # a copy: the scheduler changes a lease it handed out later
+            self.trace.append((fn.__name__, args, copy.copy(out)))
         return out
 
     def run(self) -> SimResult:
@@ -221,6 +225,7 @@ class Simulation:
     def _on_join(self, k: int, _: int) -> None:
         inst = self.insts[k]
         inst.alive, inst.free_at = True, self.now
+        self.alive_count += 1
         self._call(self.s.join, inst.spec.instance_id, inst.spec.planned_weight, self.now,
                    inst.spec.max_num_seqs)
         self._want_lease(k, self.now)
@@ -231,6 +236,7 @@ class Simulation:
         if not inst.alive:
             return
         inst.alive = False
+        self.alive_count -= 1
         for u in inst.units:
             if u.t_start < self.now:
                 inst.busy_s += min(u.t_end, self.now) - u.t_start
@@ -240,7 +246,8 @@ class Simulation:
 
     def _on_tick(self, _: int, __: int) -> None:
         self._call(self.s.expire, self.now)
-        if any(i.alive or i.spec.join_at > self.now for i in self.insts):  # else nobody works
+        joining_later = bisect.bisect_right(self.join_times, self.now) < len(self.join_times)
+        if self.alive_count or joining_later:  # else nobody is left to work
             self._push(self.now + self.cfg.pacing.expire_tick_s, TICK, -1)
 
     # -- asking for work ----------------------------------------------------------------------

@@ -42,6 +42,8 @@ class RowWork:
         self.output_lens = np.asarray(output_lens, dtype=np.int32)
         cost = self.output_lens + prefill_cost * np.asarray(input_lens, dtype=np.float64)
         self._prefix = np.concatenate([[0.0], np.cumsum(cost)])
+        self._period = len(self.output_lens)
+        self._rows = self._period
 
     @classmethod
     def sample(
@@ -67,16 +69,33 @@ class RowWork:
         inputs = rng.choice(np.asarray(input_sample), size=rows, replace=True)
         return cls(inputs, outputs.sample(rng, rows), prefill_cost)
 
+    @classmethod
+    def tiled(cls, rows: int, block: RowWork) -> RowWork:
+        """`rows` rows whose lengths repeat those of `block`, block after block: a job of a
+        billion rows in the memory of a sample of a few million (units are far smaller than a
+        block, so no scheduling decision can tell the difference)."""
+        work = cls.__new__(cls)
+        work.output_lens, work._prefix = block.output_lens, block._prefix
+        work._period, work._rows = block._period, rows
+        return work
+
     @property
     def rows(self) -> int:
-        return len(self.output_lens)
+        return self._rows
 
     @property
     def total(self) -> float:
-        return float(self._prefix[-1])
+        return self._cumulative(self._rows)
+
+    def _cumulative(self, row: int) -> float:
+        """Work of rows [0, row)."""
+        blocks, offset = divmod(row, self._period)
+        return float(blocks * self._prefix[-1] + self._prefix[offset])
 
     def cost(self, start: int, end: int) -> float:
-        return float(self._prefix[end] - self._prefix[start])
+        if end <= self._period:
+            return float(self._prefix[end] - self._prefix[start])
+        return self._cumulative(end) - self._cumulative(start)
 
     def drain_s(self, start: int, end: int, speed: float, step_s: float) -> float:
         """Seconds from a unit's first request to its last completion on a full engine.
@@ -88,5 +107,10 @@ class RowWork:
         """
         if end <= start:
             return 0.0
-        entry = (self._prefix[start:end] - self._prefix[start]) / speed
-        return float(np.max(entry + self.output_lens[start:end] * step_s))
+        if end <= self._period:
+            entry = (self._prefix[start:end] - self._prefix[start]) / speed
+            return float(np.max(entry + self.output_lens[start:end] * step_s))
+        rows = np.arange(start, end)
+        blocks, offset = np.divmod(rows, self._period)
+        done_before = blocks * self._prefix[-1] + self._prefix[offset] - self._cumulative(start)
+        return float(np.max(done_before / speed + self.output_lens[offset] * step_s))

@@ -33,6 +33,7 @@ def _scenario() -> tuple[Scheduler, list]:
         SimInstance("a", 300.0, 300.0, 16),
         SimInstance("b", 100.0, 100.0, 16),
         SimInstance("c", 200.0, 60.0, 16, lost_at=15.0),
+        SimInstance("d", 200.0, 20.0, 16),  # planned fast, really slow: others steal from it
     ]
     sched = Scheduler(1500, CONFIG)
     trace: list = []

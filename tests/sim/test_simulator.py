@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from hetbatch.engines.base import EngineRequest
 from hetbatch.engines.simulated import SimEngine, delivered_speed, step_seconds
 from hetbatch.scheduler.policies import POLICIES
-from hetbatch.sim import SimInstance, fluid_lower_bound
+from hetbatch.sim import RowWork, SimInstance, fluid_lower_bound
 from tests.sim.helpers import cluster, rows_exactly_once, run, workload
 
 SCENARIOS = {
@@ -76,3 +77,17 @@ def test_simulated_engine_delivers_the_speed_the_simulator_assumes(
     assert tokens == 4 * seqs * out_tokens
     assert slept == pytest.approx([step_seconds(tokens_per_s, seqs)] * len(slept))
     assert tokens / sum(slept) == pytest.approx(delivered_speed(tokens_per_s, seqs, out_tokens))
+
+
+def test_tiled_work_is_its_block_repeated() -> None:
+    """A billion-row job repeats a sampled block; every unit's cost and drain is what the same
+    lengths written out row by row give, across block boundaries too."""
+    block = workload(rows=1000)
+    repeated = RowWork(np.zeros(3000), np.tile(block.output_lens, 3), prefill_cost=0.0)
+    tiled = RowWork.tiled(3000, RowWork(np.zeros(1000), block.output_lens, prefill_cost=0.0))
+    assert tiled.rows == 3000 and tiled.total == pytest.approx(repeated.total)
+    for start, end in [(0, 10), (990, 1010), (500, 2600), (1000, 2000), (2990, 3000)]:
+        assert tiled.cost(start, end) == pytest.approx(repeated.cost(start, end))
+        assert tiled.drain_s(start, end, 100.0, 0.01) == pytest.approx(
+            repeated.drain_s(start, end, 100.0, 0.01)
+        )

@@ -47,6 +47,7 @@ class CoordinatorCollector:
             instances = {k: (m.pool, m.rows, m.prompt_tokens, m.completion_tokens, m.errors,
                              m.units, m.connected, m.to_dict(c.started_at)["output_tokens_per_s"])
                          for k, m in c.metrics.items()}
+            engines = {k: (m.pool, m.engine) for k, m in c.metrics.items() if m.engine}
             leases: dict[str, int] = {}
             for lease in sched.leases.values():
                 leases[lease.instance] = leases.get(lease.instance, 0) + 1
@@ -81,6 +82,7 @@ class CoordinatorCollector:
             for key, family in per_instance.items():
                 family.add_metric([pool, name], values[key])
         yield from per_instance.values()
+        yield from _engine_families(engines, labels)
         this_run = sum(v[1] for v in instances.values())
         rows_per_s = this_run / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rows_per_s if rows_per_s > 0 else float("nan")
@@ -101,3 +103,20 @@ class CoordinatorCollector:
              "left_holding"),
         ):
             yield CounterMetricFamily(name, doc, value=events.get(key, 0))
+
+
+def _engine_families(
+    engines: dict[str, tuple[str, tuple[int, int, float]]], labels: list[str]
+) -> Iterator[Any]:
+    """The engines' own figures, as each worker last passed them on with its heartbeat."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    for index, (name, doc) in enumerate((
+        ("hetbatch_engine_running_requests", "Requests the instance's engine is running"),
+        ("hetbatch_engine_waiting_requests", "Requests queued inside the instance's engine"),
+        ("hetbatch_engine_kv_cache_usage", "Share of the engine's KV cache in use (0 to 1)"),
+    )):
+        family = GaugeMetricFamily(name, doc, labels=labels)
+        for instance, (pool, load) in sorted(engines.items()):
+            family.add_metric([pool, instance], load[index])
+        yield family

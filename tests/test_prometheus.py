@@ -51,3 +51,11 @@ def test_metrics_endpoint_during_a_run(tmp_path) -> None:
     assert m["hetbatch_queue_rows"][0].value + m["hetbatch_leased_rows"][0].value <= rows - done
     assert m["hetbatch_eta_seconds"][0].value > 0
     assert m["hetbatch_steals"][0].value >= 0 and m["hetbatch_lease_expiries"][0].value == 0
+    # The engines' own figures, passed on by the workers with their heartbeats.
+    running = _by_instance(m["hetbatch_engine_running_requests"])
+    waiting = _by_instance(m["hetbatch_engine_waiting_requests"])
+    kv_use = _by_instance(m["hetbatch_engine_kv_cache_usage"])
+    assert set(running) == set(waiting) == set(kv_use) == {"fast-0-0", "slow-0-0"}
+    assert any(v > 0 for v in running.values())
+    assert all(0 <= v <= 1 for v in kv_use.values())
+    assert all(v <= 64 for v in running.values())  # the sim pools' max_num_seqs

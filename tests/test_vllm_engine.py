@@ -218,3 +218,19 @@ def test_pretokenized_too_long_prompt_is_rejected(engine: VllmEngine) -> None:
     ids = engine.encode_batch(["many words " * 600])[0]
     with pytest.raises(RequestRejected, match=r"prompt is \d+ tokens, longer than the model's"):
         engine.add(EngineRequest("long-ids", "many words " * 600, {"max_tokens": 4}, ids))
+
+
+def test_load_reports_vllm_scheduler_figures(engine: VllmEngine) -> None:
+    """The engine's own figures (from vLLM's stat-logger hook): requests running and waiting
+    in the engine and its KV-cache use, as of the last step."""
+    for i in range(3):
+        engine.add(EngineRequest(f"load-{i}", PROMPTS[i], {**GREEDY, "max_tokens": 32}))
+    engine.step()
+    busy = engine.load()
+    assert busy is not None
+    assert busy.running + busy.waiting == 3
+    assert busy.running >= 1 and 0 < busy.kv_cache_usage <= 1
+    while engine.has_unfinished():
+        engine.step()
+    idle = engine.load()
+    assert idle is not None and idle.running == 0 and idle.waiting == 0

@@ -136,6 +136,8 @@ class Heartbeat(Request):
     OP: ClassVar[str] = "heartbeat"
     instance: str
     progress: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # The engine's own figures: requests running, requests waiting, KV-cache use (0 to 1).
+    engine: tuple[int, int, float] | None = None
 
     @classmethod
     def from_fields(cls, data: dict[str, Any]) -> Heartbeat:
@@ -155,11 +157,26 @@ class Heartbeat(Request):
                 _int(pair[0], f"progress[{key}] submitted"),
                 _int(pair[1], f"progress[{key}] done"),
             )
-        return cls(_instance(data.get("instance")), progress)
+        return cls(_instance(data.get("instance")), progress, _engine_load(data.get("engine")))
 
     def to_wire(self, token: str) -> dict[str, Any]:
         progress = {str(k): list(v) for k, v in self.progress.items()}
-        return {"op": self.OP, "token": token, "instance": self.instance, "progress": progress}
+        wire = {"op": self.OP, "token": token, "instance": self.instance, "progress": progress}
+        if self.engine is not None:
+            wire["engine"] = list(self.engine)
+        return wire
+
+
+def _engine_load(raw: Any) -> tuple[int, int, float] | None:
+    if raw is None:
+        return None
+    if type(raw) is not list or len(raw) != 3:
+        raise MessageError("engine: expected [running, waiting, kv_cache_usage]")
+    return (
+        _int(raw[0], "engine running"),
+        _int(raw[1], "engine waiting"),
+        _float(raw[2], "engine kv_cache_usage", hi=1.0),
+    )
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class InstanceMetrics:
     first_lease_at: float | None = None
     last_commit_at: float | None = None
     connected: bool = False
+    engine: tuple[int, int, float] | None = None  # running, waiting, KV-cache use, as reported
 
     def to_dict(self, t0: float = 0.0) -> dict[str, Any]:
         span = (self.last_commit_at or 0) - (self.first_lease_at or 0)
@@ -78,6 +79,9 @@ class InstanceMetrics:
             "active_s": round(max(span, 0.0), 3),
             "output_tokens_per_s": round(rate, 2),
             "connected": self.connected,
+            "engine": None if self.engine is None else dict(
+                zip(("running", "waiting", "kv_cache_usage"), self.engine, strict=True)
+            ),
             "first_lease_s": _since(self.first_lease_at, t0),
             "last_commit_s": _since(self.last_commit_at, t0),
         }
@@ -320,6 +324,8 @@ class Coordinator:
         return m.done_reply() if result is Wait.DONE else m.wait_reply(PACING.wait_s)
 
     def _op_heartbeat(self, msg: m.Heartbeat, conn: _Connection) -> dict[str, Any]:
+        if msg.engine is not None and msg.instance in self.metrics:
+            self.metrics[msg.instance].engine = msg.engine
         reply = self.scheduler.heartbeat(msg.instance, msg.progress, self.clock())
         return m.heartbeat_reply(
             [(r.lease_id, r.cut) for r in reply.releases], reply.revoked, self.finished.is_set()

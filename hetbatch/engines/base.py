@@ -52,6 +52,16 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class EngineLoad:
+    """What the engine reports of itself at its last step: requests it runs, requests queued
+    inside it, and the share of its KV cache in use (0 to 1)."""
+
+    running: int
+    waiting: int
+    kv_cache_usage: float
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     """One prompt to generate from, with its sampling parameters (vLLM SamplingParams fields)."""
 
@@ -87,6 +97,9 @@ class Engine(Protocol):
         tokenizes each prompt itself when it is added)."""
 
     def close(self) -> None: ...
+
+    def load(self) -> EngineLoad | None:
+        """The engine's own figures at its last step (None before the first)."""
 
     @property
     def max_concurrency(self) -> int:

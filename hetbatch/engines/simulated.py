@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hetbatch.engines.base import Completion, EngineRequest, RequestRejected
+from hetbatch.engines.base import Completion, EngineLoad, EngineRequest, RequestRejected
 
 _WORDS = [
     "alpha",
@@ -124,6 +124,11 @@ class SimEngine:
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def load(self) -> EngineLoad:
+        """A batch slot stands for the KV cache: its use is the share of slots taken."""
+        running = len(self._running)
+        return EngineLoad(running, len(self._waiting), running / self.max_num_seqs)
 
     def abort(self, request_ids: list[str]) -> None:
         ids = set(request_ids)

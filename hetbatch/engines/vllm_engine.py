@@ -9,7 +9,14 @@ from __future__ import annotations
 import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
-from hetbatch.engines.base import Completion, EngineRequest, RequestRejected, Sample, TopLogprob
+from hetbatch.engines.base import (
+    Completion,
+    EngineLoad,
+    EngineRequest,
+    RequestRejected,
+    Sample,
+    TopLogprob,
+)
 
 if TYPE_CHECKING:
     from vllm import LLMEngine, SamplingParams
@@ -54,8 +61,9 @@ class VllmEngine:
         self.task = task
         if task != "generate":
             engine_args = {"runner": "pooling", "convert": task, **engine_args}
+        self._load: EngineLoad | None = None
         self._engine: LLMEngine | None = LLMEngine.from_engine_args(
-            EngineArgs(model=model, **engine_args)
+            EngineArgs(model=model, **engine_args), stat_loggers=[self._load_logger()]
         )
         self._tokenizer = self._engine.get_tokenizer()
         self._max_model_len: int = self._engine.model_config.max_model_len
@@ -64,6 +72,35 @@ class VllmEngine:
         self._in_flight: set[str] = set()
         # Top-k of each request asking for log-probabilities (sample k, prompt k).
         self._top_k: dict[str, tuple[int | None, int | None]] = {}
+
+    def load(self) -> EngineLoad | None:
+        """vLLM's scheduler figures at the last step: running and waiting requests, KV use."""
+        return self._load
+
+    def _load_logger(self) -> Any:
+        """A vLLM stat logger (its documented hook for engine statistics) that keeps the last
+        scheduler figures for `load`; it works in-process and in multiprocess mode alike."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class LoadLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any,
+                       **kwargs: Any) -> None:
+                if scheduler_stats is not None:
+                    engine._load = EngineLoad(
+                        scheduler_stats.num_running_reqs,
+                        scheduler_stats.num_waiting_reqs,
+                        float(scheduler_stats.kv_cache_usage),
+                    )
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return LoadLogger
 
     @property
     def max_concurrency(self) -> int:

@@ -141,7 +141,11 @@ class Worker:
             return
         self._next_heartbeat_at = now + self.heartbeat_s
         progress = {str(u.lease_id): [u.submitted, len(u.results)] for u in self.units}
-        reply = self.client.call("heartbeat", instance=self.instance_id, progress=progress)
+        load = self.engine.load()
+        engine = None if load is None else [load.running, load.waiting, load.kv_cache_usage]
+        reply = self.client.call(
+            "heartbeat", instance=self.instance_id, progress=progress, engine=engine
+        )
         for lease_id in reply.get("revoked", []):
             self._drop(lease_id)
         for lease_id, cut in reply.get("releases", []):

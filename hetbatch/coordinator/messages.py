@@ -110,23 +110,28 @@ class Hello(Request):
 
 
 @dataclass(frozen=True)
-class LeaseRequest(Request):
-    OP: ClassVar[str] = "lease"
+class _InstanceRequest(Request):
+    """A request that carries nothing but the instance it speaks for."""
+
     instance: str
 
     @classmethod
-    def from_fields(cls, data: dict[str, Any]) -> LeaseRequest:
+    def from_fields(cls, data: dict[str, Any]) -> _InstanceRequest:
         return cls(_instance(data.get("instance")))
 
 
 @dataclass(frozen=True)
-class Bye(Request):
-    OP: ClassVar[str] = "bye"
-    instance: str
+class LeaseRequest(_InstanceRequest):
+    """Deal me rows."""
 
-    @classmethod
-    def from_fields(cls, data: dict[str, Any]) -> Bye:
-        return cls(_instance(data.get("instance")))
+    OP: ClassVar[str] = "lease"
+
+
+@dataclass(frozen=True)
+class Bye(_InstanceRequest):
+    """I am leaving: give back whatever I hold."""
+
+    OP: ClassVar[str] = "bye"
 
 
 @dataclass(frozen=True)

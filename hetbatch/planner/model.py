@@ -323,3 +323,29 @@ def predict(
         return InstanceEstimate(0.0, 0.0, math.inf, "memory"), 0
     est = estimate_instance(d, batch, max_num_batched_tokens, input_len, output_len)
     return est, batch
+
+
+def prompt_token_cost(
+    d: Deployment, batch: int, max_num_batched_tokens: int, input_len: float, output_len: float
+) -> float:
+    """What one prompt token costs in output tokens at this operating point: the marginal cycle
+    time of a longer prompt over that of a longer output. A row's work is then
+    `output + cost * input`, so rows of other lengths than the mean are priced alike."""
+    base = cycle_features(d, batch, max_num_batched_tokens, input_len, output_len)
+    t0 = base.time(d.coefficients)
+    step_in, step_out = max(1.0, 0.1 * input_len), max(1.0, 0.1 * output_len)
+    longer_in = cycle_features(d, batch, max_num_batched_tokens, input_len + step_in,
+                               output_len).time(d.coefficients)
+    longer_out = cycle_features(d, batch, max_num_batched_tokens, input_len,
+                                output_len + step_out).time(d.coefficients)
+    per_out = max(longer_out - t0, 1e-12) / step_out
+    return max(0.0, (longer_in - t0) / step_in / per_out)
+
+
+def drain_step_s(d: Deployment, concurrency: int, context: float) -> float:
+    """Decode step time while an instance drains its last requests. The batch falls from the
+    concurrency toward one roughly geometrically, so a long last request spends about as many
+    steps in each halving of the batch: the step at the geometric middle stands for them."""
+    batch = max(1, round(math.sqrt(max(concurrency, 1))))
+    step = decode_step_features(d, batch, context).time(d.coefficients)
+    return step * (1.0 + d.coefficients.pp_loss_per_stage * (d.pp - 1))

@@ -106,8 +106,8 @@ def model_from_job(job: JobSpec) -> ModelProfile:
 
 
 def pools_from_job(job: JobSpec) -> list[PoolRequest]:
-    """Pool requests; pinned TP, instances per node, max_num_seqs and max_num_batched_tokens
-    (in the model's or the pool's engine_args) restrict the search."""
+    """Pool requests; pinned TP, instances per node, max_num_seqs, max_num_batched_tokens and
+    kv_cache_dtype (in the model's or the pool's engine_args) restrict the search."""
     out = []
     for p in job.cluster.pools:
         args = {**job.model.engine_args, **p.engine_args}
@@ -117,8 +117,18 @@ def pools_from_job(job: JobSpec) -> list[PoolRequest]:
             instances_per_node=p.instances_per_node,
             max_num_seqs=_int_or_none(args.get("max_num_seqs")),
             max_num_batched_tokens=_int_or_none(args.get("max_num_batched_tokens")),
+            kv_cache_dtypes=kv_cache_dtypes(args.get("kv_cache_dtype")),
         ))
     return out
+
+
+def kv_cache_dtypes(value: Any) -> tuple[str, ...]:
+    """The KV formats to search for an engine_args or CLI value: unset keeps the model's dtype,
+    "any" tries it and FP8, anything else is pinned."""
+    if value is None:
+        return ("auto",)
+    key = str(value).lower()
+    return ("auto", "fp8") if key == "any" else (key,)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -346,8 +356,9 @@ def _plan_instances(inputs: JobPlanInputs, plan: ClusterPlan) -> tuple[list[SimI
     for p in plan.pools:
         acc = catalog.get(p.accelerator)
         coef = inputs.calibration.coefficients_for(acc.name) if inputs.calibration else None
-        d = Deployment(inputs.model, acc, coef or default_coefficients(acc),
-                       p.config.tensor_parallel_size, p.config.pipeline_parallel_size)
+        d = Deployment(inputs.model.with_kv_cache_dtype(p.config.kv_cache_dtype), acc,
+                       coef or default_coefficients(acc), p.config.tensor_parallel_size,
+                       p.config.pipeline_parallel_size)
         costs.append(prompt_token_cost(d, max(p.concurrency, 1), p.config.max_num_batched_tokens,
                                        w.input_len_mean, w.output_len_mean))
         weights.append(p.output_tokens_per_s)

@@ -17,6 +17,7 @@ from hetbatch.planning import (
     Makespan,
     forecast_makespan,
     job_plan_inputs,
+    kv_cache_dtypes,
     load_calibration,
 )
 from hetbatch.scheduler.core import SchedulerConfig
@@ -33,6 +34,10 @@ from hetbatch.spec import JobSpec, load_job
 @click.option("--nodes", type=int, default=1, show_default=True, help="Nodes in the pool.")
 @click.option("--price", type=float, help="Price per device-hour.")
 @click.option("--tp", type=int, help="Pin the tensor-parallel size.")
+@click.option("--max-num-seqs", type=int, help="Pin max_num_seqs (default: searched).")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "any"]),
+              help="KV cache format; 'any' searches the model's dtype and fp8 "
+                   "(default: the job's engine_args, else auto).")
 @click.option("--pool", "extra_pools", multiple=True, metavar="ACC:DEVICES[:NODES[:PRICE]]",
               help="Another pool (repeatable), for a heterogeneous what-if.")
 @click.option("--input-len", type=float, help="Mean prompt length in tokens.")
@@ -76,10 +81,25 @@ def _inputs(job: JobSpec | None, opts: dict[str, object]) -> JobPlanInputs:
         return _inputs_from_flags(opts)
     sample_rows = int(opts.get("sample_rows") or 2000)  # type: ignore[call-overload]
     inputs = job_plan_inputs(job, sample_rows=sample_rows)
+    pins = _pins(opts)
+    if pins:
+        inputs = replace(inputs, pools=[replace(p, **pins) for p in inputs.pools])
     if opts.get("output_len") is not None:
         out = float(opts["output_len"])  # type: ignore[arg-type]
         inputs = replace(inputs, workload=replace(inputs.workload, output_len_mean=out))
     return inputs
+
+
+def _pins(opts: dict[str, object]) -> dict[str, object]:
+    """Search restrictions the flags ask for, as PoolRequest fields."""
+    pins: dict[str, object] = {}
+    if opts.get("tp") is not None:
+        pins["tensor_parallel_size"] = opts["tp"]
+    if opts.get("max_num_seqs") is not None:
+        pins["max_num_seqs"] = opts["max_num_seqs"]
+    if opts.get("kv_cache_dtype"):
+        pins["kv_cache_dtypes"] = kv_cache_dtypes(opts["kv_cache_dtype"])
+    return pins
 
 
 def _plan(inputs: JobPlanInputs, opts: dict[str, object]) -> ClusterPlan:
@@ -134,10 +154,11 @@ def _inputs_from_flags(o: dict[str, object]) -> JobPlanInputs:
             name=str(o["accelerator"]), accelerator=str(o["accelerator"]),
             devices_per_node=int(o["devices"]), nodes=int(o["nodes"]),  # type: ignore[call-overload]
             price_per_device_hour=_float(o.get("price")),
-            tensor_parallel_size=o.get("tp"),  # type: ignore[arg-type]
         ))
     for spec in o.get("extra_pools") or ():  # type: ignore[attr-defined]
         pools.append(_parse_pool(spec, {p.name for p in pools}))
+    pins = _pins(o)
+    pools = [replace(p, **pins) for p in pools]
     mean = float(o["input_len"])  # type: ignore[arg-type]
     workload = Workload(
         input_len_mean=mean,
@@ -219,7 +240,9 @@ def _row(p: PoolPlan) -> tuple[str, ...]:
 
 
 def _details(p: PoolPlan) -> list[str]:
-    out = ["", f"{p.pool}: {p.bound}-bound, {p.capacity_weight:,.0f} output tok/s per instance"]
+    kv = f", KV cache {p.config.kv_cache_dtype}" if p.config.kv_cache_dtype != "auto" else ""
+    out = ["", f"{p.pool}: {p.bound}-bound, {p.capacity_weight:,.0f} output tok/s per instance"
+               f"{kv}"]
     for r in p.runners_up:
         out.append(f"  runner-up {r.config.label()}: {r.why}")
     for layout, (reason, count) in _rejected_layouts(p).items():

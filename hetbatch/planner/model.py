@@ -25,7 +25,7 @@ import math
 from dataclasses import astuple, dataclass, fields
 
 from hetbatch.planner.catalog import Accelerator
-from hetbatch.planner.profile import ModelProfile
+from hetbatch.planner.profile import QUANTIZED, ModelProfile
 
 GIB = 2**30
 BLOCK_TOKENS = 16  # vLLM's KV block size; the average sequence wastes half a block
@@ -268,9 +268,10 @@ def step_work(
     layers = model.layers
     head = model.vocab * model.hidden
     linear = model.active_params - head * (1 if model.tie_embeddings else 2)
-    gemm_s = (2 * linear * tokens + 2 * head * out_tokens) / devices / (
-        compute_peak_tflops(acc, model.quantization) * 1e12
-    )
+    head_peak = acc.bf16_tflops * acc.peak_fraction if model.quantization in QUANTIZED else (
+        compute_peak_tflops(acc, model.quantization))  # the LM head stays 16-bit
+    gemm_s = (2 * linear * tokens / compute_peak_tflops(acc, model.quantization)
+              + 2 * head * out_tokens / head_peak) / devices / 1e12
     bandwidth = acc.memory_bw_gbps * 1e9 * acc.peak_fraction
     per_step = tokens / steps if steps else 0.0
     weights_s = steps * weight_bytes_touched(model, per_step) / devices / bandwidth

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,13 @@ WEIGHT_BYTES: dict[str, float] = {
     "fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 2 / 128,
 }
 QUANTIZATIONS: tuple[str, ...] = tuple(WEIGHT_BYTES)
+# Quantized checkpoints (FP8, INT8, AWQ/GPTQ) and vLLM's on-load FP8 keep the embedding table
+# and the LM head in 16 bits: they are read and stored as such.
+QUANTIZED: frozenset[str] = frozenset({"fp8", "int8", "int4"})
+# vLLM's kv_cache_dtype values and the bytes per element they store ("auto": the model's dtype).
+KV_CACHE_DTYPES: dict[str, int | None] = {
+    "auto": None, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bfloat16": 2, "float16": 2,
+}
 
 
 @dataclass(frozen=True)
@@ -51,9 +58,29 @@ class ModelProfile:
         return WEIGHT_BYTES[self.quantization]
 
     @property
+    def embedding_params(self) -> int:
+        """The embedding table and the LM head (one matrix when tied)."""
+        return self.vocab * self.hidden * (1 if self.tie_embeddings else 2)
+
+    @property
+    def embedding_bytes_per_param(self) -> float:
+        return 2.0 if self.quantization in QUANTIZED else self.weight_bytes_per_param
+
+    @property
     def weight_bytes(self) -> float:
-        """Bytes of all weights; norms and embeddings are counted at the same width (small)."""
-        return self.params * self.weight_bytes_per_param
+        """Bytes of all weights: embeddings and head as a quantized checkpoint stores them (16
+        bits), the rest (norms counted alike, small) in the weight format."""
+        body = (self.params - self.embedding_params) * self.weight_bytes_per_param
+        return body + self.embedding_params * self.embedding_bytes_per_param
+
+    def with_kv_cache_dtype(self, kv_cache_dtype: str) -> ModelProfile:
+        """The same model with its KV cache stored as vLLM's `kv_cache_dtype` asks."""
+        key = kv_cache_dtype.lower()
+        if key not in KV_CACHE_DTYPES:
+            raise UserError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; known: "
+                            f"{', '.join(KV_CACHE_DTYPES)}")
+        nbytes = KV_CACHE_DTYPES[key]
+        return self if nbytes is None else replace(self, kv_dtype_bytes=nbytes)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -209,13 +209,14 @@ def _search_layout(
     seqs_grid = (pool.req.max_num_seqs,) if pool.req.max_num_seqs else SEQS_GRID
     tokens_grid = ((pool.req.max_num_batched_tokens,) if pool.req.max_num_batched_tokens
                    else TOKENS_GRID)
-    for seqs in seqs_grid:
-        for tokens in tokens_grid:
-            for mem in MEMORY_GRID:
-                cfg = DeployConfig(tp, pp, ipn, instances, seqs, tokens, mem)
-                reason = problem or _evaluate(model, pool, workload, objective, cfg, feasible)
-                if reason:
-                    rejected.append(Rejected(cfg, reason))
+    for kv in pool.req.kv_cache_dtypes:
+        for seqs in seqs_grid:
+            for tokens in tokens_grid:
+                for mem in MEMORY_GRID:
+                    cfg = DeployConfig(tp, pp, ipn, instances, seqs, tokens, mem, kv)
+                    reason = problem or _evaluate(model, pool, workload, objective, cfg, feasible)
+                    if reason:
+                        rejected.append(Rejected(cfg, reason))
 
 
 def _evaluate(
@@ -225,7 +226,8 @@ def _evaluate(
     """Score one configuration into `feasible`, or return why it cannot run."""
     if cfg.max_num_batched_tokens < cfg.max_num_seqs:
         return "max_num_batched_tokens is below max_num_seqs (vLLM refuses it)"
-    d = pool.deployment(model, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    d = pool.deployment(model.with_kv_cache_dtype(cfg.kv_cache_dtype),
+                        cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
     fit = memory_fit(d, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                      cfg.gpu_memory_utilization)
     if fit.kv_tokens < 0:
@@ -259,9 +261,10 @@ def _score(objective: str, pool: _Pool, cfg: DeployConfig, per: Estimate) -> flo
 
 
 def _safety_key(cfg: DeployConfig) -> tuple[float, ...]:
-    """Among near-equal scores prefer less memory pressure, fewer sequences, smaller steps."""
-    return (cfg.gpu_memory_utilization, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-            cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    """Among near-equal scores prefer the model's own KV precision (lossless), then less memory
+    pressure, fewer sequences, smaller steps."""
+    return (cfg.kv_cache_dtype != "auto", cfg.gpu_memory_utilization, cfg.max_num_seqs,
+            cfg.max_num_batched_tokens, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
 
 
 def choose(feasible: Sequence[Candidate]) -> Candidate:
@@ -401,9 +404,7 @@ def _pool_plan(
     cfg = c.config
     instances = _instances_on(cfg, nodes)
     if instances != cfg.instances:
-        cfg = DeployConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
-                           cfg.instances_per_node, instances, cfg.max_num_seqs,
-                           cfg.max_num_batched_tokens, cfg.gpu_memory_utilization)
+        cfg = replace(cfg, instances=instances)
     price = r.pool.price
     devices = instances * cfg.devices_per_instance
     ratio = (workload.input_len_mean + workload.output_len_mean) / workload.output_len_mean
@@ -437,6 +438,8 @@ def engine_args(
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_model_len": max_model_len(model, workload),
     }
+    if cfg.kv_cache_dtype != "auto":
+        args["kv_cache_dtype"] = cfg.kv_cache_dtype
     if model.quantization == "fp8" and model.checkpoint_format != "fp8":
         args["quantization"] = "fp8"  # vLLM quantizes a 16-bit checkpoint to FP8 on load
     if not acc.bf16 and model.quantization in ("bf16", "fp32"):
@@ -458,7 +461,8 @@ def _notes(model: ModelProfile, workload: Workload, results: Sequence[_PoolResul
 
 def _cpu_note(model: ModelProfile, pool: _Pool, cfg: DeployConfig) -> str:
     """vLLM's CPU backend sizes its KV cache from an environment variable, not the fraction."""
-    d = pool.deployment(model, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    d = pool.deployment(model.with_kv_cache_dtype(cfg.kv_cache_dtype),
+                        cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
     fit = memory_fit(d, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                      cfg.gpu_memory_utilization)
     return (f"pool {pool.req.name!r} runs on CPU: set VLLM_CPU_KVCACHE_SPACE="

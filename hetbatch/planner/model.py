@@ -285,11 +285,20 @@ def step_work(
     comm_s, allreduces = 0.0, 0.0
     if tp > 1:
         ar_bytes = 2 * layers / pp * tokens * model.hidden * 2 * 2 * (tp - 1) / tp
-        comm_s = ar_bytes / (acc.interconnect_gbps * 1e9)
-        allreduces = steps * 2 * layers / pp
+        comm_s = ar_bytes / (acc.tp_link_gbps(tp) * 1e9)
+        allreduces = steps * 2 * layers / pp * allreduce_latency_units(acc, tp)
     if pp > 1:
         comm_s += (pp - 1) * tokens * model.hidden * 2 / (coef.internode_gbps * 1e9) / pp
     return TimeFeatures(compute_s, memory_s, comm_s, allreduces, float(steps), float(out_tokens))
+
+
+def allreduce_latency_units(acc: Accelerator, tp: int) -> float:
+    """Latency of one allreduce in units of a one-shot one: vLLM's custom allreduce reaches
+    every peer at once where all pairs are linked (or between two PCIe devices); beyond two
+    PCIe devices NCCL's ring takes tp - 1 hops each way, about half a one-shot each."""
+    if acc.one_shot_allreduce or tp <= 2:
+        return 1.0
+    return (tp - 1) / 2
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,9 @@ from hetbatch.planner.types import (
     Workload,
 )
 
-SEQS_GRID: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
+# Up to the batches vLLM runs in practice on large-memory parts (AMD publishes 3,200); vLLM
+# itself sets no upper limit, but the sampler's float32 logits grow with it (see the model).
+SEQS_GRID: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 TOKENS_GRID: tuple[int, ...] = (2048, 4096, 8192, 16384)
 MEMORY_GRID: tuple[float, ...] = (0.85, 0.90, 0.95)
 # Configurations within this share of the best score count as ties; the safest one wins.

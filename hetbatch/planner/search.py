@@ -19,6 +19,7 @@ from hetbatch.planner.model import (
     Deployment,
     default_coefficients,
     estimate_instance,
+    kv_capacity,
     memory_fit,
     steady_concurrency,
 )
@@ -239,16 +240,17 @@ def _evaluate(
             "per device"
         )
     need = max_model_len(model, workload)
-    if fit.kv_tokens < need:
-        return f"KV cache holds {fit.kv_tokens} tokens, fewer than max_model_len {need}"
-    batch = steady_concurrency(fit.kv_tokens, cfg.max_num_seqs, workload.input_len_mean,
-                               workload.output_len_mean)
+    full = kv_capacity(d, fit, need)
+    if full < need:
+        return f"KV cache holds {full} tokens, fewer than max_model_len {need}"
+    footprint = workload.input_len_mean + workload.output_len_mean / 2
+    batch = steady_concurrency(kv_capacity(d, fit, footprint), cfg.max_num_seqs,
+                               workload.input_len_mean, workload.output_len_mean)
     if batch < 1:
         return "KV cache cannot hold one average sequence"
     est = estimate_instance(d, batch, cfg.max_num_batched_tokens, workload.input_len_mean,
                             workload.output_len_mean)
-    per = Estimate(est.output_tokens_per_s, est.total_tokens_per_s, batch, fit.kv_tokens,
-                   est.bound)
+    per = Estimate(est.output_tokens_per_s, est.total_tokens_per_s, batch, full, est.bound)
     feasible.append(Candidate(cfg, per, _score(objective, pool, cfg, per)))
     return None
 
@@ -529,6 +531,7 @@ def _fits(model: ModelProfile, acc: Accelerator, devices: int, workload: Workloa
             continue
         d = Deployment.uncalibrated(model, acc, tp)
         fit = memory_fit(d, SEQS_GRID[0], TOKENS_GRID[0], MEMORY_GRID[-1])
-        if fit.kv_tokens >= max_model_len(model, workload):
+        need = max_model_len(model, workload)
+        if kv_capacity(d, fit, need) >= need:
             return True
     return False

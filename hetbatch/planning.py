@@ -106,8 +106,9 @@ def model_from_job(job: JobSpec) -> ModelProfile:
 
 
 def pools_from_job(job: JobSpec) -> list[PoolRequest]:
-    """Pool requests; pinned TP, instances per node, max_num_seqs, max_num_batched_tokens and
-    kv_cache_dtype (in the model's or the pool's engine_args) restrict the search."""
+    """Pool requests; pinned TP, instances per node, max_num_seqs, max_num_batched_tokens,
+    gpu_memory_utilization and kv_cache_dtype (in the model's or the pool's engine_args)
+    restrict the search."""
     out = []
     for p in job.cluster.pools:
         args = {**job.model.engine_args, **p.engine_args}
@@ -118,6 +119,7 @@ def pools_from_job(job: JobSpec) -> list[PoolRequest]:
             max_num_seqs=_int_or_none(args.get("max_num_seqs")),
             max_num_batched_tokens=_int_or_none(args.get("max_num_batched_tokens")),
             kv_cache_dtypes=kv_cache_dtypes(args.get("kv_cache_dtype")),
+            gpu_memory_utilization=_float_or_none(args.get("gpu_memory_utilization")),
         ))
     return out
 
@@ -129,6 +131,10 @@ def kv_cache_dtypes(value: Any) -> tuple[str, ...]:
         return ("auto",)
     key = str(value).lower()
     return ("auto", "fp8") if key == "any" else (key,)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -187,11 +187,12 @@ def kv_capacity(d: Deployment, fit: MemoryFit, context: float | None) -> int:
 
 
 def activation_bytes(d: Deployment, max_num_seqs: int, max_tokens: int) -> float:
-    """Peak activations of a step of max_tokens tokens (hidden buffers and the MLP intermediate)
-    plus float32 logits and their sampling copies for max_num_seqs sequences."""
+    """Peak activations: a forward of max_tokens tokens (hidden buffers and the MLP
+    intermediate), or the sampler's float32 logits and probabilities for max_num_seqs
+    sequences, whichever is larger; the sampler runs after the forward has freed its buffers."""
     per_token = 8 * d.model.hidden + 4 * d.model.intermediate / d.tp
-    logits = 3 * 4 * max_num_seqs * d.model.vocab
-    return max_tokens * per_token + logits
+    logits = 2 * 4 * max_num_seqs * d.model.vocab
+    return max(max_tokens * per_token, logits)
 
 
 def memory_fit(

@@ -212,10 +212,12 @@ def _search_layout(
     seqs_grid = (pool.req.max_num_seqs,) if pool.req.max_num_seqs else SEQS_GRID
     tokens_grid = ((pool.req.max_num_batched_tokens,) if pool.req.max_num_batched_tokens
                    else TOKENS_GRID)
+    mem_grid = ((pool.req.gpu_memory_utilization,) if pool.req.gpu_memory_utilization
+                else MEMORY_GRID)
     for kv in pool.req.kv_cache_dtypes:
         for seqs in seqs_grid:
             for tokens in tokens_grid:
-                for mem in MEMORY_GRID:
+                for mem in mem_grid:
                     cfg = DeployConfig(tp, pp, ipn, instances, seqs, tokens, mem, kv)
                     reason = problem or _evaluate(model, pool, workload, objective, cfg, feasible)
                     if reason:

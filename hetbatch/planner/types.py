@@ -23,7 +23,7 @@ class PoolRequest:
     """One homogeneous part of the cluster: `nodes` machines with `devices_per_node` cards each.
 
     Pinned values (tensor_parallel_size, instances_per_node, max_num_seqs,
-    max_num_batched_tokens) restrict the search to them.
+    max_num_batched_tokens, gpu_memory_utilization) restrict the search to them.
     """
 
     name: str
@@ -35,6 +35,7 @@ class PoolRequest:
     instances_per_node: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float | None = None
     # KV cache formats to try: ("auto",) keeps the model's dtype; ("auto", "fp8") searches both.
     kv_cache_dtypes: tuple[str, ...] = ("auto",)
 
@@ -51,6 +52,9 @@ class PoolRequest:
             raise UserError(f"pool {self.name!r}: tensor_parallel_size must be >= 1")
         if self.instances_per_node is not None and self.instances_per_node < 1:
             raise UserError(f"pool {self.name!r}: instances_per_node must be >= 1")
+        mem = self.gpu_memory_utilization
+        if mem is not None and not 0 < mem <= 1:
+            raise UserError(f"pool {self.name!r}: gpu_memory_utilization must be in (0, 1]")
         for key in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:

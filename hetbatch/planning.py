@@ -258,8 +258,8 @@ def _token_text(value: Any) -> str:
 
 # -- the job's makespan: the plan run through the simulator ------------------------------------
 
-SIM_ROWS_MAX = 200_000  # rows simulated; beyond them the job runs at its steady rate
-FORECAST_DRAWS = 5
+SIM_ROWS_MAX = 50_000  # rows simulated; beyond them the job runs at its steady rate
+FORECAST_DRAWS = 3
 Z95 = 1.6449
 
 

@@ -22,7 +22,7 @@ that choice is made the time is linear in the coefficients, which is what lets
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 
 from hetbatch.planner.catalog import Accelerator
 from hetbatch.planner.profile import QUANTIZED, ModelProfile
@@ -130,11 +130,16 @@ class TimeFeatures:
     steps: float
     tokens: float
 
+    def values(self) -> tuple[float, ...]:
+        """The fields in order (dataclasses.astuple deep-copies, which the search cannot afford)."""
+        return (self.compute_s, self.memory_s, self.comm_s, self.allreduces, self.steps,
+                self.tokens)
+
     def time(self, coef: Coefficients) -> float:
-        return sum(f * c for f, c in zip(astuple(self), coef.vector(), strict=True))
+        return sum(f * c for f, c in zip(self.values(), coef.vector(), strict=True))
 
     def bound(self, coef: Coefficients) -> str:
-        parts = [f * c for f, c in zip(astuple(self), coef.vector(), strict=True)]
+        parts = [f * c for f, c in zip(self.values(), coef.vector(), strict=True)]
         named = {
             "compute": parts[0], "memory": parts[1], "communication": parts[2] + parts[3],
             "overhead": parts[4] + parts[5],

@@ -1,15 +1,20 @@
 """Time planning a 10-pool heterogeneous cluster (8 devices per node each); target < 1 s.
 
+Also times the job's makespan forecast (the plan run through the simulator), which `hetbatch
+plan` adds when the row count is known; it has no target beyond "a few seconds".
+
 Run: .venv/bin/python bench/plan_speed.py [--model NAME] [--repeat N]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 from hetbatch.planner import PoolRequest, Workload, load_model_profile, plan_cluster
+from hetbatch.planning import JobPlanInputs, forecast_makespan
 
 TYPES = ("H200", "H100 SXM", "H100 PCIe", "A100 80GB", "A100 40GB", "L40S", "L4", "A10G",
          "MI300X", "Gaudi 2")
@@ -45,6 +50,16 @@ def main() -> None:
     worst = max(max(v) for v in times.values())
     verdict = "ok" if worst < TARGET_S else "SLOW"
     print(f"worst {worst * 1000:.1f} ms vs target {TARGET_S * 1000:.0f} ms: {verdict}")
+    for rows in (10_000, workload.rows):
+        job = dataclasses.replace(workload, rows=rows)
+        inputs = JobPlanInputs(model, pools, job)
+        plan = plan_cluster(model, pools, job, top_k=0)
+        span = forecast_makespan(inputs, plan)
+        assert span is not None
+        print(f"makespan of {rows:,} rows on {sum(p.instances for p in plan.pools)} instances: "
+              f"{span.makespan_s:,.0f} s ({span.low_s:,.0f}-{span.high_s:,.0f}), steady "
+              f"{span.steady_s:,.0f} s; simulated {span.simulated_rows:,} rows x {span.draws} "
+              f"draws in {span.compute_s:.2f} s")
 
 
 if __name__ == "__main__":

@@ -10,19 +10,33 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import open_dataset, read_rows
 from hetbatch.planner.calibration import Calibration
-from hetbatch.planner.catalog import Catalog, with_overrides
+from hetbatch.planner.catalog import DEFAULT_CATALOG, Catalog, with_overrides
+from hetbatch.planner.model import (
+    Deployment,
+    default_coefficients,
+    drain_step_s,
+    prompt_token_cost,
+)
 from hetbatch.planner.profile import ModelProfile, load_model_profile
 from hetbatch.planner.search import plan_cluster
 from hetbatch.planner.types import ClusterPlan, PoolRequest, Workload
 from hetbatch.prompts import RowError, row_prompt
+from hetbatch.scheduler.core import SchedulerConfig
+from hetbatch.scheduler.policies import make_scheduler
+from hetbatch.sim.simulation import SimConfig, SimInstance, simulate
+from hetbatch.sim.workload import LengthDist, RowWork
 from hetbatch.spec import JobSpec, template_fields
 
 SAMPLE_CHUNKS = 4
@@ -42,6 +56,7 @@ class JobPlanInputs:
     deadline_s: float | None = None
     catalog: Catalog | None = None
     calibration: Calibration | None = None
+    input_sample: tuple[int, ...] = ()  # prompt lengths measured on the input, if any
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -73,8 +88,12 @@ def job_plan_inputs(
     """Model, pools and workload of a job file."""
     model = model_from_job(job)
     catalog = with_overrides(job.accelerators) if job.accelerators else None
-    return JobPlanInputs(model, pools_from_job(job), workload_from_job(job, sample_rows),
-                         catalog=catalog, calibration=calibration)
+    lengths, rows = sampled_prompt_lengths(job, sample_rows)
+    max_tokens = int(job.sampling.get("max_tokens") or 16)
+    workload = Workload.from_samples(lengths, float(max_tokens), rows=rows,
+                                     output_len_max=max_tokens)
+    return JobPlanInputs(model, pools_from_job(job), workload, catalog=catalog,
+                         calibration=calibration, input_sample=tuple(lengths))
 
 
 def model_from_job(job: JobSpec) -> ModelProfile:
@@ -87,8 +106,9 @@ def model_from_job(job: JobSpec) -> ModelProfile:
 
 
 def pools_from_job(job: JobSpec) -> list[PoolRequest]:
-    """Pool requests; pinned TP, instances per node, max_num_seqs and max_num_batched_tokens
-    (in the model's or the pool's engine_args) restrict the search."""
+    """Pool requests; pinned TP, instances per node, max_num_seqs, max_num_batched_tokens,
+    gpu_memory_utilization and kv_cache_dtype (in the model's or the pool's engine_args)
+    restrict the search."""
     out = []
     for p in job.cluster.pools:
         args = {**job.model.engine_args, **p.engine_args}
@@ -98,8 +118,23 @@ def pools_from_job(job: JobSpec) -> list[PoolRequest]:
             instances_per_node=p.instances_per_node,
             max_num_seqs=_int_or_none(args.get("max_num_seqs")),
             max_num_batched_tokens=_int_or_none(args.get("max_num_batched_tokens")),
+            kv_cache_dtypes=kv_cache_dtypes(args.get("kv_cache_dtype")),
+            gpu_memory_utilization=_float_or_none(args.get("gpu_memory_utilization")),
         ))
     return out
+
+
+def kv_cache_dtypes(value: Any) -> tuple[str, ...]:
+    """The KV formats to search for an engine_args or CLI value: unset keeps the model's dtype,
+    "any" tries it and FP8, anything else is pinned."""
+    if value is None:
+        return ("auto",)
+    key = str(value).lower()
+    return ("auto", "fp8") if key == "any" else (key,)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -108,6 +143,14 @@ def _int_or_none(value: Any) -> int | None:
 
 def workload_from_job(job: JobSpec, sample_rows: int = 2000) -> Workload:
     """Prompt lengths from a sample of the input; output length from sampling.max_tokens."""
+    lengths, rows = sampled_prompt_lengths(job, sample_rows)
+    max_tokens = int(job.sampling.get("max_tokens") or 16)
+    return Workload.from_samples(lengths, float(max_tokens), rows=rows,
+                                 output_len_max=max_tokens)
+
+
+def sampled_prompt_lengths(job: JobSpec, sample_rows: int = 2000) -> tuple[list[int], int]:
+    """Token lengths of a sample of the input's prompts, and the input's row count."""
     columns = _prompt_columns(job)
     dataset = open_dataset(job.input.path, columns, job.input.storage_options)
     fields = template_fields(job.prompt_template or "")
@@ -116,9 +159,7 @@ def workload_from_job(job: JobSpec, sample_rows: int = 2000) -> Workload:
     if not prompts:
         raise UserError(f"{job.input.path}: the sampled rows hold no usable prompt")
     counter = token_counter(job.model.path)
-    max_tokens = int(job.sampling.get("max_tokens") or 16)
-    return Workload.from_samples([max(1, counter(p)) for p in prompts], float(max_tokens),
-                                 rows=dataset.num_rows, output_len_max=max_tokens)
+    return [max(1, counter(p)) for p in prompts], dataset.num_rows
 
 
 def _prompt_columns(job: JobSpec) -> list[str]:
@@ -213,3 +254,140 @@ def _token_text(value: Any) -> str:
         return str(value.get("content", ""))
     return "" if value is None else str(value)
 
+
+
+# -- the job's makespan: the plan run through the simulator ------------------------------------
+
+SIM_ROWS_MAX = 50_000  # rows simulated; beyond them the job runs at its steady rate
+FORECAST_DRAWS = 3
+Z95 = 1.6449
+
+
+@dataclass(frozen=True)
+class Makespan:
+    """How long the job takes: the steady-state figure and the simulated one with its band.
+
+    `low_s`/`high_s` are the extremes over `draws` simulations with lengths drawn afresh; the
+    simulation adds what a steady rate leaves out: the ramp, the drain of the last requests at
+    one token a step, and the imbalance of the last units between instances.
+    """
+
+    rows: int
+    steady_s: float
+    makespan_s: float
+    low_s: float
+    high_s: float
+    draws: int
+    simulated_rows: int
+    compute_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+def lognormal_sigma(mean: float, p95: float) -> float:
+    """Spread of a lognormal with this mean and 95th percentile (0 when they are equal)."""
+    ratio = math.log(max(p95, mean) / mean)
+    disc = Z95 * Z95 - 2 * ratio
+    return Z95 - math.sqrt(disc) if disc > 0 else Z95
+
+
+def capped_lognormal(mean: float, sigma: float, cap: float | None) -> LengthDist:
+    """A lognormal of spread `sigma` capped at `cap` whose capped mean is `mean`: the median is
+    found by bisection on the closed-form mean of min(X, cap)."""
+    if sigma <= 0 or cap is None or mean >= cap:
+        return LengthDist(min(mean, cap or mean), sigma=0.0, maximum=None if cap is None
+                          else int(cap))
+
+    def capped_mean(mu: float) -> float:
+        z = (math.log(cap) - mu) / sigma
+        below = math.exp(mu + sigma * sigma / 2) * _phi(z - sigma)
+        return below + cap * (1 - _phi(z))
+
+    lo, hi = math.log(mean) - 4 * sigma, math.log(cap) + 4 * sigma
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if capped_mean(mid) < mean else (lo, mid)
+    return LengthDist(math.exp((lo + hi) / 2), sigma=sigma, maximum=int(cap))
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def forecast_makespan(
+    inputs: JobPlanInputs,
+    plan: ClusterPlan,
+    *,
+    output_sigma: float = 0.5,
+    scheduler: SchedulerConfig | None = None,
+    heartbeat_s: float = 1.0,
+    draws: int = FORECAST_DRAWS,
+    seed: int = 0,
+) -> Makespan | None:
+    """Simulate the job on the plan's instances (the simulator `hetbatch simulate` runs, with
+    the real scheduler); None when the row count is unknown."""
+    started = time.perf_counter()
+    w = inputs.workload
+    if not w.rows:
+        return None
+    insts, prompt_cost = _plan_instances(inputs, plan)
+    per_row = w.output_len_mean + prompt_cost * w.input_len_mean
+    cluster_speed = sum(i.speed for i in insts)
+    sim_rows = min(w.rows, SIM_ROWS_MAX)
+    poll = min(max(min(i.max_num_seqs / i.speed for i in insts), 0.005), 0.1)
+    cfg = SimConfig(heartbeat_s=heartbeat_s, poll_s=poll, record=False)
+    rng = np.random.default_rng(seed)
+    spans = []
+    for _ in range(max(1, draws)):
+        work = _draw_work(w, sim_rows, rng, inputs.input_sample, output_sigma, prompt_cost)
+        sched = make_scheduler("hetbatch", sim_rows, scheduler or SchedulerConfig())
+        result = simulate(sched, insts, work, cfg)
+        rest = (w.rows - sim_rows) * work.total / sim_rows / cluster_speed
+        spans.append(result.makespan + rest)
+    spans.sort()
+    return Makespan(
+        rows=w.rows, steady_s=w.rows * per_row / cluster_speed,
+        makespan_s=spans[len(spans) // 2], low_s=spans[0], high_s=spans[-1], draws=len(spans),
+        simulated_rows=sim_rows, compute_s=time.perf_counter() - started,
+    )
+
+
+def _plan_instances(inputs: JobPlanInputs, plan: ClusterPlan) -> tuple[list[SimInstance], float]:
+    """One simulated instance per planned one, at the plan's rate in work units/s (output
+    tokens plus prompt tokens at their planned cost), and that cost (capacity-weighted)."""
+    w = inputs.workload
+    catalog = inputs.catalog or DEFAULT_CATALOG
+    costs, weights, steps = [], [], {}
+    for p in plan.pools:
+        acc = catalog.get(p.accelerator)
+        coef = inputs.calibration.coefficients_for(acc.name) if inputs.calibration else None
+        d = Deployment(inputs.model.with_kv_cache_dtype(p.config.kv_cache_dtype), acc,
+                       coef or default_coefficients(acc), p.config.tensor_parallel_size,
+                       p.config.pipeline_parallel_size)
+        costs.append(prompt_token_cost(d, max(p.concurrency, 1), p.config.max_num_batched_tokens,
+                                       w.input_len_mean, w.output_len_mean))
+        weights.append(p.output_tokens_per_s)
+        steps[p.pool] = drain_step_s(d, p.concurrency, w.input_len_mean + w.output_len_mean / 2)
+    cost = sum(c * wt for c, wt in zip(costs, weights, strict=True)) / max(sum(weights), 1e-9)
+    scale = 1 + cost * w.input_len_mean / w.output_len_mean
+    insts = [
+        SimInstance(f"{p.pool}/{k}", p.capacity_weight, p.capacity_weight * scale,
+                    max(p.concurrency, 1), pool=p.pool, step_s=steps[p.pool])
+        for p in plan.pools for k in range(p.config.instances)
+    ]
+    return insts, cost
+
+
+def _draw_work(
+    w: Workload, rows: int, rng: np.random.Generator, input_sample: Sequence[int] | None,
+    output_sigma: float, prompt_cost: float,
+) -> RowWork:
+    """Row lengths drawn from the input sample (else a lognormal of the workload's mean and
+    p95) and a lognormal of outputs with the workload's mean, capped at max_tokens."""
+    outputs = capped_lognormal(w.output_len_mean, output_sigma, w.output_max)
+    if input_sample:
+        return RowWork.resample(rows, rng, np.asarray(input_sample), outputs, prompt_cost)
+    in_sigma = lognormal_sigma(w.input_len_mean, w.input_len_p95)
+    inputs = capped_lognormal(w.input_len_mean, in_sigma, w.input_max)
+    return RowWork.sample(rows, rng, inputs, outputs, prompt_cost)

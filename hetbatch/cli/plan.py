@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import click
 
@@ -11,8 +12,16 @@ from hetbatch.errors import UserError
 from hetbatch.planner.profile import load_model_profile
 from hetbatch.planner.search import plan_cluster
 from hetbatch.planner.types import OBJECTIVES, ClusterPlan, PoolPlan, PoolRequest, Workload
-from hetbatch.planning import JobPlanInputs, job_plan_inputs, load_calibration
-from hetbatch.spec import load_job
+from hetbatch.planning import (
+    JobPlanInputs,
+    Makespan,
+    forecast_makespan,
+    job_plan_inputs,
+    kv_cache_dtypes,
+    load_calibration,
+)
+from hetbatch.scheduler.core import SchedulerConfig
+from hetbatch.spec import JobSpec, load_job
 
 
 @options.command("plan")
@@ -25,12 +34,19 @@ from hetbatch.spec import load_job
 @click.option("--nodes", type=int, default=1, show_default=True, help="Nodes in the pool.")
 @click.option("--price", type=float, help="Price per device-hour.")
 @click.option("--tp", type=int, help="Pin the tensor-parallel size.")
+@click.option("--max-num-seqs", type=int, help="Pin max_num_seqs (default: searched).")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "any"]),
+              help="KV cache format; 'any' searches the model's dtype and fp8 "
+                   "(default: the job's engine_args, else auto).")
 @click.option("--pool", "extra_pools", multiple=True, metavar="ACC:DEVICES[:NODES[:PRICE]]",
               help="Another pool (repeatable), for a heterogeneous what-if.")
 @click.option("--input-len", type=float, help="Mean prompt length in tokens.")
 @click.option("--input-len-p95", type=float, help="95th percentile prompt length.")
 @click.option("--input-len-max", type=int, help="Longest prompt to reserve context for.")
-@click.option("--output-len", type=float, help="Mean output length in tokens.")
+@click.option("--output-len", type=float,
+              help="Mean output length in tokens (with a job file: instead of max_tokens).")
+@click.option("--output-sigma", type=float, default=0.5, show_default=True,
+              help="Lognormal spread of output lengths for the makespan (0: all alike).")
 @click.option("--output-len-max", type=int, help="Sampling max_tokens.")
 @click.option("--rows", type=int, help="Rows in the dataset (for time and cost estimates).")
 @click.option("--objective", type=click.Choice(list(OBJECTIVES)), help="What to optimise.")
@@ -48,19 +64,45 @@ def plan_command(job_file: str | None, **opts: object) -> None:
     `hetbatch plan --model meta-llama/Llama-3.1-8B-Instruct --accelerator H100 --devices 8
     --input-len 512 --output-len 256`.
     """
-    plan = _plan(job_file, opts)
+    job = load_job(job_file) if job_file else None
+    inputs = _inputs(job, opts)
+    plan = _plan(inputs, opts)
+    makespan = _makespan(job, inputs, plan, opts)
     if opts["as_json"]:
-        click.echo(json.dumps(plan.to_dict(), indent=2))
+        data = plan.to_dict()
+        data["makespan"] = None if makespan is None else makespan.to_dict()
+        click.echo(json.dumps(data, indent=2))
     else:
-        click.echo(render(plan))
+        click.echo(render(plan, makespan))
 
 
-def _plan(job_file: str | None, opts: dict[str, object]) -> ClusterPlan:
-    if job_file:
-        sample_rows = int(opts.get("sample_rows") or 2000)  # type: ignore[call-overload]
-        inputs = job_plan_inputs(load_job(job_file), sample_rows=sample_rows)
-    else:
-        inputs = _inputs_from_flags(opts)
+def _inputs(job: JobSpec | None, opts: dict[str, object]) -> JobPlanInputs:
+    if job is None:
+        return _inputs_from_flags(opts)
+    sample_rows = int(opts.get("sample_rows") or 2000)  # type: ignore[call-overload]
+    inputs = job_plan_inputs(job, sample_rows=sample_rows)
+    pins = _pins(opts)
+    if pins:
+        inputs = replace(inputs, pools=[replace(p, **pins) for p in inputs.pools])
+    if opts.get("output_len") is not None:
+        out = float(opts["output_len"])  # type: ignore[arg-type]
+        inputs = replace(inputs, workload=replace(inputs.workload, output_len_mean=out))
+    return inputs
+
+
+def _pins(opts: dict[str, object]) -> dict[str, object]:
+    """Search restrictions the flags ask for, as PoolRequest fields."""
+    pins: dict[str, object] = {}
+    if opts.get("tp") is not None:
+        pins["tensor_parallel_size"] = opts["tp"]
+    if opts.get("max_num_seqs") is not None:
+        pins["max_num_seqs"] = opts["max_num_seqs"]
+    if opts.get("kv_cache_dtype"):
+        pins["kv_cache_dtypes"] = kv_cache_dtypes(opts["kv_cache_dtype"])
+    return pins
+
+
+def _plan(inputs: JobPlanInputs, opts: dict[str, object]) -> ClusterPlan:
     calibration = inputs.calibration
     if opts.get("calibration"):
         calibration = load_calibration(str(opts["calibration"]))
@@ -73,6 +115,22 @@ def _plan(job_file: str | None, opts: dict[str, object]) -> ClusterPlan:
         deadline_s=_float(opts.get("deadline")) or inputs.deadline_s,
         catalog=inputs.catalog, calibration=calibration, top_k=top_k,
     )
+
+
+def _makespan(
+    job: JobSpec | None, inputs: JobPlanInputs, plan: ClusterPlan, opts: dict[str, object]
+) -> Makespan | None:
+    """The job's plan run through the simulator (rows known only)."""
+    sigma = float(opts.get("output_sigma") or 0.0)  # type: ignore[arg-type]
+    if sigma < 0:
+        raise UserError("--output-sigma must be >= 0")
+    if opts.get("calibration"):
+        inputs = replace(inputs, calibration=load_calibration(str(opts["calibration"])))
+    if job is None:
+        return forecast_makespan(inputs, plan, output_sigma=sigma)
+    return forecast_makespan(inputs, plan, output_sigma=sigma,
+                             scheduler=SchedulerConfig.from_spec(job.scheduler),
+                             heartbeat_s=job.scheduler.heartbeat_s)
 
 
 def _float(value: object) -> float | None:
@@ -96,10 +154,11 @@ def _inputs_from_flags(o: dict[str, object]) -> JobPlanInputs:
             name=str(o["accelerator"]), accelerator=str(o["accelerator"]),
             devices_per_node=int(o["devices"]), nodes=int(o["nodes"]),  # type: ignore[call-overload]
             price_per_device_hour=_float(o.get("price")),
-            tensor_parallel_size=o.get("tp"),  # type: ignore[arg-type]
         ))
     for spec in o.get("extra_pools") or ():  # type: ignore[attr-defined]
         pools.append(_parse_pool(spec, {p.name for p in pools}))
+    pins = _pins(o)
+    pools = [replace(p, **pins) for p in pools]
     mean = float(o["input_len"])  # type: ignore[arg-type]
     workload = Workload(
         input_len_mean=mean,
@@ -130,9 +189,12 @@ def _parse_pool(spec: str, taken: set[str]) -> PoolRequest:
         raise UserError(f"--pool {spec!r}: expected ACC:DEVICES[:NODES[:PRICE]]") from None
 
 
-def render(plan: ClusterPlan) -> str:
+def render(plan: ClusterPlan, makespan: Makespan | None = None) -> str:
     """The plan as a readable table with runners-up and rejected layouts."""
-    lines = [_headline(plan), ""]
+    lines = [_headline(plan)]
+    if makespan is not None:
+        lines.append(_makespan_line(makespan))
+    lines.append("")
     header = ("pool", "accelerator", "nodes", "TP", "PP", "inst", "seqs", "batched", "mem",
               "conc", "out tok/s", "share", "est. time")
     rows = [header, *(_row(p) for p in plan.pools)]
@@ -160,6 +222,13 @@ def _headline(plan: ClusterPlan) -> str:
     return head
 
 
+def _makespan_line(m: Makespan) -> str:
+    """The simulated makespan beside the steady-state one."""
+    return (f"Makespan of {m.rows:,} rows (simulated): ~{_duration(m.makespan_s)}, "
+            f"{_duration(m.low_s)} to {_duration(m.high_s)} over {m.draws} length draws; "
+            f"steady-state rate alone: {_duration(m.steady_s)}")
+
+
 def _row(p: PoolPlan) -> tuple[str, ...]:
     c = p.config
     nodes = f"{p.nodes_used}/{p.nodes}" if p.nodes_used != p.nodes else str(p.nodes)
@@ -171,7 +240,9 @@ def _row(p: PoolPlan) -> tuple[str, ...]:
 
 
 def _details(p: PoolPlan) -> list[str]:
-    out = ["", f"{p.pool}: {p.bound}-bound, {p.capacity_weight:,.0f} output tok/s per instance"]
+    kv = f", KV cache {p.config.kv_cache_dtype}" if p.config.kv_cache_dtype != "auto" else ""
+    out = ["", f"{p.pool}: {p.bound}-bound, {p.capacity_weight:,.0f} output tok/s per instance"
+               f"{kv}"]
     for r in p.runners_up:
         out.append(f"  runner-up {r.config.label()}: {r.why}")
     for layout, (reason, count) in _rejected_layouts(p).items():

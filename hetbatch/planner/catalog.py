@@ -36,11 +36,35 @@ class Accelerator:
     # (1.0). It scales compute and bandwidth alike before the model's efficiency coefficients.
     peak_fraction: float = 1.0
     source: str = ""
+    # How the devices of a node talk: "nvlink" (all-to-all through NVSwitch, or any fabric that
+    # connects every pair: Infinity Fabric, HCCS, RoCE) or "pcie". On PCIe, `link_group` devices
+    # share a switch at `interconnect_gbps`; TP beyond a group crosses the CPUs' socket link at
+    # `cross_group_gbps`, and vLLM's one-shot custom allreduce is off beyond two devices, so
+    # NCCL's ring pays a latency per hop.
+    link: str = "nvlink"
+    link_group: int = 0  # 0: every device of the node at interconnect_gbps
+    cross_group_gbps: float = 0.0
+
+    @property
+    def one_shot_allreduce(self) -> bool:
+        return self.link != "pcie"
+
+    def tp_link_gbps(self, tp: int) -> float:
+        """Bandwidth a TP group of `tp` devices runs its allreduces at."""
+        if self.link_group and tp > self.link_group and self.cross_group_gbps:
+            return self.cross_group_gbps
+        return self.interconnect_gbps
 
     @property
     def fp8(self) -> bool:
         return self.fp8_tflops is not None
 
+
+# PCIe cards in the usual 8-GPU dual-socket server: four per PCIe switch, and peer-to-peer
+# traffic between the two sockets' halves at about 20 GB/s (our estimate from the 10-25 GB/s
+# such servers measure), far below the switch's link. NVLink bridges (pairs of H100/A100 PCIe)
+# are optional hardware and not assumed.
+_PCIE: dict[str, Any] = {"link": "pcie", "link_group": 4, "cross_group_gbps": 20.0}
 
 _BUILTIN: tuple[Accelerator, ...] = (
     # NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e, 4.8 TB/s, BF16 1,979 TFLOPS and
@@ -53,7 +77,7 @@ _BUILTIN: tuple[Accelerator, ...] = (
                 source="NVIDIA H100 Tensor Core GPU datasheet (SXM)"),
     # NVIDIA H100 Tensor Core GPU datasheet (PCIe): 80 GB HBM2e, 2 TB/s, BF16 1,513 / FP8 3,026
     # TFLOPS with sparsity, PCIe Gen5 128 GB/s (NVLink bridge pairs only).
-    Accelerator("H100 PCIe", 80, 2000, 756, 128, fp8_tflops=1513, int8_tops=1513,
+    Accelerator("H100 PCIe", 80, 2000, 756, 128, fp8_tflops=1513, int8_tops=1513, **_PCIE,
                 source="NVIDIA H100 Tensor Core GPU datasheet (PCIe)"),
     # NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): HBM2e 2,039 GB/s, BF16 312 TFLOPS,
     # INT8 624 TOPS, NVLink 600 GB/s.
@@ -63,17 +87,21 @@ _BUILTIN: tuple[Accelerator, ...] = (
     # 600 GB/s.
     Accelerator("A100 40GB", 40, 1555, 312, 600, int8_tops=624,
                 source="NVIDIA A100 Tensor Core GPU datasheet (40GB SXM)"),
+    # NVIDIA A100 Tensor Core GPU datasheet (80GB PCIe): HBM2e 1,935 GB/s, BF16 312 TFLOPS, INT8
+    # 624 TOPS, PCIe Gen4 64 GB/s (NVLink bridge for two GPUs only).
+    Accelerator("A100 PCIe", 80, 1935, 312, 64, int8_tops=624, **_PCIE,
+                source="NVIDIA A100 Tensor Core GPU datasheet (80GB PCIe)"),
     # NVIDIA L40S GPU datasheet: 48 GB GDDR6, 864 GB/s, BF16 362 TFLOPS dense (733 sparse), FP8
     # 733 dense (1,466 sparse), PCIe Gen4 x16 64 GB/s.
-    Accelerator("L40S", 45.0, 864, 362, 64, fp8_tflops=733, int8_tops=733,
+    Accelerator("L40S", 45.0, 864, 362, 64, fp8_tflops=733, int8_tops=733, **_PCIE,
                 source="NVIDIA L40S GPU datasheet"),
     # NVIDIA L4 Tensor Core GPU datasheet: 24 GB GDDR6, 300 GB/s, BF16 242 / FP8 485 TFLOPS with
     # sparsity, PCIe Gen4 x16 64 GB/s.
-    Accelerator("L4", 22.5, 300, 121, 64, fp8_tflops=242, int8_tops=242,
+    Accelerator("L4", 22.5, 300, 121, 64, fp8_tflops=242, int8_tops=242, **_PCIE,
                 source="NVIDIA L4 Tensor Core GPU datasheet"),
     # NVIDIA A10 Tensor Core GPU datasheet (A10G is AWS's variant; NVIDIA publishes no separate
     # sheet): 24 GB GDDR6, 600 GB/s, BF16 125 TFLOPS dense (250 sparse), PCIe Gen4 64 GB/s.
-    Accelerator("A10G", 22.5, 600, 125, 64, int8_tops=250,
+    Accelerator("A10G", 22.5, 600, 125, 64, int8_tops=250, **_PCIE,
                 source="NVIDIA A10 Tensor Core GPU datasheet"),
     # NVIDIA V100 Tensor Core GPU datasheet (SXM2 32GB): HBM2 900 GB/s, FP16 tensor 125 TFLOPS,
     # no BF16, NVLink 300 GB/s.
@@ -81,7 +109,7 @@ _BUILTIN: tuple[Accelerator, ...] = (
                 source="NVIDIA V100 Tensor Core GPU datasheet (SXM2)"),
     # NVIDIA T4 Tensor Core GPU datasheet: 16 GB GDDR6, 320 GB/s, FP16 65 TFLOPS, INT8 130 TOPS,
     # no BF16, PCIe Gen3 x16 32 GB/s.
-    Accelerator("T4", 15.0, 320, 65, 32, int8_tops=130, bf16=False,
+    Accelerator("T4", 15.0, 320, 65, 32, int8_tops=130, bf16=False, **_PCIE,
                 source="NVIDIA T4 Tensor Core GPU datasheet"),
     # AMD Instinct MI300X accelerator datasheet: 192 GB HBM3, 5.3 TB/s, BF16 1,307.4 TFLOPS and
     # FP8 2,614.9 TFLOPS dense, Infinity Fabric peak aggregate 896 GB/s. peak_fraction: ROCm
@@ -116,6 +144,7 @@ _ALIASES: dict[str, str] = {
     "h100 pcie": "H100 PCIe", "h100pcie": "H100 PCIe",
     "a100": "A100 80GB", "a100 80gb": "A100 80GB", "a100 80g": "A100 80GB", "a100 sxm": "A100 80GB",
     "a100 40gb": "A100 40GB", "a100 40g": "A100 40GB",
+    "a100 pcie": "A100 PCIe", "a100pcie": "A100 PCIe", "a100 80gb pcie": "A100 PCIe",
     "l40s": "L40S", "l4": "L4",
     "a10g": "A10G", "a10": "A10G",
     "v100": "V100 32GB", "v100 32gb": "V100 32GB",

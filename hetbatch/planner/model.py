@@ -22,10 +22,10 @@ that choice is made the time is linear in the coefficients, which is what lets
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 
 from hetbatch.planner.catalog import Accelerator
-from hetbatch.planner.profile import ModelProfile
+from hetbatch.planner.profile import QUANTIZED, ModelProfile
 
 GIB = 2**30
 BLOCK_TOKENS = 16  # vLLM's KV block size; the average sequence wastes half a block
@@ -130,11 +130,16 @@ class TimeFeatures:
     steps: float
     tokens: float
 
+    def values(self) -> tuple[float, ...]:
+        """The fields in order (dataclasses.astuple deep-copies, which the search cannot afford)."""
+        return (self.compute_s, self.memory_s, self.comm_s, self.allreduces, self.steps,
+                self.tokens)
+
     def time(self, coef: Coefficients) -> float:
-        return sum(f * c for f, c in zip(astuple(self), coef.vector(), strict=True))
+        return sum(f * c for f, c in zip(self.values(), coef.vector(), strict=True))
 
     def bound(self, coef: Coefficients) -> str:
-        parts = [f * c for f, c in zip(astuple(self), coef.vector(), strict=True)]
+        parts = [f * c for f, c in zip(self.values(), coef.vector(), strict=True)]
         named = {
             "compute": parts[0], "memory": parts[1], "communication": parts[2] + parts[3],
             "overhead": parts[4] + parts[5],
@@ -167,19 +172,32 @@ def compute_peak_tflops(acc: Accelerator, quantization: str) -> float:
     return acc.bf16_tflops * acc.peak_fraction
 
 
-def kv_bytes_per_token_per_device(d: Deployment) -> float:
-    """KV heads split over TP ranks (replicated once TP exceeds them), layers over PP stages."""
+def kv_bytes_per_token_per_device(d: Deployment, context: float | None = None) -> float:
+    """KV heads split over TP ranks (replicated once TP exceeds them; a latent-attention cache
+    is whole on every rank), layers over PP stages; windowed layers count for what a token
+    holds in a sequence of `context` tokens (None: the full-length worst case)."""
     model = d.model
-    heads_per_rank = max(1.0, model.kv_heads / d.tp)
-    return 2 * model.layers / d.pp * heads_per_rank * model.head_dim * model.kv_dtype_bytes
+    if model.kv_latent:
+        per_layer = float(model.kv_latent)
+    else:
+        per_layer = 2 * max(1.0, model.kv_heads / d.tp) * model.head_dim
+    return model.kv_layers_at(context) / d.pp * per_layer * model.kv_dtype_bytes
+
+
+def kv_capacity(d: Deployment, fit: MemoryFit, context: float | None) -> int:
+    """Tokens the KV cache holds in sequences of `context` tokens (-1 when nothing fits)."""
+    if fit.kv_gib <= 0:
+        return -1
+    return int(fit.kv_gib * GIB / kv_bytes_per_token_per_device(d, context))
 
 
 def activation_bytes(d: Deployment, max_num_seqs: int, max_tokens: int) -> float:
-    """Peak activations of a step of max_tokens tokens (hidden buffers and the MLP intermediate)
-    plus float32 logits and their sampling copies for max_num_seqs sequences."""
+    """Peak activations: a forward of max_tokens tokens (hidden buffers and the MLP
+    intermediate), or the sampler's float32 logits and probabilities for max_num_seqs
+    sequences, whichever is larger; the sampler runs after the forward has freed its buffers."""
     per_token = 8 * d.model.hidden + 4 * d.model.intermediate / d.tp
-    logits = 3 * 4 * max_num_seqs * d.model.vocab
-    return max_tokens * per_token + logits
+    logits = 2 * 4 * max_num_seqs * d.model.vocab
+    return max(max_tokens * per_token, logits)
 
 
 def memory_fit(
@@ -233,13 +251,14 @@ def cycle_features(
         steps=max(output_len, math.ceil(tokens / max_num_batched_tokens)),
         attended=batch * (input_len * input_len / 2 + output_len * ctx),
         kv_read=batch * output_len * ctx,
+        context=ctx,
     )
 
 
 def decode_step_features(d: Deployment, batch: int, context: float) -> TimeFeatures:
     """One decode step of `batch` sequences that each hold `context` tokens."""
     return step_work(d, tokens=batch, out_tokens=batch, steps=1, attended=batch * context,
-                     kv_read=batch * context)
+                     kv_read=batch * context, context=context)
 
 
 def prefill_features(
@@ -249,46 +268,79 @@ def prefill_features(
     tokens = batch * input_len
     return step_work(d, tokens=tokens, out_tokens=0,
                      steps=math.ceil(tokens / max_num_batched_tokens),
-                     attended=batch * input_len * input_len / 2, kv_read=0.0)
+                     attended=batch * input_len * input_len / 2, kv_read=0.0,
+                     context=input_len)
 
 
 def step_work(
     d: Deployment, *, tokens: float, out_tokens: float, steps: float, attended: float,
-    kv_read: float,
+    kv_read: float, context: float | None = None,
 ) -> TimeFeatures:
     """Work of `steps` alike engine steps processing `tokens` tokens, `out_tokens` of which are
-    sampled, with `attended` query-key pairs and `kv_read` token contexts read from the cache.
+    sampled, with `attended` query-key pairs and `kv_read` token contexts read from the cache,
+    in sequences of about `context` tokens (windowed layers attend to their window only).
 
     Each step runs the GEMMs of its tokens while streaming the weights once (the same kernels,
-    so the slower of the two counts, judged with the coefficients), then attention, the
+    so the slower of the two counts, judged with the coefficients; an MoE's routed experts,
+    which see only their share of the tokens, are their own such roofline), then attention, the
     allreduces and host work, which follow one another and add up.
     """
     model, acc, coef, tp, pp = d.model, d.accelerator, d.coefficients, d.tp, d.pp
     devices = d.devices
     layers = model.layers
-    head = model.vocab * model.hidden
-    linear = model.active_params - head * (1 if model.tie_embeddings else 2)
-    gemm_s = (2 * linear * tokens + 2 * head * out_tokens) / devices / (
-        compute_peak_tflops(acc, model.quantization) * 1e12
-    )
     bandwidth = acc.memory_bw_gbps * 1e9 * acc.peak_fraction
     per_step = tokens / steps if steps else 0.0
-    weights_s = steps * weight_bytes_touched(model, per_step) / devices / bandwidth
-    attn_flops = 4 * layers * model.heads * model.head_dim * attended
-    attn_s = attn_flops / devices / (acc.bf16_tflops * acc.peak_fraction * 1e12)
-    kv_s = kv_read * kv_bytes_per_token_per_device(d) / bandwidth
-    gemm_bound = gemm_s / coef.compute_eff >= weights_s / coef.bandwidth_eff
-    compute_s = attn_s + (gemm_s if gemm_bound else 0.0)
-    memory_s = kv_s + (0.0 if gemm_bound else weights_s)
+    compute_s, memory_s = 0.0, 0.0
+    for gemm_s, weights_s in _gemm_parts(d, tokens, out_tokens, steps, per_step):
+        if gemm_s / coef.compute_eff >= weights_s / coef.bandwidth_eff:
+            compute_s += gemm_s
+        else:
+            memory_s += weights_s
+    attn_layers = model.kv_layers_at(context)
+    attn_flops = 4 * attn_layers * model.heads * (model.attn_dim or model.head_dim) * attended
+    compute_s += attn_flops / devices / (acc.bf16_tflops * acc.peak_fraction * 1e12)
+    memory_s += kv_read * kv_bytes_per_token_per_device(d, context) / bandwidth
 
     comm_s, allreduces = 0.0, 0.0
     if tp > 1:
         ar_bytes = 2 * layers / pp * tokens * model.hidden * 2 * 2 * (tp - 1) / tp
-        comm_s = ar_bytes / (acc.interconnect_gbps * 1e9)
-        allreduces = steps * 2 * layers / pp
+        comm_s = ar_bytes / (acc.tp_link_gbps(tp) * 1e9)
+        allreduces = steps * 2 * layers / pp * allreduce_latency_units(acc, tp)
     if pp > 1:
         comm_s += (pp - 1) * tokens * model.hidden * 2 / (coef.internode_gbps * 1e9) / pp
     return TimeFeatures(compute_s, memory_s, comm_s, allreduces, float(steps), float(out_tokens))
+
+
+def _gemm_parts(
+    d: Deployment, tokens: float, out_tokens: float, steps: float, per_step: float
+) -> list[tuple[float, float]]:
+    """(GEMM seconds, weight-streaming seconds) at datasheet peaks for the dense weights and,
+    for an MoE, for the routed experts the step's tokens reach."""
+    model, acc = d.model, d.accelerator
+    head = model.vocab * model.hidden
+    routed_active = model.expert_params * model.experts_per_tok / max(model.num_experts, 1)
+    dense_linear = model.active_params - head * (1 if model.tie_embeddings else 2) - routed_active
+    peak = compute_peak_tflops(acc, model.quantization) * 1e12
+    head_peak = (acc.bf16_tflops * acc.peak_fraction * 1e12 if model.quantization in QUANTIZED
+                 else peak)  # the LM head stays 16-bit
+    bandwidth = acc.memory_bw_gbps * 1e9 * acc.peak_fraction * d.devices
+    expert_bytes = model.expert_params * model.weight_bytes_per_param
+    dense_gemm = (2 * dense_linear * tokens / peak + 2 * head * out_tokens / head_peak) / d.devices
+    dense_bytes = model.weight_bytes - expert_bytes
+    parts = [(dense_gemm, steps * dense_bytes / bandwidth)]
+    if model.is_moe:
+        touched = weight_bytes_touched(model, per_step) - dense_bytes
+        parts.append((2 * routed_active * tokens / peak / d.devices, steps * touched / bandwidth))
+    return parts
+
+
+def allreduce_latency_units(acc: Accelerator, tp: int) -> float:
+    """Latency of one allreduce in units of a one-shot one: vLLM's custom allreduce reaches
+    every peer at once where all pairs are linked (or between two PCIe devices); beyond two
+    PCIe devices NCCL's ring takes tp - 1 hops each way, about half a one-shot each."""
+    if acc.one_shot_allreduce or tp <= 2:
+        return 1.0
+    return (tp - 1) / 2
 
 
 @dataclass(frozen=True)
@@ -318,8 +370,35 @@ def predict(
     """Estimate one instance at the concurrency its KV cache allows; returns it and that
     concurrency (0 and a zero estimate when nothing fits)."""
     fit = memory_fit(d, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization)
-    batch = steady_concurrency(fit.kv_tokens, max_num_seqs, input_len, output_len)
+    tokens = kv_capacity(d, fit, input_len + output_len / 2)
+    batch = steady_concurrency(tokens, max_num_seqs, input_len, output_len)
     if batch < 1:
         return InstanceEstimate(0.0, 0.0, math.inf, "memory"), 0
     est = estimate_instance(d, batch, max_num_batched_tokens, input_len, output_len)
     return est, batch
+
+
+def prompt_token_cost(
+    d: Deployment, batch: int, max_num_batched_tokens: int, input_len: float, output_len: float
+) -> float:
+    """What one prompt token costs in output tokens at this operating point: the marginal cycle
+    time of a longer prompt over that of a longer output. A row's work is then
+    `output + cost * input`, so rows of other lengths than the mean are priced alike."""
+    base = cycle_features(d, batch, max_num_batched_tokens, input_len, output_len)
+    t0 = base.time(d.coefficients)
+    step_in, step_out = max(1.0, 0.1 * input_len), max(1.0, 0.1 * output_len)
+    longer_in = cycle_features(d, batch, max_num_batched_tokens, input_len + step_in,
+                               output_len).time(d.coefficients)
+    longer_out = cycle_features(d, batch, max_num_batched_tokens, input_len,
+                                output_len + step_out).time(d.coefficients)
+    per_out = max(longer_out - t0, 1e-12) / step_out
+    return max(0.0, (longer_in - t0) / step_in / per_out)
+
+
+def drain_step_s(d: Deployment, concurrency: int, context: float) -> float:
+    """Decode step time while an instance drains its last requests. The batch falls from the
+    concurrency toward one roughly geometrically, so a long last request spends about as many
+    steps in each halving of the batch: the step at the geometric middle stands for them."""
+    batch = max(1, round(math.sqrt(max(concurrency, 1))))
+    step = decode_step_features(d, batch, context).time(d.coefficients)
+    return step * (1.0 + d.coefficients.pp_loss_per_stage * (d.pp - 1))

@@ -19,6 +19,7 @@ from hetbatch.planner.model import (
     Deployment,
     default_coefficients,
     estimate_instance,
+    kv_capacity,
     memory_fit,
     steady_concurrency,
 )
@@ -35,7 +36,9 @@ from hetbatch.planner.types import (
     Workload,
 )
 
-SEQS_GRID: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024)
+# Up to the batches vLLM runs in practice on large-memory parts (AMD publishes 3,200); vLLM
+# itself sets no upper limit, but the sampler's float32 logits grow with it (see the model).
+SEQS_GRID: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 TOKENS_GRID: tuple[int, ...] = (2048, 4096, 8192, 16384)
 MEMORY_GRID: tuple[float, ...] = (0.85, 0.90, 0.95)
 # Configurations within this share of the best score count as ties; the safest one wins.
@@ -209,13 +212,16 @@ def _search_layout(
     seqs_grid = (pool.req.max_num_seqs,) if pool.req.max_num_seqs else SEQS_GRID
     tokens_grid = ((pool.req.max_num_batched_tokens,) if pool.req.max_num_batched_tokens
                    else TOKENS_GRID)
-    for seqs in seqs_grid:
-        for tokens in tokens_grid:
-            for mem in MEMORY_GRID:
-                cfg = DeployConfig(tp, pp, ipn, instances, seqs, tokens, mem)
-                reason = problem or _evaluate(model, pool, workload, objective, cfg, feasible)
-                if reason:
-                    rejected.append(Rejected(cfg, reason))
+    mem_grid = ((pool.req.gpu_memory_utilization,) if pool.req.gpu_memory_utilization
+                else MEMORY_GRID)
+    for kv in pool.req.kv_cache_dtypes:
+        for seqs in seqs_grid:
+            for tokens in tokens_grid:
+                for mem in mem_grid:
+                    cfg = DeployConfig(tp, pp, ipn, instances, seqs, tokens, mem, kv)
+                    reason = problem or _evaluate(model, pool, workload, objective, cfg, feasible)
+                    if reason:
+                        rejected.append(Rejected(cfg, reason))
 
 
 def _evaluate(
@@ -225,7 +231,8 @@ def _evaluate(
     """Score one configuration into `feasible`, or return why it cannot run."""
     if cfg.max_num_batched_tokens < cfg.max_num_seqs:
         return "max_num_batched_tokens is below max_num_seqs (vLLM refuses it)"
-    d = pool.deployment(model, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    d = pool.deployment(model.with_kv_cache_dtype(cfg.kv_cache_dtype),
+                        cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
     fit = memory_fit(d, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                      cfg.gpu_memory_utilization)
     if fit.kv_tokens < 0:
@@ -235,16 +242,17 @@ def _evaluate(
             "per device"
         )
     need = max_model_len(model, workload)
-    if fit.kv_tokens < need:
-        return f"KV cache holds {fit.kv_tokens} tokens, fewer than max_model_len {need}"
-    batch = steady_concurrency(fit.kv_tokens, cfg.max_num_seqs, workload.input_len_mean,
-                               workload.output_len_mean)
+    full = kv_capacity(d, fit, need)
+    if full < need:
+        return f"KV cache holds {full} tokens, fewer than max_model_len {need}"
+    footprint = workload.input_len_mean + workload.output_len_mean / 2
+    batch = steady_concurrency(kv_capacity(d, fit, footprint), cfg.max_num_seqs,
+                               workload.input_len_mean, workload.output_len_mean)
     if batch < 1:
         return "KV cache cannot hold one average sequence"
     est = estimate_instance(d, batch, cfg.max_num_batched_tokens, workload.input_len_mean,
                             workload.output_len_mean)
-    per = Estimate(est.output_tokens_per_s, est.total_tokens_per_s, batch, fit.kv_tokens,
-                   est.bound)
+    per = Estimate(est.output_tokens_per_s, est.total_tokens_per_s, batch, full, est.bound)
     feasible.append(Candidate(cfg, per, _score(objective, pool, cfg, per)))
     return None
 
@@ -259,9 +267,10 @@ def _score(objective: str, pool: _Pool, cfg: DeployConfig, per: Estimate) -> flo
 
 
 def _safety_key(cfg: DeployConfig) -> tuple[float, ...]:
-    """Among near-equal scores prefer less memory pressure, fewer sequences, smaller steps."""
-    return (cfg.gpu_memory_utilization, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-            cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    """Among near-equal scores prefer the model's own KV precision (lossless), then less memory
+    pressure, fewer sequences, smaller steps."""
+    return (cfg.kv_cache_dtype != "auto", cfg.gpu_memory_utilization, cfg.max_num_seqs,
+            cfg.max_num_batched_tokens, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
 
 
 def choose(feasible: Sequence[Candidate]) -> Candidate:
@@ -401,9 +410,7 @@ def _pool_plan(
     cfg = c.config
     instances = _instances_on(cfg, nodes)
     if instances != cfg.instances:
-        cfg = DeployConfig(cfg.tensor_parallel_size, cfg.pipeline_parallel_size,
-                           cfg.instances_per_node, instances, cfg.max_num_seqs,
-                           cfg.max_num_batched_tokens, cfg.gpu_memory_utilization)
+        cfg = replace(cfg, instances=instances)
     price = r.pool.price
     devices = instances * cfg.devices_per_instance
     ratio = (workload.input_len_mean + workload.output_len_mean) / workload.output_len_mean
@@ -437,6 +444,8 @@ def engine_args(
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_model_len": max_model_len(model, workload),
     }
+    if cfg.kv_cache_dtype != "auto":
+        args["kv_cache_dtype"] = cfg.kv_cache_dtype
     if model.quantization == "fp8" and model.checkpoint_format != "fp8":
         args["quantization"] = "fp8"  # vLLM quantizes a 16-bit checkpoint to FP8 on load
     if not acc.bf16 and model.quantization in ("bf16", "fp32"):
@@ -458,7 +467,8 @@ def _notes(model: ModelProfile, workload: Workload, results: Sequence[_PoolResul
 
 def _cpu_note(model: ModelProfile, pool: _Pool, cfg: DeployConfig) -> str:
     """vLLM's CPU backend sizes its KV cache from an environment variable, not the fraction."""
-    d = pool.deployment(model, cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    d = pool.deployment(model.with_kv_cache_dtype(cfg.kv_cache_dtype),
+                        cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
     fit = memory_fit(d, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                      cfg.gpu_memory_utilization)
     return (f"pool {pool.req.name!r} runs on CPU: set VLLM_CPU_KVCACHE_SPACE="
@@ -523,6 +533,7 @@ def _fits(model: ModelProfile, acc: Accelerator, devices: int, workload: Workloa
             continue
         d = Deployment.uncalibrated(model, acc, tp)
         fit = memory_fit(d, SEQS_GRID[0], TOKENS_GRID[0], MEMORY_GRID[-1])
-        if fit.kv_tokens >= max_model_len(model, workload):
+        need = max_model_len(model, workload)
+        if kv_capacity(d, fit, need) >= need:
             return True
     return False

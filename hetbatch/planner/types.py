@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from hetbatch.errors import UserError
+from hetbatch.planner.profile import KV_CACHE_DTYPES
 
 Objective = Literal["throughput", "cost", "deadline"]
 OBJECTIVES: tuple[str, ...] = ("throughput", "cost", "deadline")
@@ -22,7 +23,7 @@ class PoolRequest:
     """One homogeneous part of the cluster: `nodes` machines with `devices_per_node` cards each.
 
     Pinned values (tensor_parallel_size, instances_per_node, max_num_seqs,
-    max_num_batched_tokens) restrict the search to them.
+    max_num_batched_tokens, gpu_memory_utilization) restrict the search to them.
     """
 
     name: str
@@ -34,8 +35,15 @@ class PoolRequest:
     instances_per_node: int | None = None
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float | None = None
+    # KV cache formats to try: ("auto",) keeps the model's dtype; ("auto", "fp8") searches both.
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
 
     def __post_init__(self) -> None:
+        unknown = [k for k in self.kv_cache_dtypes if k not in KV_CACHE_DTYPES]
+        if unknown or not self.kv_cache_dtypes:
+            raise UserError(f"pool {self.name!r}: kv_cache_dtype {unknown or 'none'}; known: "
+                            f"{', '.join(KV_CACHE_DTYPES)}")
         if self.devices_per_node < 1 or self.nodes < 1:
             raise UserError(f"pool {self.name!r}: devices_per_node and nodes must be >= 1")
         if self.price_per_device_hour is not None and self.price_per_device_hour < 0:
@@ -44,6 +52,9 @@ class PoolRequest:
             raise UserError(f"pool {self.name!r}: tensor_parallel_size must be >= 1")
         if self.instances_per_node is not None and self.instances_per_node < 1:
             raise UserError(f"pool {self.name!r}: instances_per_node must be >= 1")
+        mem = self.gpu_memory_utilization
+        if mem is not None and not 0 < mem <= 1:
+            raise UserError(f"pool {self.name!r}: gpu_memory_utilization must be in (0, 1]")
         for key in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -116,16 +127,18 @@ class DeployConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     gpu_memory_utilization: float
+    kv_cache_dtype: str = "auto"
 
     @property
     def devices_per_instance(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
     def label(self) -> str:
+        kv = "" if self.kv_cache_dtype == "auto" else f" kv={self.kv_cache_dtype}"
         return (
             f"TP={self.tensor_parallel_size} PP={self.pipeline_parallel_size} "
             f"x{self.instances} seqs={self.max_num_seqs} "
-            f"tokens={self.max_num_batched_tokens} mem={self.gpu_memory_utilization:.2f}"
+            f"tokens={self.max_num_batched_tokens} mem={self.gpu_memory_utilization:.2f}{kv}"
         )
 
 
@@ -214,6 +227,7 @@ class PoolPlan:
             "max_num_seqs": c.max_num_seqs,
             "max_num_batched_tokens": c.max_num_batched_tokens,
             "gpu_memory_utilization": c.gpu_memory_utilization,
+            "kv_cache_dtype": c.kv_cache_dtype,
             "engine_args": dict(self.engine_args),
             "output_tokens_per_s": round(self.output_tokens_per_s, 1),
             "total_tokens_per_s": round(self.total_tokens_per_s, 1),

@@ -43,6 +43,7 @@ class SimInstance:
     join_at: float = 0.0
     lost_at: float | None = None
     pool: str = ""
+    step_s: float | None = None  # decode step of the last requests; default max_num_seqs/speed
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class Simulation:
         self.cfg = config or SimConfig()
         self.work = work
         self.specs = instances
-        self.insts = [_Inst(i, i.max_num_seqs / i.speed) for i in instances]
+        self.insts = [_Inst(i, i.step_s or i.max_num_seqs / i.speed) for i in instances]
         self.by_id = {i.instance_id: k for k, i in enumerate(instances)}
         self.alive_count = 0
         self.join_times = sorted(i.join_at for i in instances)

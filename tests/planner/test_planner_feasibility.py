@@ -52,7 +52,9 @@ def test_quantization_sets_weight_bytes() -> None:
     bf16 = load_model_profile("llama-3.1-70b")
     fp8 = load_model_profile("llama-3.1-70b", "fp8")
     int4 = load_model_profile("llama-3.1-70b", "INT4")
-    assert fp8.weight_bytes == pytest.approx(bf16.weight_bytes / 2)
+    embeddings = 2 * 128256 * 8192
+    assert fp8.weight_bytes == pytest.approx((bf16.weight_bytes - 2 * embeddings) / 2
+                                             + 2 * embeddings)
     assert int4.weight_bytes < fp8.weight_bytes * 0.6
     with pytest.raises(UserError, match="unknown quantization"):
         load_model_profile("llama-3.1-70b", "nf3")

@@ -30,7 +30,9 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         return SimEngine(sim.tokens_per_s, sim.max_num_seqs, max_len, name=instance["id"])
     from hetbatch.engines.vllm_engine import VllmEngine
 
-    args = dict(instance["engine_args"])
+    from hetbatch.launch.span import node_engine_args
+
+    args = node_engine_args(dict(instance["engine_args"]), dict(os.environ))
     if instance["accelerator"].lower() == "cpu":
         # vLLM's CPU backend crashes on per-request seeds when a prompt's prefill is chunked
         # ("CPU Generator does not use offset"); every row carries a seed, so prefill whole.

@@ -118,7 +118,7 @@ class PoolSpec(_Strict):
     nodes: int = Field(default=1, ge=1)
     tensor_parallel_size: int | None = Field(default=None, ge=1)
     pipeline_parallel_size: int | None = Field(
-        default=None, ge=1, description="pipeline stages; an instance larger than a node spans nodes"
+        default=None, ge=1, description="pipeline stages; an instance larger than a node spans"
     )
     instances_per_node: int | None = Field(default=None, ge=1)
     capacity_weight: float | None = Field(default=None, gt=0)

@@ -29,7 +29,6 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         max_len = int(instance["engine_args"].get("max_model_len", 4096))
         return SimEngine(sim.tokens_per_s, sim.max_num_seqs, max_len, name=instance["id"])
     from hetbatch.engines.vllm_engine import VllmEngine
-
     from hetbatch.launch.span import node_engine_args
 
     args = node_engine_args(dict(instance["engine_args"]), dict(os.environ))

@@ -81,7 +81,8 @@ def span_processes(
         if stand_in and instance.is_cpu:
             cores = os.cpu_count() or 1
             width = len(instance.devices)
-            inst = replace(instance, devices=tuple((d + rank * width) % cores for d in instance.devices))
+            shifted = tuple((d + rank * width) % cores for d in instance.devices)
+            inst = replace(instance, devices=shifted)
         log = log_dir / f"{instance.instance_id}.rank{rank}.log" if log_dir and rank else None
         if log_dir and not rank:
             log = log_dir / f"{instance.instance_id}.log"
@@ -189,7 +190,8 @@ def run_engine_share(output: str, instance_id: str, rank: int) -> int:
 
     store = OutputStore(output)
     job = parse_job(store.read_json(OutputPaths.JOB)["spec"], f"{output} job.json")
-    instance = next(i for i in store.read_json(OutputPaths.LAYOUT) if i["instance_id"] == instance_id)
+    layout = store.read_json(OutputPaths.LAYOUT)
+    instance = next(i for i in layout if i["instance_id"] == instance_id)
     if job.engine.kind == "sim":
         while True:
             time.sleep(3600)

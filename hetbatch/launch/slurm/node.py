@@ -39,10 +39,14 @@ def node_index(env: dict[str, str], span: int = 1) -> int:
 
 
 def span_ports(env: dict[str, str]) -> tuple[int, int]:
-    """(vLLM master port, link port) of this allocation's instance: from the job id and its
-    restart count, so that allocations sharing a host and a requeued job do not collide."""
-    job = int(env.get("SLURM_JOB_ID", "0") or 0)
-    base = 20000 + ((job * 7 + int(env.get("SLURM_RESTART_COUNT", "0") or 0)) % 4000) * 10
+    """(vLLM master port, link port) of this step's instance: from the job id, its restart
+    count and the step id, so that allocations sharing a host, and a step started again after
+    one that failed, do not collide."""
+    job, restarts, step = (
+        int(env.get(k, "0") or 0) if env.get(k, "0").isdigit() else 0
+        for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_STEP_ID")
+    )
+    base = 20000 + ((job * 13 + restarts * 5 + step) % 4000) * 10
     return base, base + 1
 
 

@@ -158,7 +158,7 @@ def render(
                 output=output,
                 python=python,
                 launch="srun --ntasks-per-node=1 --kill-on-bad-exit=1",
-                requeues=job.launch.max_worker_restarts,
+                restarts=job.launch.max_worker_restarts,
             )
             scripts.append(Script(f"pool-{pool.name}", "pool", text, pool.name))
             continue

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hetbatch.errors import UserError
 from hetbatch.layout import device_env, instance_layout
@@ -20,6 +21,7 @@ from tests.jobutil import (
     assert_exactly_once,
     ledger,
     make_input,
+    run_cli,
     sim_job,
     sim_pool,
     start_cli,
@@ -113,3 +115,19 @@ def test_killing_a_follower_takes_its_instance_down_and_its_rows_are_dealt_again
     assert "a follower left" in head_log
     assert head_log.count("started big-0-0") == 2  # the instance came back whole
     assert_exactly_once(out, rows)
+
+
+def test_example_gpu_job_dry_run_shows_the_spanning_pools_allocation(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[1] / "jobs" / "example-gpu-cluster.yaml"
+    job = yaml.safe_load(example.read_text())
+    job["input"] = {"path": str(make_input(tmp_path / "in.parquet", 100)),
+                    "prompt_column": "prompt", "id_column": "id"}
+    job["output"] = {"path": str(tmp_path / "out")}
+    result = run_cli("submit", str(write_job(tmp_path / "job.yaml", job)), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    script = result.stdout.split("# ---- pool-h100-pp.sbatch")[1].split("# ---- ")[0]
+    for line in ("#SBATCH --nodes=2", "#SBATCH --array=0-1", "#SBATCH --gres=gpu:h100:8",
+                 "#SBATCH --ntasks-per-node=1"):
+        assert line in script.splitlines()
+    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1 " in script
+    assert "-m hetbatch.launch.slurm.node" in script and "--pool h100-pp" in script

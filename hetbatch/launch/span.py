@@ -197,10 +197,11 @@ def run_engine_share(output: str, instance_id: str, rank: int) -> int:
             time.sleep(3600)
     os.environ[RANK_ENV] = str(rank)
     prepare_environment(job, instance["accelerator"])
-    from hetbatch.engines.factory import vllm_args
     from vllm.engine.arg_utils import EngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    from hetbatch.engines.factory import vllm_args
 
     args = vllm_args(instance)
     config = EngineArgs(model=job.model.path, **args).create_engine_config(

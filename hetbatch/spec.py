@@ -117,6 +117,9 @@ class PoolSpec(_Strict):
     devices_per_node: int = Field(ge=1)
     nodes: int = Field(default=1, ge=1)
     tensor_parallel_size: int | None = Field(default=None, ge=1)
+    pipeline_parallel_size: int | None = Field(
+        default=None, ge=1, description="pipeline stages; an instance larger than a node spans"
+    )
     instances_per_node: int | None = Field(default=None, ge=1)
     capacity_weight: float | None = Field(default=None, gt=0)
     price_per_device_hour: float | None = Field(
@@ -128,15 +131,23 @@ class PoolSpec(_Strict):
 
     @model_validator(mode="after")
     def _layout_fits(self) -> PoolSpec:
-        tp = self.tensor_parallel_size or 1
-        if tp > self.devices_per_node:
-            raise ValueError(
-                f"tensor_parallel_size {tp} exceeds devices_per_node {self.devices_per_node}"
-            )
-        if self.instances_per_node and self.instances_per_node * tp > self.devices_per_node:
+        tp, pp = self.tensor_parallel_size or 1, self.pipeline_parallel_size or 1
+        span = -(-tp * pp // self.devices_per_node)
+        if span > 1:
+            if tp * pp % span or self.nodes % span:
+                raise ValueError(
+                    f"an instance of tensor_parallel_size {tp} x pipeline_parallel_size {pp} "
+                    f"spans {span} nodes of {self.devices_per_node} devices: it must fill each "
+                    f"evenly and nodes ({self.nodes}) must be a multiple of {span}"
+                )
+            if self.instances_per_node not in (None, 1):
+                raise ValueError("an instance that spans nodes takes instances_per_node 1")
+            return self
+        if self.instances_per_node and self.instances_per_node * tp * pp > self.devices_per_node:
             raise ValueError(
                 f"instances_per_node {self.instances_per_node} x tensor_parallel_size {tp} "
-                f"needs more than devices_per_node {self.devices_per_node}"
+                f"x pipeline_parallel_size {pp} needs more than devices_per_node "
+                f"{self.devices_per_node}"
             )
         return self
 

@@ -30,10 +30,17 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         return SimEngine(sim.tokens_per_s, sim.max_num_seqs, max_len, name=instance["id"])
     from hetbatch.engines.vllm_engine import VllmEngine
 
-    args = dict(instance["engine_args"])
+    return VllmEngine(job.model.path, vllm_args(instance), name=instance["id"], task=job.task)
+
+
+def vllm_args(instance: dict[str, Any]) -> dict[str, Any]:
+    """The instance's engine args as this process runs them (its node rank if it spans nodes)."""
+    from hetbatch.launch.span import node_engine_args
+
+    args = node_engine_args(dict(instance["engine_args"]), dict(os.environ))
     if instance["accelerator"].lower() == "cpu":
         # vLLM's CPU backend crashes on per-request seeds when a prompt's prefill is chunked
         # ("CPU Generator does not use offset"); every row carries a seed, so prefill whole.
         args.setdefault("enable_chunked_prefill", False)
-    return VllmEngine(job.model.path, args, name=instance["id"], task=job.task)
+    return args
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.engines.vllm_engine import vllm_version
 from hetbatch.launch.base import Launcher, PreparedRun, log_dir
+from hetbatch.launch.span import free_port, span_processes
 from hetbatch.launch.workers import WorkerProcess, WorkerSupervisor
 from hetbatch.worker.main import TOKEN_ENV
 
@@ -32,13 +34,15 @@ class LocalLauncher(Launcher):
         print(self._banner(run))
         coordinator = self.start_coordinator(run)
         host, port = coordinator.address
+        logs = log_dir(run)
         workers = WorkerSupervisor(
             run.instances,
             ["--coordinator", f"{host}:{port}"],
             {**os.environ, TOKEN_ENV: self.token},
             self.job.launch.max_worker_restarts,
-            log_dir(run),
+            logs,
         )
+        _stand_in_nodes(workers, run, logs)
         started = time.monotonic()
         try:
             workers.start()
@@ -101,6 +105,21 @@ class LocalLauncher(Launcher):
             bar.update(coordinator.progress().rows_done - bar.n)
         finally:
             bar.close()
+
+
+def _stand_in_nodes(workers: WorkerSupervisor, run: PreparedRun, logs: Path) -> None:
+    """Instances that span nodes run here as one process per node, all on this machine."""
+    processes = []
+    for w in workers.workers:
+        if not w.instance.spans_nodes:
+            processes.append(w)
+            continue
+        head = ("127.0.0.1", free_port(), free_port())
+        processes += span_processes(
+            w.instance, list(range(w.instance.nodes)), workers.worker_argv(w.instance), head,
+            run.job.output.path, logs, stand_in=True,
+        )
+    workers.workers = processes
 
 
 def _postfix(p, tokens_per_s: float) -> str:

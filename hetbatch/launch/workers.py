@@ -40,6 +40,8 @@ class WorkerProcess:
     restarts: int = 0
     state: WorkerState = WorkerState.RUNNING
     log: IO | None = field(default=None, repr=False)
+    argv: list[str] | None = None  # None: the instance's worker; else this command
+    env: dict[str, str] = field(default_factory=dict)  # added to the supervisor's
 
 
 class WorkerSupervisor:
@@ -76,20 +78,23 @@ class WorkerSupervisor:
         self._note(w, f"started {w.instance.instance_id} on devices {list(w.instance.devices)}")
         w.state = WorkerState.RUNNING
         w.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "hetbatch.worker",
-                *self.coordinator_args,
-                "--instance",
-                w.instance.instance_id,
-            ],
-            env={**self.env, **device_env(w.instance)},
+            w.argv or self.worker_argv(w.instance),
+            env={**self.env, **device_env(w.instance), **w.env},
             stdout=w.log,
             stderr=subprocess.STDOUT if w.log is not None else None,
             stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
+
+    def worker_argv(self, instance: InstanceSpec) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "hetbatch.worker",
+            *self.coordinator_args,
+            "--instance",
+            instance.instance_id,
+        ]
 
     def _note(self, w: WorkerProcess, line: str) -> None:
         """A line in the worker's own output (its log file, or stdout)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hetbatch.errors import UserError
 from hetbatch.launch.slurm.scripts import Script, render, render_hetjob
 from hetbatch.layout import instance_layout
 from hetbatch.spec import JobSpec, parse_job
@@ -53,9 +54,24 @@ def _job() -> JobSpec:
     )
 
 
+def _spanning_job() -> JobSpec:
+    """A pool whose instances are TP=8 x PP=2 over two 8-GPU nodes, beside the golden job's."""
+    spec = _job().to_dict()
+    spec["cluster"]["pools"] = [{
+        "name": "h100pp", "accelerator": "H100", "devices_per_node": 8, "nodes": 4,
+        "tensor_parallel_size": 8, "pipeline_parallel_size": 2,
+        "sim": {"tokens_per_s": 1000, "max_num_seqs": 64}, "slurm": {"partition": "gpu"},
+    }]
+    return parse_job(spec, "golden spanning job")
+
+
 def _scripts() -> list[Script]:
-    job = _job()
-    return [*render(job, instance_layout(job), LOGS), render_hetjob(job, LOGS)]
+    job, spanning = _job(), _spanning_job()
+    return [
+        *render(job, instance_layout(job), LOGS),
+        render_hetjob(job, LOGS),
+        *render(spanning, instance_layout(spanning), LOGS, coordinator=False),
+    ]
 
 
 def _fixed(text: str) -> str:
@@ -63,7 +79,7 @@ def _fixed(text: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "name", ["coordinator", "pool-a100", "pool-l40s", "pool-cpu", "hetjob"]
+    "name", ["coordinator", "pool-a100", "pool-l40s", "pool-cpu", "hetjob", "pool-h100pp"]
 )
 def test_rendered_script_matches_the_recorded_one(name: str) -> None:
     (script,) = [s for s in _scripts() if s.name == name]
@@ -71,6 +87,17 @@ def test_rendered_script_matches_the_recorded_one(name: str) -> None:
     if os.environ.get("HETBATCH_RECORD_GOLDEN"):
         golden.write_text(_fixed(script.text))
     assert _fixed(script.text) == golden.read_text()
+
+
+def test_a_spanning_pool_is_one_allocation_of_its_nodes_per_instance() -> None:
+    (script,) = [s for s in _scripts() if s.name == "pool-h100pp"]
+    assert "#SBATCH --nodes=2" in script.text and "#SBATCH --array=0-1" in script.text
+    assert "srun --ntasks-per-node=1 --kill-on-bad-exit=1" in script.text
+
+
+def test_a_hetjob_refuses_spanning_pools() -> None:
+    with pytest.raises(UserError, match="h100pp"):
+        render_hetjob(_spanning_job(), LOGS)
 
 
 def test_every_recorded_script_is_still_rendered() -> None:

@@ -23,16 +23,31 @@ from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.errors import UserError
 from hetbatch.io.paths import OutputPaths
 from hetbatch.launch.slurm.commands import slurm_env
+from hetbatch.launch.span import span_processes
 from hetbatch.launch.workers import WorkerSupervisor
 from hetbatch.layout import InstanceSpec
 from hetbatch.spec import JobSpec, parse_job
 
 
-def node_index(env: dict[str, str]) -> int:
-    for key in ("SLURM_ARRAY_TASK_ID", "SLURM_NODEID"):
-        if env.get(key, "").isdigit():
-            return int(env[key])
-    return 0
+def node_index(env: dict[str, str], span: int = 1) -> int:
+    """This node's index in the pool. An array task is one node, or with instances that span
+    `span` nodes one instance's allocation, within which SLURM_NODEID is the node's rank."""
+    task, rank = env.get("SLURM_ARRAY_TASK_ID", ""), env.get("SLURM_NODEID", "")
+    if task.isdigit():
+        return int(task) * span + (int(rank) if span > 1 and rank.isdigit() else 0)
+    return int(rank) if rank.isdigit() else 0
+
+
+def span_ports(env: dict[str, str]) -> tuple[int, int]:
+    """(vLLM master port, link port) of this step's instance: from the job id, its restart
+    count and the step id, so that allocations sharing a host, and a step started again after
+    one that failed, do not collide."""
+    job, restarts, step = (
+        int(env.get(k, "0") or 0) if env.get(k, "0").isdigit() else 0
+        for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_STEP_ID")
+    )
+    base = 20000 + ((job * 13 + restarts * 5 + step) % 4000) * 10
+    return base, base + 1
 
 
 def allocated_devices(instance: InstanceSpec, env: dict[str, str]) -> list[int]:
@@ -70,7 +85,9 @@ class NodeRunner:
 
     poll_s = 0.5
 
-    def __init__(self, output: str, job: JobSpec, instances: list[InstanceSpec]) -> None:
+    def __init__(
+        self, output: str, job: JobSpec, instances: list[InstanceSpec], node: int = 0
+    ) -> None:
         self.store = OutputStore(output)
         self.workers = WorkerSupervisor(
             instances,
@@ -83,6 +100,25 @@ class NodeRunner:
             slurm_env(),  # without LD_PRELOAD: the engine sets its own; an inherited one may fail
             job.launch.max_worker_restarts,
         )
+        self._span(output, node)
+
+    def _span(self, output: str, node: int) -> None:
+        """This node's process of each instance that spans nodes: the head's worker under the
+        link, or a follower; the head is the node that launched the step (rank 0)."""
+        env = dict(os.environ)
+        host = env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+        master_port, link_port = span_ports(env)
+        processes = []
+        for w in self.workers.workers:
+            rank = w.instance.rank_of(node)
+            if not w.instance.spans_nodes or rank is None:
+                processes.append(w)
+                continue
+            processes += span_processes(
+                w.instance, [rank], self.workers.worker_argv(w.instance),
+                (host, master_port, link_port), output,
+            )
+        self.workers.workers = processes
 
     def run(self) -> int:
         self.workers.start()
@@ -110,15 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = parse_job(store.read_json(OutputPaths.JOB)["spec"], f"{args.output} job.json")
         env = dict(os.environ)
-        node = args.node if args.node is not None else node_index(env)
-        mine = [
+        pool = [
             InstanceSpec(**{**i, "devices": tuple(i["devices"])})
             for i in store.read_json(OutputPaths.LAYOUT)
-            if i["pool"] == args.pool and i["node"] == node
+            if i["pool"] == args.pool
         ]
+        span = max((i.nodes for i in pool), default=1)
+        node = args.node if args.node is not None else node_index(env, span)
+        mine = [i for i in pool if i.rank_of(node) is not None]
         if not mine:
             raise UserError(f"pool {args.pool} has no instances planned on node {node}")
-        runner = NodeRunner(args.output, job, place(mine, env))
+        runner = NodeRunner(args.output, job, place(mine, env), node)
     except (UserError, OSError) as exc:
         print(f"hetbatch node: {exc}", file=sys.stderr)
         return 2

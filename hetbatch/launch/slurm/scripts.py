@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from importlib import resources
 from string import Template
 
+from hetbatch.errors import UserError
 from hetbatch.layout import InstanceSpec
 from hetbatch.spec import JobSpec, PoolSpec, SlurmJobOptions
 
@@ -96,6 +97,33 @@ def pool_options(job: JobSpec, pool: PoolSpec, log_dir: str, hetjob: bool = Fals
     return lines + _options(pool.slurm, job.slurm)
 
 
+def _spans(pool: PoolSpec) -> bool:
+    per_instance = (pool.tensor_parallel_size or 1) * (pool.pipeline_parallel_size or 1)
+    return per_instance > pool.devices_per_node
+
+
+def span_of(pool: PoolSpec, instances: list[InstanceSpec]) -> int:
+    """Nodes one instance of the pool spans (1: instances live on one node)."""
+    return max((i.nodes for i in instances if i.pool == pool.name), default=1)
+
+
+def span_options(job: JobSpec, pool: PoolSpec, span: int, log_dir: str) -> list[str]:
+    """One allocation per instance: its nodes, as one array task per instance."""
+    groups = pool.nodes // span
+    array = [f"--array=0-{groups - 1}"] if groups > 1 else []
+    return [
+        f"--job-name={job.slurm.job_name}-{pool.name}",
+        f"--output={log_dir}/%x-{'%A_%a' if array else '%j'}.out",
+        f"--nodes={span}",
+        "--ntasks-per-node=1",
+        *_gres(pool),
+        *_cpus(pool),
+        *array,
+        "--requeue",
+        *_options(pool.slurm, job.slurm),
+    ]
+
+
 def _per_node(pool: PoolSpec, instances: list[InstanceSpec]) -> int:
     return sum(1 for i in instances if i.pool == pool.name and i.node == 0)
 
@@ -118,6 +146,21 @@ def render(
         scripts.append(Script("coordinator", "coordinator", text))
     for pool in job.cluster.pools:
         if pools is not None and pool.name not in pools:
+            continue
+        span = span_of(pool, instances)
+        if span > 1:
+            lines = _header(span_options(job, pool, span, log_dir), pool.slurm.extra)
+            text = _template("span.sbatch").substitute(
+                sbatch_lines="\n".join(lines),
+                pool=shlex.quote(pool.name),
+                accelerator=pool.accelerator,
+                span=span,
+                output=output,
+                python=python,
+                launch="srun --ntasks-per-node=1 --kill-on-bad-exit=1",
+                restarts=job.launch.max_worker_restarts,
+            )
+            scripts.append(Script(f"pool-{pool.name}", "pool", text, pool.name))
             continue
         array = pool.slurm.array and pool.nodes > 1
         lines = _header(pool_options(job, pool, log_dir), pool.slurm.extra)
@@ -154,6 +197,12 @@ def render_hetjob(job: JobSpec, log_dir: str) -> Script:
     pool's workers, rather than as a component of its own: components never share a node,
     so it would hold a whole node and could take the only one a pool fits on."""
     python, output = shlex.quote(sys.executable), shlex.quote(job.output.path)
+    spanning = [p.name for p in job.cluster.pools if _spans(p)]
+    if spanning:
+        raise UserError(
+            f"pool {spanning[0]}: instances that span nodes run as one allocation each; "
+            "submit without --hetjob"
+        )
     lines = _header(
         [f"--job-name={job.slurm.job_name}", f"--output={log_dir}/%x-%j.out", "--requeue"],
         job.slurm.extra,

@@ -115,6 +115,21 @@ def test_killing_a_follower_takes_its_instance_down_and_its_rows_are_dealt_again
     assert "a follower left" in head_log
     assert head_log.count("started big-0-0") == 2  # the instance came back whole
     assert_exactly_once(out, rows)
+    wait_for(lambda: not _processes_of(out), 15, "every process of the job to exit")
+
+
+def _processes_of(out: Path) -> list[str]:
+    """Command lines of live processes that name the job's output folder (none may linger:
+    the killed follower's share of the engine included)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(str(out).encode() in a for a in args):
+            found.append(b" ".join(args).decode(errors="replace"))
+    return found
 
 
 def test_example_gpu_job_dry_run_shows_the_spanning_pools_allocation(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hetbatch.launch.workers import WorkerProcess
+from hetbatch.launch.workers import WorkerProcess, die_with_parent
 from hetbatch.layout import InstanceSpec
 
 RANK_ENV = "HETBATCH_NODE_RANK"
@@ -121,7 +121,7 @@ def run_head(link_port: int, followers: int, worker_argv: list[str]) -> int:
     server.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ)
-    child = subprocess.Popen(worker_argv)
+    child = subprocess.Popen(worker_argv, preexec_fn=die_with_parent)
     signal.signal(signal.SIGTERM, lambda *_: (_stop(child), sys.exit(143)))
     joined = 0
     try:
@@ -159,7 +159,8 @@ def run_follower(link: str, output: str, instance_id: str, rank: int, wait_s: fl
     conn = _connect(link, wait_s)
     child = subprocess.Popen(
         [sys.executable, "-m", "hetbatch.launch.span", "engine", "--output", output,
-         "--instance", instance_id, "--rank", str(rank)]
+         "--instance", instance_id, "--rank", str(rank)],
+        preexec_fn=die_with_parent,  # a killed follower takes its share of the engine along
     )
     signal.signal(signal.SIGTERM, lambda *_: (_stop(child), sys.exit(143)))
     conn.settimeout(0.2)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from hetbatch.layout import InstanceSpec, device_env
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Workers must not outlive a killed launcher (Linux: PR_SET_PDEATHSIG)."""
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
@@ -83,7 +83,7 @@ class WorkerSupervisor:
             stdout=w.log,
             stderr=subprocess.STDOUT if w.log is not None else None,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
     def worker_argv(self, instance: InstanceSpec) -> list[str]:

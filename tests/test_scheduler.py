@@ -123,7 +123,7 @@ def test_idle_instance_steals_the_tail_of_the_slowest() -> None:
     assert isinstance(big, Lease) and big.rows == 1000
     s.heartbeat("slow", {big.lease_id: (100, 50)}, 1)
     s.join("fast", 3.0, 1)
-    assert s.request("fast", 1) is Wait.NOTHING_FREE
+    assert s.request("fast", 1) == Wait(SchedulerConfig().retry_s)
     reply = s.heartbeat("slow", {big.lease_id: (120, 60)}, 2)
     assert len(reply.releases) == 1
     release = reply.releases[0]
@@ -191,7 +191,7 @@ def test_end_game_keeps_the_last_rows_off_slow_turnaround_instances() -> None:
         lease = s.request("quick", t)
         s.commit("quick", lease.lease_id, lease.start, lease.end, t + lease.rows / 10)
         t += lease.rows / 10
-    assert s.request("deep", t) is Wait.NOTHING_FREE
+    assert s.request("deep", t) == Wait(SchedulerConfig().retry_s)
     assert isinstance(s.request("quick", t), Lease)
     s.config = SchedulerConfig(max_unit_rows=200, tail_latency_factor=0)  # the rule off
     assert isinstance(s.request("deep", t), Lease)

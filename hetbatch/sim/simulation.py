@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
+from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler
 from hetbatch.scheduler.pacing import PACING, Pacing
 from hetbatch.sim.workload import RowWork
 
@@ -140,6 +140,7 @@ class _Inst:
     rows: int = 0
     n_units: int = 0
     request_token: int = 0
+    next_lease_at: float = 0.0  # told to wait until then, it does not ask before
 
 
 def fluid_lower_bound(instances: list[SimInstance], work: float) -> float:
@@ -255,7 +256,7 @@ class Simulation:
     def _want_lease(self, k: int, t: float) -> None:
         inst = self.insts[k]
         inst.request_token += 1
-        self._push(t, REQUEST, k, inst.request_token)
+        self._push(max(t, inst.next_lease_at), REQUEST, k, inst.request_token)
 
     def _window(self, inst: _Inst) -> int:
         return self.cfg.pacing.window(inst.spec.max_num_seqs)
@@ -278,10 +279,11 @@ class Simulation:
             inst.units.append(unit)
             self._schedule(k, len(inst.units) - 1)
             self._want_lease(k, self.now)
-        elif result is Wait.DONE:
+        elif result.done:
             inst.finished = True
-        else:
-            self._want_lease(k, self.now + self.cfg.pacing.wait_s)
+        else:  # as the worker does: no request before the wait is over, even after a commit
+            inst.next_lease_at = self.now + result.seconds
+            self._want_lease(k, inst.next_lease_at)
 
     def _when_low(self, inst: _Inst) -> float:
         """When the queued rows will have dropped to the worker's window (it asks then)."""

@@ -9,6 +9,7 @@ makespan. Instance speeds and batch limits come from the planner's plan for Llam
 from __future__ import annotations
 
 import math
+import os
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -127,26 +128,36 @@ def large_cluster(instances: int) -> list[SimInstance]:
 
 
 def run_large(
-    name: str, insts: list[SimInstance], work: RowWork, sim: SimConfig, echo: Callable[[str], None]
+    name: str,
+    insts: list[SimInstance],
+    work: RowWork,
+    sim: SimConfig,
+    echo: Callable[[str], None],
+    trace_memory: bool = True,
 ) -> None:
     """hetbatch alone on a large cluster: efficiency, the scheduler's decisions/s (time spent
     inside its calls), and the peak memory of the simulation (scheduler and simulated
     instances; the workload's row lengths are allocated before tracing)."""
     sched = make_scheduler("hetbatch", work.rows, SchedulerConfig())
-    tracemalloc.start()
-    t0 = time.perf_counter()
+    if trace_memory:
+        tracemalloc.start()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     result = simulate(sched, insts, work, sim)
-    wall = time.perf_counter() - t0
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    memory = "not traced"
     units = sum(s.units for s in result.instances.values())
+    if trace_memory:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        memory = f"{peak / 2**20:.1f} MiB ({peak / max(units, 1):,.0f} B per unit)"
     echo(
         f"{name}: {len(insts):,} instances, {work.rows:,} rows "
         f"({result.lower_bound / 3600:.2f} h at full speed): efficiency {result.efficiency:.3f}\n"
         f"   {result.scheduler_calls:,} scheduler calls at "
-        f"{result.scheduler_calls / result.scheduler_s:,.0f}/s, whole simulation {wall:.0f} s; "
-        f"{units:,} units, peak traced memory {peak / 2**20:.1f} MiB "
-        f"({peak / max(units, 1):,.0f} B per unit)"
+        f"{result.scheduler_calls / result.scheduler_s:,.0f}/s (CPU time in its calls); "
+        f"whole simulation {wall:.0f} s ({cpu:.0f} s CPU, load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores); {units:,} units, "
+        f"peak traced memory {memory}"
     )
 
 

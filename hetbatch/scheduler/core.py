@@ -341,8 +341,25 @@ class Scheduler:
         """Alive instances, soonest to finish first; recomputed at most every
         `rank_interval_s`, so the end game costs O(instances) per interval, not per call."""
         if now - self._ranked_at >= self.config.rank_interval_s:
-            alive = [i for i, s in self.instances.items() if s.alive]
-            self._ranked = sorted(alive, key=lambda i: (self.finish_time(i), i))
+            # finish_time written out: this sorts every instance of a cluster of thousands.
+            tail = self.config.tail_latency_factor
+            scale = (
+                self._measured_rate_sum / self._measured_planned_sum
+                if self._measured_planned_sum else 1.0
+            )
+            keyed = []
+            for i, s in self.instances.items():
+                if not s.alive:
+                    continue
+                rate = s.measured_rate
+                if rate is None:
+                    keyed.append((s.queued / (s.planned_weight * scale), i))
+                elif s.concurrency is None:
+                    keyed.append((s.queued / rate, i))
+                else:
+                    keyed.append((s.queued / rate + tail * (s.concurrency / rate), i))
+            keyed.sort()
+            self._ranked = [i for _, i in keyed]
             self._ranked_at = now
         return self._ranked
 
@@ -408,23 +425,39 @@ class Scheduler:
     ) -> HeartbeatReply:
         """Renew the instance's leases, note its progress (submitted, done), pass on releases."""
         state = self.instances[instance_id]
-        self._set_alive(state, True)
+        if not state.alive:
+            self._set_alive(state, True)
         state.last_heard_at = now
-        revoked = [lid for lid in progress if lid not in state.leases]
+        mine = state.leases
+        revoked = [lid for lid in progress if lid not in mine]
         releases = []
         deadline = now + self.config.lease_timeout_s
-        for lid in state.leases:
-            lease = self.leases[lid]
-            self._renew(lease, deadline)
+        if deadline < self._latest_deadline:
+            self._deadlines_in_order = False  # a clock that went back: expire sorts again
+        else:
+            self._latest_deadline = deadline
+        # Written out (renewal, progress, queue length): every instance heartbeats all along.
+        by_deadline, leases = self._by_deadline, self.leases
+        queued_change = 0
+        for lid in mine:
+            lease = leases[lid]
+            lease.deadline = deadline
+            by_deadline.move_to_end(lid)
             reported = progress.get(lid)
             if reported is not None:
                 submitted, done = reported
-                lease.submitted = min(max(submitted, lease.start), lease.end)
-                before = lease.unfinished_rows
-                lease.done = min(done, lease.end - lease.start)
-                self._add_queued(state, lease.unfinished_rows - before)
+                start, end = lease.start, lease.end
+                rows = end - start
+                lease.submitted = (
+                    start if submitted < start else end if submitted > end else submitted
+                )
+                before = rows - lease.done
+                lease.done = done = done if done < rows else rows
+                queued_change += (rows - done if done < rows else 0) - (before if before > 0 else 0)
             if lease.release_to is not None:
                 releases.append(Release(lid, max(lease.release_to, lease.submitted)))
+        if queued_change:
+            self._add_queued(state, queued_change)
         return HeartbeatReply(releases, revoked)
 
     def _renew(self, lease: Lease, deadline: float) -> None:

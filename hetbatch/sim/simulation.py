@@ -282,7 +282,7 @@ class Simulation:
             self._want_lease(k, self.now)
         elif result.done:
             inst.finished = True
-        else:  # as the worker does: no request before the wait is over, even after a commit
+        else:  # as the worker does: no request before the wait is over, unless a unit commits
             inst.next_lease_at = self.now + result.seconds
             self._want_lease(k, inst.next_lease_at)
 
@@ -329,6 +329,7 @@ class Simulation:
                 self.assignments.append(
                     Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end)
                 )
+        inst.next_lease_at = self.now  # as the worker: a commit ends a wait, its queue changed
         self._want_lease(k, self.now)
 
     # -- heartbeats ---------------------------------------------------------------------------

@@ -177,9 +177,9 @@ def scale(seed: int, quick: bool, hours: float, echo: Callable[[str], None]) -> 
 
 
 def huge(seed: int, quick: bool, heartbeat_s: float, echo: Callable[[str], None]) -> None:
-    """(g): ten thousand instances of four types, a billion rows. Rows are simulated one by
-    one, but their lengths repeat a sample of 2^22 rows (units are far smaller); instances
-    heartbeat every `heartbeat_s`, as a job of this size would set."""
+    """(g): ten thousand instances of four types, a billion rows. Every row has its own
+    lengths, repeating a sample of 2^22 rows (units are far smaller), and the simulation steps
+    unit by unit; instances heartbeat every `heartbeat_s`, as a job of this size would set."""
     insts = large_cluster(1000 if quick else 10_000)
     rows = 10**8 if quick else 10**9
     block = RowWork.sample(2**22, np.random.default_rng(seed), INPUT, OUTPUT)

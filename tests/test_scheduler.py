@@ -123,7 +123,7 @@ def test_idle_instance_steals_the_tail_of_the_slowest() -> None:
     assert isinstance(big, Lease) and big.rows == 1000
     s.heartbeat("slow", {big.lease_id: (100, 50)}, 1)
     s.join("fast", 3.0, 1)
-    assert s.request("fast", 1) is Wait.NOTHING_FREE
+    assert s.request("fast", 1) == Wait(SchedulerConfig().retry_s)
     reply = s.heartbeat("slow", {big.lease_id: (120, 60)}, 2)
     assert len(reply.releases) == 1
     release = reply.releases[0]
@@ -191,7 +191,7 @@ def test_end_game_keeps_the_last_rows_off_slow_turnaround_instances() -> None:
         lease = s.request("quick", t)
         s.commit("quick", lease.lease_id, lease.start, lease.end, t + lease.rows / 10)
         t += lease.rows / 10
-    assert s.request("deep", t) is Wait.NOTHING_FREE
+    assert s.request("deep", t) == Wait(SchedulerConfig().retry_s)
     assert isinstance(s.request("quick", t), Lease)
     s.config = SchedulerConfig(max_unit_rows=200, tail_latency_factor=0)  # the rule off
     assert isinstance(s.request("deep", t), Lease)
@@ -234,3 +234,22 @@ def test_running_sums_match_a_recount(ops) -> None:
         assert s._leased_unfinished == sum(ls.unfinished_rows for ls in s.leases.values())
         for st_ in s.instances.values():
             assert st_.queued == sum(s.leases[lid].unfinished_rows for lid in st_.leases)
+
+
+def test_waiting_instances_together_ask_a_bounded_number_of_times_a_second() -> None:
+    """Given nothing, an instance is told to wait longer the more instances already wait (up
+    to a cap); one that gets rows again stops counting."""
+    s = _sched(rows=100, max_unit_rows=100, factor=1.0, waiting_asks_per_s=4.0, max_retry_s=2.0)
+    s.join("a", 1.0, 0)
+    lease = s.request("a", 0)
+    assert isinstance(lease, Lease) and lease.rows == 100
+    for name in "bcdefghij":
+        s.join(name, 1000.0 if name == "b" else 1.0, 0)
+    waits = [s.request(name, 0).seconds for name in "bcdefghij"]
+    assert waits[0] == SchedulerConfig().retry_s  # few waiting: the usual short wait
+    assert waits == sorted(waits) and waits[-1] == 2.0  # more waiting: longer, up to the cap
+    assert waits[3] == 4 / 4.0  # four waiting instances asking four times a second together
+    s.leave("a", 1)
+    s.leave("j", 1)
+    assert isinstance(s.request("b", 1), Lease)
+    assert s.request("c", 1).seconds == 7 / 4.0  # neither b, which got rows, nor j, lost, wait

@@ -37,7 +37,7 @@ from hetbatch.coordinator.protocol import MAX_MESSAGE_BYTES, encode_message
 from hetbatch.cost import cost_summary
 from hetbatch.error_budget import ErrorBudget
 from hetbatch.io.paths import OutputPaths
-from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
+from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.scheduler.ranges import RangeSet
 
@@ -321,7 +321,7 @@ class Coordinator:
             metrics.first_lease_at = metrics.first_lease_at or now
             self._note_lease(result)
             return m.lease_reply(result.lease_id, result.start, result.end)
-        return m.done_reply() if result is Wait.DONE else m.wait_reply(PACING.wait_s)
+        return m.done_reply() if result.done else m.wait_reply(result.seconds)
 
     def _op_heartbeat(self, msg: m.Heartbeat, conn: _Connection) -> dict[str, Any]:
         if msg.engine is not None and msg.instance in self.metrics:

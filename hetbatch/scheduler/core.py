@@ -18,8 +18,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
+from hetbatch.scheduler.pacing import PACING
 from hetbatch.scheduler.ranges import RangeSet
 
 if TYPE_CHECKING:
@@ -43,6 +44,12 @@ class SchedulerConfig:
     asking_window_s: float = 5.0  # instances that asked for work this recently can take it
     refuse_margin: float = 0.25  # refuse only for an instance that finishes this much sooner
     rank_interval_s: float = 0.5  # how stale the ranking of instances by finish time may be
+    # An instance given nothing asks again after `retry_s`; once many instances wait, after
+    # longer, so that together they ask about `waiting_asks_per_s` times a second (at most
+    # `max_retry_s` apart): 10,000 idle instances near the end must not flood the coordinator.
+    retry_s: float = PACING.wait_s
+    waiting_asks_per_s: float = 400.0
+    max_retry_s: float = 30.0
 
     @classmethod
     def from_spec(cls, spec: SchedulerSpec) -> SchedulerConfig:
@@ -97,11 +104,16 @@ class InstanceState:
     last_heard_at: float = -math.inf  # its last request or heartbeat
 
 
-class Wait(Enum):
-    """Why a request got no lease."""
+@dataclass(frozen=True)
+class Wait:
+    """No lease: ask again in `seconds`, or never once the job is `done` (`Wait.DONE`)."""
 
-    NOTHING_FREE = "nothing-free"
-    DONE = "done"
+    seconds: float = 0.0
+    done: bool = False
+    DONE: ClassVar[Wait]
+
+
+Wait.DONE = Wait(done=True)
 
 
 class CommitStatus(Enum):
@@ -159,6 +171,7 @@ class Scheduler:
         self._leased_unfinished = 0
         self._ranked: list[str] = []  # alive instances by finish time, refreshed now and then
         self._ranked_at = -math.inf
+        self._waiting: set[str] = set()  # alive instances whose last request got nothing
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -183,6 +196,8 @@ class Scheduler:
         else:
             self._alive_unmeasured_planned += sign * state.planned_weight
         state.alive = alive
+        if not alive:
+            self._waiting.discard(state.instance_id)
 
     def leave(self, instance_id: str, now: float) -> list[Lease]:
         """An instance is gone: its leases go back to the queue at once."""
@@ -204,8 +219,19 @@ class Scheduler:
         if self.done:
             return Wait.DONE
         if len(state.leases) >= self.config.max_leases_per_instance:
-            return Wait.NOTHING_FREE
+            return Wait(self.config.retry_s)  # busy, not idle: its commits free a place soon
         return self._deal(state, now)
+
+    def _nothing_free(self, state: InstanceState) -> Wait:
+        """Nothing for an instance that could take work: it waits longer the more instances
+        wait, so that the waiting instances together ask about `waiting_asks_per_s` times a
+        second. Whatever frees rows (a release, a lapsed or returned lease) is still found
+        within a fraction of a second by one of them, and the end game of a cluster of
+        thousands costs the coordinator hundreds of requests a second, not tens of thousands."""
+        cfg = self.config
+        self._waiting.add(state.instance_id)
+        spread = len(self._waiting) / cfg.waiting_asks_per_s
+        return Wait(min(cfg.max_retry_s, max(cfg.retry_s, spread)))
 
     def _deal(self, state: InstanceState, now: float) -> Lease | Wait:
         """Which rows an instance that may take more gets: what a thief stole for it, else a
@@ -219,10 +245,10 @@ class Scheduler:
         state.last_request_at = state.last_heard_at = now
         self._set_alive(state, True)
         if self._too_late(instance_id, now):
-            return Wait.NOTHING_FREE
+            return self._nothing_free(state)
         if not self.pending:
             self._plan_steal(instance_id, now)
-            return Wait.NOTHING_FREE
+            return self._nothing_free(state)
         start, end = self._cut_unit(self.unit_size(instance_id))
         return self._issue(instance_id, start, end, now)
 
@@ -260,6 +286,7 @@ class Scheduler:
         state = self.instances[instance_id]
         state.leases.append(lease.lease_id)
         self._add_queued(state, lease.rows)
+        self._waiting.discard(instance_id)
         if state.last_commit_at is None:
             state.last_commit_at = now
         return lease
@@ -314,8 +341,25 @@ class Scheduler:
         """Alive instances, soonest to finish first; recomputed at most every
         `rank_interval_s`, so the end game costs O(instances) per interval, not per call."""
         if now - self._ranked_at >= self.config.rank_interval_s:
-            alive = [i for i, s in self.instances.items() if s.alive]
-            self._ranked = sorted(alive, key=lambda i: (self.finish_time(i), i))
+            # finish_time written out: this sorts every instance of a cluster of thousands.
+            tail = self.config.tail_latency_factor
+            scale = (
+                self._measured_rate_sum / self._measured_planned_sum
+                if self._measured_planned_sum else 1.0
+            )
+            keyed = []
+            for i, s in self.instances.items():
+                if not s.alive:
+                    continue
+                rate = s.measured_rate
+                if rate is None:
+                    keyed.append((s.queued / (s.planned_weight * scale), i))
+                elif s.concurrency is None:
+                    keyed.append((s.queued / rate, i))
+                else:
+                    keyed.append((s.queued / rate + tail * (s.concurrency / rate), i))
+            keyed.sort()
+            self._ranked = [i for _, i in keyed]
             self._ranked_at = now
         return self._ranked
 
@@ -381,23 +425,39 @@ class Scheduler:
     ) -> HeartbeatReply:
         """Renew the instance's leases, note its progress (submitted, done), pass on releases."""
         state = self.instances[instance_id]
-        self._set_alive(state, True)
+        if not state.alive:
+            self._set_alive(state, True)
         state.last_heard_at = now
-        revoked = [lid for lid in progress if lid not in state.leases]
+        mine = state.leases
+        revoked = [lid for lid in progress if lid not in mine]
         releases = []
         deadline = now + self.config.lease_timeout_s
-        for lid in state.leases:
-            lease = self.leases[lid]
-            self._renew(lease, deadline)
+        if deadline < self._latest_deadline:
+            self._deadlines_in_order = False  # a clock that went back: expire sorts again
+        else:
+            self._latest_deadline = deadline
+        # Written out (renewal, progress, queue length): every instance heartbeats all along.
+        by_deadline, leases = self._by_deadline, self.leases
+        queued_change = 0
+        for lid in mine:
+            lease = leases[lid]
+            lease.deadline = deadline
+            by_deadline.move_to_end(lid)
             reported = progress.get(lid)
             if reported is not None:
                 submitted, done = reported
-                lease.submitted = min(max(submitted, lease.start), lease.end)
-                before = lease.unfinished_rows
-                lease.done = min(done, lease.end - lease.start)
-                self._add_queued(state, lease.unfinished_rows - before)
+                start, end = lease.start, lease.end
+                rows = end - start
+                lease.submitted = (
+                    start if submitted < start else end if submitted > end else submitted
+                )
+                before = rows - lease.done
+                lease.done = done = done if done < rows else rows
+                queued_change += (rows - done if done < rows else 0) - (before if before > 0 else 0)
             if lease.release_to is not None:
                 releases.append(Release(lid, max(lease.release_to, lease.submitted)))
+        if queued_change:
+            self._add_queued(state, queued_change)
         return HeartbeatReply(releases, revoked)
 
     def _renew(self, lease: Lease, deadline: float) -> None:

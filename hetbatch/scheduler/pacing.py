@@ -19,7 +19,7 @@ class Pacing:
     # its engine (and never keeps fewer than `min_window_rows`).
     window_batches: int = 2
     min_window_rows: int = 8
-    wait_s: float = 0.25  # what the coordinator tells a worker to wait after "nothing free"
+    wait_s: float = 0.25  # the shortest wait the scheduler tells a worker given nothing
     expire_tick_s: float = 0.5  # how often the coordinator expires lapsed leases
     idle_s: float = 0.02  # how long a worker with nothing to feed or step sleeps
 

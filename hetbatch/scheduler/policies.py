@@ -39,7 +39,7 @@ class PullFixedScheduler(Scheduler):
 
     def _deal(self, state: InstanceState, now: float) -> Lease | Wait:
         if not self.pending:
-            return Wait.NOTHING_FREE
+            return self._nothing_free(state)
         start, end = self.pending.first()
         cut = min(end, start + self.block_rows)
         self.pending.remove(start, cut)
@@ -93,7 +93,7 @@ class StaticScheduler(Scheduler):
         self._ensure_layout()
         got = self._own(state.instance_id) or self._orphan()
         if got is None:
-            return Wait.NOTHING_FREE
+            return self._nothing_free(state)
         self.pending.remove(*got)
         return self._issue(state.instance_id, *got, now)
 

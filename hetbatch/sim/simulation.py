@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler, Wait
+from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler
 from hetbatch.scheduler.pacing import PACING, Pacing
 from hetbatch.sim.workload import RowWork
 
@@ -85,7 +85,7 @@ class SimResult:
     instances: dict[str, InstanceStats]
     assignments: list[Assignment]
     scheduler_calls: int
-    scheduler_s: float
+    scheduler_s: float  # CPU time inside the scheduler's calls
 
     @property
     def efficiency(self) -> float:
@@ -141,6 +141,7 @@ class _Inst:
     rows: int = 0
     n_units: int = 0
     request_token: int = 0
+    next_lease_at: float = 0.0  # told to wait until then, it does not ask before
 
 
 def fluid_lower_bound(instances: list[SimInstance], work: float) -> float:
@@ -196,10 +197,11 @@ class Simulation:
         heapq.heappush(self.heap, (t, self.seq, kind, idx, token))
 
     def _call(self, fn, *args):
-        """A scheduler decision, timed: it is the cost a simulation of scale measures."""
-        t0 = time.perf_counter()
+        """A scheduler decision, timed: it is the cost a simulation of scale measures. CPU time
+        of this thread, so that other processes on a shared machine do not count."""
+        t0 = time.thread_time()
         out = fn(*args)
-        self.sched_s += time.perf_counter() - t0
+        self.sched_s += time.thread_time() - t0
         self.calls += 1
         if self.trace is not None:  # a copy: the scheduler changes a lease it handed out later
             self.trace.append((fn.__name__, args, copy.copy(out)))
@@ -256,7 +258,7 @@ class Simulation:
     def _want_lease(self, k: int, t: float) -> None:
         inst = self.insts[k]
         inst.request_token += 1
-        self._push(t, REQUEST, k, inst.request_token)
+        self._push(max(t, inst.next_lease_at), REQUEST, k, inst.request_token)
 
     def _window(self, inst: _Inst) -> int:
         return self.cfg.pacing.window(inst.spec.max_num_seqs)
@@ -279,10 +281,11 @@ class Simulation:
             inst.units.append(unit)
             self._schedule(k, len(inst.units) - 1)
             self._want_lease(k, self.now)
-        elif result is Wait.DONE:
+        elif result.done:
             inst.finished = True
-        else:
-            self._want_lease(k, self.now + self.cfg.pacing.wait_s)
+        else:  # as the worker does: no request before the wait is over, unless a unit commits
+            inst.next_lease_at = self.now + result.seconds
+            self._want_lease(k, inst.next_lease_at)
 
     def _when_low(self, inst: _Inst) -> float:
         """When the queued rows will have dropped to the worker's window (it asks then)."""
@@ -327,6 +330,7 @@ class Simulation:
                 self.assignments.append(
                     Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end)
                 )
+        inst.next_lease_at = self.now  # as the worker: a commit ends a wait, its queue changed
         self._want_lease(k, self.now)
 
     # -- heartbeats ---------------------------------------------------------------------------
@@ -345,7 +349,15 @@ class Simulation:
         inst = self.insts[k]
         if not inst.alive or inst.finished:
             return
-        progress = {u.lease_id: self._progress(inst, u) for u in inst.units}
+        now, batch = self.now, inst.spec.max_num_seqs
+        progress = {}
+        for u in inst.units:  # _progress written out: every instance heartbeats all along
+            if u.t_start > now:
+                progress[u.lease_id] = (u.start, 0)
+                continue
+            span, rows = u.t_end - u.t_start, u.end - u.start
+            processed = int((1.0 if span <= 0 else min(1.0, (now - u.t_start) / span)) * rows)
+            progress[u.lease_id] = (u.start + min(rows, processed + batch), processed)
         reply = self._call(self.s.heartbeat, inst.spec.instance_id, progress, self.now)
         for lid in reply.revoked:
             self._drop(k, lid)

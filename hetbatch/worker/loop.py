@@ -271,6 +271,7 @@ class Worker:
             staging=staged,
             stats=stats,
         )
+        self._next_lease_at = 0.0  # its queue changed: what it was told to wait for may have too
         if reply.get("status") == "stale":
             log.warning(
                 "unit [%s, %s) was taken over by another instance; discarded", unit.start, unit.end

@@ -46,7 +46,7 @@ def _expected(name: str, result) -> object:
     if name == "request":
         if isinstance(result, Lease):
             return {"lease": {"id": result.lease_id, "start": result.start, "end": result.end}}
-        return "done" if result is Wait.DONE else "wait"
+        return "done" if result is Wait.DONE else {"wait": result.seconds}
     if name == "heartbeat":
         return ([[r.lease_id, r.cut] for r in result.releases], result.revoked)
     if name == "commit":
@@ -69,7 +69,7 @@ def _replay(coord: Coordinator, clock: FakeClock, store: OutputStore, trace: lis
             seen.append(None)
         elif name == "request":
             reply = c.call("lease", instance=inst)
-            seen.append(reply if "lease" in reply else ("done" if reply.get("done") else "wait"))
+            seen.append("done" if reply.get("done") else reply)
         elif name == "heartbeat":
             progress = {str(k): list(v) for k, v in args[1].items()}
             reply = c.call("heartbeat", instance=inst, progress=progress)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from hetbatch.engines.base import EngineRequest
 from hetbatch.engines.simulated import SimEngine, delivered_speed, step_seconds
-from hetbatch.scheduler.policies import POLICIES
-from hetbatch.sim import RowWork, SimInstance, fluid_lower_bound
-from tests.sim.helpers import cluster, rows_exactly_once, run, workload
+from hetbatch.scheduler.policies import POLICIES, make_scheduler
+from hetbatch.sim import RowWork, SimConfig, SimInstance, fluid_lower_bound, simulate
+from tests.sim.helpers import CONFIG, cluster, rows_exactly_once, run, workload
 
 SCENARIOS = {
     "plain": ({}, {}),
@@ -91,3 +93,18 @@ def test_tiled_work_is_its_block_repeated() -> None:
         assert tiled.drain_s(start, end, 100.0, 0.01) == pytest.approx(
             repeated.drain_s(start, end, 100.0, 0.01)
         )
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_instances_told_to_wait_long_still_finish_every_row_once(scenario: str) -> None:
+    """Waiting instances that together ask only twice a second, each up to 20 s apart, still
+    finish every row exactly once (losses, late joins, steals), asking far less often."""
+    cluster_args, sim_args = SCENARIOS[scenario]
+    config = replace(CONFIG, waiting_asks_per_s=2.0, max_retry_s=20.0)
+    patient = simulate(
+        make_scheduler("hetbatch", 3000, config), cluster(**cluster_args), workload(),
+        SimConfig(**sim_args),
+    )
+    eager = run("hetbatch", cluster(**cluster_args), workload(), **sim_args)
+    assert patient.completed and rows_exactly_once(patient)
+    assert patient.scheduler_calls < eager.scheduler_calls

@@ -33,6 +33,10 @@ class ModelSpec(_Strict):
 
 class InputSpec(_Strict):
     path: str = Field(description="fsspec path: a file, a directory or a glob")
+    format: Literal["parquet", "openai-batch"] = Field(
+        default="parquet",
+        description="Parquet rows, or OpenAI batch JSONL requests (custom_id, method, url, body)",
+    )
     prompt_column: str | None = None
     messages_column: str | None = None
     id_column: str | None = None
@@ -48,8 +52,25 @@ class InputSpec(_Strict):
         default_factory=dict, description="passed to the fsspec driver, e.g. endpoint_url"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _requests_keyed_by_custom_id(cls, data: Any) -> Any:
+        """OpenAI batch requests name themselves by `custom_id`: that is the rows' id."""
+        if isinstance(data, dict) and data.get("format") == "openai-batch":
+            return {"id_column": "custom_id", **data}
+        return data
+
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:
+        if self.format == "openai-batch":
+            if self.prompt_column or self.messages_column or self.keep_columns:
+                raise ValueError(
+                    "openai-batch requests carry their own prompts: prompt_column, "
+                    "messages_column and keep_columns do not apply"
+                )
+            if self.id_column != "custom_id":
+                raise ValueError("openai-batch requests are keyed by custom_id: drop id_column")
+            return self
         if (self.prompt_column is None) == (self.messages_column is None):
             raise ValueError("give exactly one of prompt_column and messages_column")
         return self
@@ -57,6 +78,10 @@ class InputSpec(_Strict):
 
 class OutputSpec(_Strict):
     path: str
+    format: Literal["parquet", "openai-batch"] = Field(
+        default="parquet",
+        description="Parquet shards, or JSONL shards in OpenAI's batch output layout",
+    )
     compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = "zstd"
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="passed to the fsspec driver, e.g. endpoint_url"
@@ -309,6 +334,7 @@ class JobSpec(_Strict):
                 "(json_schema, regex or choice), so that outputs are checked"
             )
         _check_output_shaping(self.sampling)
+        _check_openai_batch(self)
         if self.task != "generate":
             _check_pooling(self)
         return self
@@ -344,6 +370,21 @@ def _check_output_shaping(sampling: dict[str, Any]) -> None:
                 f"sampling.{name} must be a number of top tokens (0 or more, -1 for all), "
                 f"not {k!r}"
             )
+
+
+def _check_openai_batch(job: JobSpec) -> None:
+    """OpenAI batch requests bring their prompts and sampling; OpenAI batch output is text."""
+    if job.input.format == "openai-batch":
+        given = [k for k in ("prompt_template", "chat") if getattr(job, k)]
+        if given:
+            raise ValueError(
+                f"{given[0]} does not apply to openai-batch input: each request carries its "
+                "messages (chat) or prompt (completions)"
+            )
+        if job.row_overrides.columns():
+            raise ValueError("row_overrides do not apply to openai-batch input: bodies override")
+    if "openai-batch" in (job.input.format, job.output.format) and job.task != "generate":
+        raise ValueError(f"task {job.task} does not apply to openai-batch input or output")
 
 
 def _check_pooling(job: JobSpec) -> None:

@@ -111,7 +111,8 @@ def request_prompts(
             out.append(RowPrompt(cid, text, None, sampling={**job_sampling, **own}, url=url,
                                  add_special_tokens=isinstance(prompt, str)))
         except RequestError as exc:
-            out.append(RowPrompt(cid, None, f"{source}: {exc}"))
+            # A line without a custom_id is known by where it is (a key, for the id checks).
+            out.append(RowPrompt(cid if cid is not None else source, None, f"{source}: {exc}"))
     return out
 
 

@@ -166,7 +166,7 @@ def stage_unit(
     coordinator publishes. `name` is the staged file's name without its suffix."""
     output = job.output
     if output.format == "openai-batch":
-        lines, errors = openai_lines(job, prompts, results, start)
+        lines, errors = openai_lines(job, table, prompts, results, start)
         return stage_jsonl(
             output.path, output.storage_options, f"{name}.jsonl", start, end, lines, errors
         )
@@ -178,19 +178,29 @@ def stage_unit(
 
 
 def openai_lines(
-    job: JobSpec, prompts: list[RowPrompt], results: list[dict[str, Any]], start: int
+    job: JobSpec,
+    table: pa.Table,
+    prompts: list[RowPrompt],
+    results: list[dict[str, Any]],
+    start: int,
 ) -> tuple[bytes, bytes]:
-    """A unit's rows as OpenAI batch output lines: every row, and the failed ones again."""
+    """A unit's rows as OpenAI batch output lines: every row, and the failed ones again.
+    A request's custom_id is its own (null for a line that gives none); other input rows are
+    known by their id, or their row number."""
     default_url = CHAT if job.chat or job.input.messages_column else COMPLETIONS
+    if job.input.format == "openai-batch":
+        ids = table.column("custom_id").to_pylist()
+    else:
+        ids = [str(p.key) for p in prompts]
     created = int(time.time())
     lines, errors = [], []
     for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
-        custom_id = p.key if p.key is None or isinstance(p.key, str) else str(p.key)
-        line = dumps(output_line(custom_id, p.url or default_url, job.model.path, r, start + i,
-                                 created))
+        url = p.url or default_url
+        line = dumps(output_line(ids[i], url, job.model.path, r, start + i, created))
         lines.append(line)
         if r.get("error") is not None:
             errors.append(line)
+
     def joined(rows: list[str]) -> bytes:
         return "".join(f"{row}\n" for row in rows).encode()
 

@@ -198,3 +198,108 @@ def test_job_mistakes_are_one_line(tmp_path) -> None:
     empty = sim_openai_job(tmp_path, str(tmp_path / "notes"))
     result = run_cli("run", str(write_job(tmp_path / "bad.yaml", empty)))
     assert result.returncode == 2 and "no .jsonl files found" in result.stderr
+
+
+# -- real vLLM on the CPU -----------------------------------------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+def _vllm_requests() -> list[str]:
+    """Chat requests as OpenAI's guide writes them (greedy, short), a few with n samples
+    (seeded: vLLM allows n > 1 only when sampling), logprobs or a JSON schema, and plain
+    completions, which vLLM's run-batch does not take."""
+    lines = []
+    for i in range(48):
+        extra: dict[str, Any] = {"temperature": 0, "max_tokens": 6 + i % 11}
+        if i % 8 == 1:
+            extra.update(n=2, temperature=0.9, seed=100 + i, logprobs=True, top_logprobs=2)
+        if i % 8 == 2:
+            extra.update(max_tokens=40, response_format={
+                "type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA}})
+        lines.append(request(i, COMPLETIONS if i % 6 == 5 else CHAT, **extra))
+    return lines
+
+
+def _by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {line["custom_id"]: line for line in lines}
+
+
+@pytest.mark.vllm
+def test_same_completions_as_vllm_run_batch(tmp_path, tiny_model) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import polars as pl
+
+    from tests.jobutil import TINY_ENGINE_ARGS
+
+    lines = _vllm_requests()
+    src = write_lines(tmp_path / "requests.jsonl", lines)
+    chat_only = write_lines(tmp_path / "chat.jsonl", [x for x in lines if CHAT in x])
+    job = {
+        "model": {"path": str(tiny_model), "engine_args": dict(TINY_ENGINE_ARGS)},
+        "input": {"path": str(src), "format": "openai-batch"},
+        "output": {"path": str(tmp_path / "out"), "format": "openai-batch"},
+        "sampling": {"max_tokens": 16},
+        "scheduler": {"max_unit_rows": 8, "min_unit_rows": 4, "heartbeat_s": 0.5},
+        "cluster": {"pools": [{"name": "cpu", "accelerator": "cpu", "devices_per_node": 2}]},
+    }
+    result = run_cli("run", str(write_job(tmp_path / "job.yaml", job)))
+    assert result.returncode == 0, result.stderr
+    ours = _by_id(output_lines(tmp_path / "out"))
+    assert len(ours) == 48 and all(x["error"] is None for x in ours.values())
+
+    reference = tmp_path / "vllm.jsonl"
+    args = TINY_ENGINE_ARGS
+    subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(chat_only),
+         "-o", str(reference), "--model", str(tiny_model),
+         "--served-model-name", "gpt-3.5-turbo-0125", "--dtype", args["dtype"],
+         "--enforce-eager", "--max-model-len", str(args["max_model_len"]),
+         "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"])],
+        check=True, capture_output=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    theirs = _by_id(json.loads(x) for x in reference.read_text().splitlines())
+    assert len(theirs) == 40
+    texts = []
+    for cid, line in theirs.items():
+        body, mine = line["response"]["body"], ours[cid]["response"]["body"]
+        assert mine["object"] == body["object"] == "chat.completion"
+        for usage in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert mine["usage"][usage] == body["usage"][usage], (cid, usage)
+        assert len(mine["choices"]) == len(body["choices"])
+        for a, b in zip(mine["choices"], body["choices"], strict=True):
+            assert a["message"]["content"] == b["message"]["content"], cid
+            assert a["finish_reason"] == b["finish_reason"], cid
+            texts.append(a["message"]["content"])
+            if b["logprobs"] is not None:
+                want = [(t["token"], round(t["logprob"], 3)) for t in b["logprobs"]["content"]]
+                got = [(t["token"], round(t["logprob"], 3)) for t in a["logprobs"]["content"]]
+                assert got == want, cid
+                assert all(len(t["top_logprobs"]) == 2 for t in a["logprobs"]["content"])
+    assert sum(bool(t) for t in texts) > len(texts) / 2  # not a match of empty strings
+    constrained = [ours[f"request-{i}"] for i in range(2, 48, 8)]
+    for line in constrained:
+        choice = line["response"]["body"]["choices"][0]
+        if choice["finish_reason"] == "stop":
+            assert isinstance(json.loads(choice["message"]["content"])["n"], int)
+    completion = ours["request-5"]["response"]["body"]
+    assert completion["object"] == "text_completion" and "text" in completion["choices"][0]
+
+    # The same requests into Parquet: the same texts; a row whose n the columns cannot hold
+    # is that row's error.
+    job["output"] = {"path": str(tmp_path / "parquet")}
+    result = run_cli("run", str(write_job(tmp_path / "parquet.yaml", job)))
+    assert result.returncode == 0, result.stderr
+    df = pl.read_parquet(str(tmp_path / "parquet" / "*.parquet"))
+    assert df.height == 48 and df["custom_id"].n_unique() == 48
+    for row in df.iter_rows(named=True):
+        mine = ours[row["custom_id"]]["response"]["body"]["choices"][0]
+        if row["error"] is None:
+            assert row["generated_text"] == mine.get("message", mine).get("content",
+                                                                          mine.get("text"))
+        else:
+            assert "body.n 2 differs from the job's sampling.n 1" in row["error"]
+    assert df["error"].null_count() == 48 - 6

@@ -303,3 +303,32 @@ def test_same_completions_as_vllm_run_batch(tmp_path, tiny_model) -> None:
         else:
             assert "body.n 2 differs from the job's sampling.n 1" in row["error"]
     assert df["error"].null_count() == 48 - 6
+
+
+def test_on_s3_errors_published_with_their_shards(tmp_path, s3_env) -> None:
+    """Requests in and results out on an S3 server on loopback: shards and errors files are
+    uncompleted uploads until the coordinator completes them; nothing is left pending."""
+    bucket = s3_env.new_bucket()
+    fs = s3_env.filesystem()
+    lines = [request(i, max_tokens=4) for i in range(2000)]
+    for i in (3, 1500):
+        lines[i] = "[1, 2]"
+    fs.pipe_file(f"{bucket}/in/a.jsonl", "\n".join(lines[:1000]).encode() + b"\n")
+    fs.pipe_file(f"{bucket}/in/b.jsonl", "\n".join(lines[1000:]).encode() + b"\n")
+    job = sim_openai_job(tmp_path, f"s3://{bucket}/in/")
+    job["output"]["path"] = f"s3://{bucket}/out"
+    result = run_cli("run", str(write_job(tmp_path / "job.yaml", job)))
+    assert result.returncode == 0, result.stderr
+    fs.invalidate_cache()
+    shards = fs.glob(f"{bucket}/out/part-*.jsonl")
+    got = [json.loads(x) for p in shards for x in fs.cat_file(p).decode().splitlines()]
+    assert len(got) == 2000
+    assert len({g["custom_id"] for g in got if g["custom_id"]}) == 1998
+    errors = [json.loads(x) for p in fs.glob(f"{bucket}/out/errors/part-*.jsonl")
+              for x in fs.cat_file(p).decode().splitlines()]
+    assert sorted(e["error"]["message"] for e in errors) == [
+        f"s3://{bucket}/in/a.jsonl:4: a request line must be a JSON object",
+        f"s3://{bucket}/in/b.jsonl:501: a request line must be a JSON object",
+    ]
+    pending = fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+    assert pending == []

@@ -250,6 +250,14 @@ def test_same_completions_as_vllm_run_batch(tmp_path, tiny_model) -> None:
     assert result.returncode == 0, result.stderr
     ours = _by_id(output_lines(tmp_path / "out"))
     assert len(ours) == 48 and all(x["error"] is None for x in ours.values())
+    from openai.types import Completion  # the OpenAI SDK's own models read every body
+    from openai.types.chat import ChatCompletion
+
+    for line in ours.values():
+        body = line["response"]["body"]
+        kind = ChatCompletion if body["object"] == "chat.completion" else Completion
+        parsed = kind.model_validate(body)
+        assert parsed.usage is not None and parsed.usage.total_tokens > parsed.usage.prompt_tokens
 
     reference = tmp_path / "vllm.jsonl"
     args = TINY_ENGINE_ARGS

@@ -233,6 +233,27 @@ class RowOverridesSpec(_Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class LoraSpec(_Strict):
+    """LoRA adapters a row may ask for: by name, from a column (or, for OpenAI batch requests,
+    the body's `model`). A null or absent name runs the base model."""
+
+    adapters: dict[str, str] = Field(
+        min_length=1, description="adapter name -> folder (local path or fsspec URL)"
+    )
+    column: str | None = Field(default=None, description="input column naming a row's adapter")
+    max_lora_rank: int = Field(default=16, ge=1)
+    max_loras: int | None = Field(
+        default=None, ge=1, description="adapters in one batch; default all of them (up to 8)"
+    )
+
+    def slots(self) -> int:
+        return self.max_loras or min(len(self.adapters), 8)
+
+    def adapter_id(self, name: str) -> int:
+        """vLLM's integer id of an adapter: stable across workers (its rank by name)."""
+        return sorted(self.adapters).index(name) + 1
+
+
 class ClusterSpec(_Strict):
     pools: list[PoolSpec] = Field(min_length=1)
 
@@ -302,6 +323,7 @@ class JobSpec(_Strict):
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64})
     structured_output: StructuredOutputSpec | None = None
     row_overrides: RowOverridesSpec = Field(default_factory=RowOverridesSpec)
+    lora: LoraSpec | None = None
     seed: int = 0
     max_error_rate: float = Field(
         default=0.5,
@@ -335,6 +357,15 @@ class JobSpec(_Strict):
             )
         _check_output_shaping(self.sampling)
         _check_openai_batch(self)
+        if self.lora is not None and self.task != "generate":
+            raise ValueError(f"lora does not apply to task {self.task}")
+        if self.lora is not None and (self.lora.column is None) == (
+            self.input.format == "parquet"
+        ):
+            raise ValueError(
+                "lora.column names the adapter column of Parquet input; OpenAI batch "
+                "requests name theirs in body.model"
+            )
         if self.task != "generate":
             _check_pooling(self)
         return self
@@ -343,6 +374,11 @@ class JobSpec(_Strict):
     def structured(self) -> bool:
         """Whether any row may be constrained (job-wide, or by a schema column)."""
         return self.structured_output is not None or self.row_overrides.json_schema is not None
+
+    @property
+    def lora_names(self) -> set[str]:
+        """Names of the job's LoRA adapters (none without `lora`)."""
+        return set(self.lora.adapters) if self.lora is not None else set()
 
     @property
     def samples_per_row(self) -> int:

@@ -60,6 +60,7 @@ class EngineRequest:
     prompt: str
     sampling: dict[str, Any] = field(default_factory=dict)
     prompt_token_ids: list[int] | None = None  # when given, the engine skips tokenizing
+    adapter: tuple[str, int, str] | None = None  # LoRA: name, vLLM id, local folder
 
 
 class RequestRejected(Exception):

@@ -35,5 +35,10 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         # vLLM's CPU backend crashes on per-request seeds when a prompt's prefill is chunked
         # ("CPU Generator does not use offset"); every row carries a seed, so prefill whole.
         args.setdefault("enable_chunked_prefill", False)
+    if job.lora is not None:
+        args.setdefault("enable_lora", True)
+        args.setdefault("max_lora_rank", job.lora.max_lora_rank)
+        args.setdefault("max_loras", job.lora.slots())
+        args.setdefault("max_cpu_loras", len(job.lora.adapters))  # all stay loaded
     return VllmEngine(job.model.path, args, name=instance["id"], task=job.task)
 

@@ -93,8 +93,13 @@ class VllmEngine:
             from vllm.inputs import TokensPrompt
 
             prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+        lora = None
+        if request.adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(*request.adapter)
         try:
-            engine.add_request(request.request_id, prompt, params)
+            engine.add_request(request.request_id, prompt, params, lora_request=lora)
         except (VLLMClientError, ValueError) as error:
             raise RequestRejected(self._rejection_message(request.prompt, error)) from error
         self._in_flight.add(request.request_id)

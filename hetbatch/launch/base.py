@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # Fields of the job that change what the output holds: a resume must not mix two of them.
 _OUTPUT_DEFINING = (
     "model", "input", "prompt_template", "chat", "sampling", "seed",
-    "task", "structured_output", "row_overrides",
+    "task", "structured_output", "row_overrides", "lora",
 )
 
 

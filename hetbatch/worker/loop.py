@@ -209,7 +209,7 @@ class Worker:
         rid = f"{unit.lease_id}:{i}"
         sampling = row_sampling(self.job, row)
         try:
-            self.engine.add(EngineRequest(rid, row.prompt, sampling, row.token_ids))
+            self.engine.add(EngineRequest(rid, row.prompt, sampling, row.token_ids, row.adapter))
         except RequestRejected as exc:
             unit.results[i] = {"error": str(exc)}
             return

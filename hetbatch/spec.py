@@ -247,7 +247,9 @@ class LoraSpec(_Strict):
     )
 
     def slots(self) -> int:
-        return self.max_loras or min(len(self.adapters), 8)
+        """vLLM's adapter slots: one more than the adapters a batch may hold. vLLM 0.32's CPU
+        backend applies its last slot to rows without an adapter, so it must stay empty."""
+        return (self.max_loras or min(len(self.adapters), 8)) + 1
 
     def adapter_id(self, name: str) -> int:
         """vLLM's integer id of an adapter: stable across workers (its rank by name)."""

@@ -39,6 +39,7 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         args.setdefault("enable_lora", True)
         args.setdefault("max_lora_rank", job.lora.max_lora_rank)
         args.setdefault("max_loras", job.lora.slots())
-        args.setdefault("max_cpu_loras", len(job.lora.adapters))  # all stay loaded
+        # Every adapter stays loaded.
+        args.setdefault("max_cpu_loras", max(len(job.lora.adapters), args["max_loras"]))
     return VllmEngine(job.model.path, args, name=instance["id"], task=job.task)
 

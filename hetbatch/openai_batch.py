@@ -230,3 +230,21 @@ def _logprobs(url: str, sample: dict[str, Any]) -> dict[str, Any] | None:
 
 def dumps(line: dict[str, Any]) -> str:
     return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
+
+
+def shard_columns(text: str, columns: list[str]) -> dict[str, list[Any]]:
+    """A JSONL shard's lines as the columns a Parquet shard would hold (`prompt_tokens`,
+    `completion_tokens`, `error`; any other column is the id: `custom_id`), for readers of
+    either format such as the report."""
+    out: dict[str, list[Any]] = {c: [] for c in columns}
+    for raw in text.splitlines():
+        line = json.loads(raw)
+        usage = ((line.get("response") or {}).get("body") or {}).get("usage") or {}
+        values = {
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "error": (line.get("error") or {}).get("message"),
+        }
+        for c in columns:
+            out[c].append(values[c] if c in values else line.get("custom_id"))
+    return out

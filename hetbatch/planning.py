@@ -152,7 +152,9 @@ def workload_from_job(job: JobSpec, sample_rows: int = 2000) -> Workload:
 def sampled_prompt_lengths(job: JobSpec, sample_rows: int = 2000) -> tuple[list[int], int]:
     """Token lengths of a sample of the input's prompts, and the input's row count."""
     columns = _prompt_columns(job)
-    dataset = open_dataset(job.input.path, columns, job.input.storage_options)
+    dataset = open_dataset(
+        job.input.path, columns, job.input.storage_options, input_format=job.input.format
+    )
     fields = template_fields(job.prompt_template or "")
     rows = _sample(dataset, columns, sample_rows)
     prompts = [p for p in (_render(job, row, fields) for row in rows) if p is not None]
@@ -163,6 +165,8 @@ def sampled_prompt_lengths(job: JobSpec, sample_rows: int = 2000) -> tuple[list[
 
 
 def _prompt_columns(job: JobSpec) -> list[str]:
+    if job.input.format == "openai-batch":
+        return ["request"]
     if job.input.messages_column:
         return [job.input.messages_column]
     fields = template_fields(job.prompt_template) if job.prompt_template else []
@@ -186,6 +190,13 @@ def _render(
     job: JobSpec, row: dict[str, Any], fields: list[str]
 ) -> list[dict[str, str]] | str | None:
     """The row's prompt exactly as a worker builds it, or None for a row that would error."""
+    if job.input.format == "openai-batch":
+        from hetbatch.openai_batch import RequestError, parse_request
+
+        try:
+            return parse_request(row["request"])[2]
+        except RequestError:
+            return None
     try:
         return row_prompt(job, row, fields)
     except RowError:

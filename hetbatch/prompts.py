@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,8 @@ def input_columns(job: JobSpec) -> list[str]:
         cols += template_fields(job.prompt_template)
     cols += job.input.keep_columns
     cols += job.row_overrides.columns().values()
+    if job.lora is not None and job.lora.column:
+        cols.append(job.lora.column)
     return list(dict.fromkeys(c for c in cols if c))
 
 
@@ -45,17 +48,23 @@ class RowPrompt:
     error: str | None
     token_ids: list[int] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
+    url: str | None = None  # OpenAI batch requests: the endpoint the row asked for
+    adapter: tuple[str, int, str] | None = None  # LoRA: name, vLLM id, local folder
+    add_special_tokens: bool = True  # False: the chat template wrote them (OpenAI chat)
 
 
 def row_sampling(job: JobSpec, row: RowPrompt) -> dict[str, Any]:
-    """The sampling parameters of one row's request, with its placement-independent seed."""
-    return {**job.sampling, **row.sampling, "seed": row_seed(job.seed, row.key)}
+    """The sampling parameters of one row's request, with its placement-independent seed
+    (unless the row sets its own: an OpenAI request's body may)."""
+    return {**job.sampling, "seed": row_seed(job.seed, row.key), **row.sampling}
 
 
 def build_prompts(
     job: JobSpec, table: pa.Table, first_row: int, chat: Callable[[list[dict[str, str]]], str]
 ) -> list[RowPrompt]:
     """Turn input rows into prompts: template, chat template, and per-row input errors."""
+    if job.input.format == "openai-batch":
+        return request_prompts(job, table, chat)
     cols = table.to_pydict()
     n = table.num_rows
     keys = cols[job.input.id_column] if job.input.id_column else range(first_row, first_row + n)
@@ -70,7 +79,10 @@ def build_prompts(
             text = prompt if isinstance(prompt, str) else chat(prompt)
             own = row_overrides(job, {c: v[i] for c, v in cols.items()})
             sampling = {**job_sampling, **own} if own else job_sampling
-            out.append(RowPrompt(key, text, None, sampling=sampling))
+            adapter = None
+            if job.lora is not None and job.lora.column:
+                adapter = _adapter(job, job.lora.column, cols[job.lora.column][i])
+            out.append(RowPrompt(key, text, None, sampling=sampling, adapter=adapter))
         except RowError as exc:
             out.append(RowPrompt(key, None, str(exc)))
     return out
@@ -78,6 +90,51 @@ def build_prompts(
 
 class RowError(Exception):
     """This row cannot be run; the message becomes its `error` value."""
+
+
+def request_prompts(
+    job: JobSpec, table: pa.Table, chat: Callable[[list[dict[str, str]]], str]
+) -> list[RowPrompt]:
+    """OpenAI batch request lines to prompts: a body's sampling fields override the job's;
+    chat messages go through the model's chat template, whose text is taken as it is (as
+    vLLM's chat endpoint does, so no second BOS)."""
+    from hetbatch.openai_batch import RequestError, parse_request
+
+    job_sampling = (
+        {"structured_outputs": job.structured_output.constraint()} if job.structured_output else {}
+    )
+    per_row_n_fits = job.output.format == "openai-batch"
+    out = []
+    for cid, line, source in zip(*table.to_pydict().values(), strict=True):
+        try:
+            _, url, prompt, own = parse_request(line)
+            if not per_row_n_fits and own.get("n", job.samples_per_row) != job.samples_per_row:
+                raise RequestError(
+                    f"body.n {own['n']} differs from the job's sampling.n "
+                    f"{job.samples_per_row}: Parquet output holds the same n for every row "
+                    "(use output.format: openai-batch)"
+                )
+            text = prompt if isinstance(prompt, str) else chat(prompt)
+            model = json.loads(line)["body"].get("model") if job.lora is not None else None
+            named = isinstance(model, str) and model in job.lora_names
+            adapter = _adapter(job, "body.model", model) if named else None
+            out.append(RowPrompt(cid, text, None, sampling={**job_sampling, **own}, url=url,
+                                 add_special_tokens=isinstance(prompt, str), adapter=adapter))
+        except RequestError as exc:
+            # A line without a custom_id is known by where it is (a key, for the id checks).
+            out.append(RowPrompt(cid if cid is not None else source, None, f"{source}: {exc}"))
+    return out
+
+
+def _adapter(job: JobSpec, where: str, name: Any) -> tuple[str, int, str] | None:
+    from hetbatch.lora import adapter_request
+
+    assert job.lora is not None
+    try:
+        return adapter_request(job.lora, name)
+    except KeyError:
+        known = ", ".join(sorted(job.lora.adapters))
+        raise RowError(f"{where}: unknown LoRA adapter {name!r} (known: {known})") from None
 
 
 def row_overrides(job: JobSpec, row: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,10 @@ class ModelSpec(_Strict):
 
 class InputSpec(_Strict):
     path: str = Field(description="fsspec path: a file, a directory or a glob")
+    format: Literal["parquet", "openai-batch"] = Field(
+        default="parquet",
+        description="Parquet rows, or OpenAI batch JSONL requests (custom_id, method, url, body)",
+    )
     prompt_column: str | None = None
     messages_column: str | None = None
     id_column: str | None = None
@@ -48,8 +52,25 @@ class InputSpec(_Strict):
         default_factory=dict, description="passed to the fsspec driver, e.g. endpoint_url"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _requests_keyed_by_custom_id(cls, data: Any) -> Any:
+        """OpenAI batch requests name themselves by `custom_id`: that is the rows' id."""
+        if isinstance(data, dict) and data.get("format") == "openai-batch":
+            return {"id_column": "custom_id", **data}
+        return data
+
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputSpec:
+        if self.format == "openai-batch":
+            if self.prompt_column or self.messages_column or self.keep_columns:
+                raise ValueError(
+                    "openai-batch requests carry their own prompts: prompt_column, "
+                    "messages_column and keep_columns do not apply"
+                )
+            if self.id_column != "custom_id":
+                raise ValueError("openai-batch requests are keyed by custom_id: drop id_column")
+            return self
         if (self.prompt_column is None) == (self.messages_column is None):
             raise ValueError("give exactly one of prompt_column and messages_column")
         return self
@@ -57,6 +78,10 @@ class InputSpec(_Strict):
 
 class OutputSpec(_Strict):
     path: str
+    format: Literal["parquet", "openai-batch"] = Field(
+        default="parquet",
+        description="Parquet shards, or JSONL shards in OpenAI's batch output layout",
+    )
     compression: Literal["zstd", "snappy", "gzip", "lz4", "brotli", "none"] = "zstd"
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="passed to the fsspec driver, e.g. endpoint_url"
@@ -219,6 +244,29 @@ class RowOverridesSpec(_Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class LoraSpec(_Strict):
+    """LoRA adapters a row may ask for: by name, from a column (or, for OpenAI batch requests,
+    the body's `model`). A null or absent name runs the base model."""
+
+    adapters: dict[str, str] = Field(
+        min_length=1, description="adapter name -> folder (local path or fsspec URL)"
+    )
+    column: str | None = Field(default=None, description="input column naming a row's adapter")
+    max_lora_rank: int = Field(default=16, ge=1)
+    max_loras: int | None = Field(
+        default=None, ge=1, description="adapters in one batch; default all of them (up to 8)"
+    )
+
+    def slots(self) -> int:
+        """vLLM's adapter slots: one more than the adapters a batch may hold. vLLM 0.32's CPU
+        backend applies its last slot to rows without an adapter, so it must stay empty."""
+        return (self.max_loras or min(len(self.adapters), 8)) + 1
+
+    def adapter_id(self, name: str) -> int:
+        """vLLM's integer id of an adapter: stable across workers (its rank by name)."""
+        return sorted(self.adapters).index(name) + 1
+
+
 class ClusterSpec(_Strict):
     pools: list[PoolSpec] = Field(min_length=1)
 
@@ -288,6 +336,7 @@ class JobSpec(_Strict):
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64})
     structured_output: StructuredOutputSpec | None = None
     row_overrides: RowOverridesSpec = Field(default_factory=RowOverridesSpec)
+    lora: LoraSpec | None = None
     seed: int = 0
     max_error_rate: float = Field(
         default=0.5,
@@ -320,6 +369,16 @@ class JobSpec(_Strict):
                 "(json_schema, regex or choice), so that outputs are checked"
             )
         _check_output_shaping(self.sampling)
+        _check_openai_batch(self)
+        if self.lora is not None and self.task != "generate":
+            raise ValueError(f"lora does not apply to task {self.task}")
+        if self.lora is not None and (self.lora.column is None) == (
+            self.input.format == "parquet"
+        ):
+            raise ValueError(
+                "lora.column names the adapter column of Parquet input; OpenAI batch "
+                "requests name theirs in body.model"
+            )
         if self.task != "generate":
             _check_pooling(self)
         return self
@@ -328,6 +387,11 @@ class JobSpec(_Strict):
     def structured(self) -> bool:
         """Whether any row may be constrained (job-wide, or by a schema column)."""
         return self.structured_output is not None or self.row_overrides.json_schema is not None
+
+    @property
+    def lora_names(self) -> set[str]:
+        """Names of the job's LoRA adapters (none without `lora`)."""
+        return set(self.lora.adapters) if self.lora is not None else set()
 
     @property
     def samples_per_row(self) -> int:
@@ -355,6 +419,21 @@ def _check_output_shaping(sampling: dict[str, Any]) -> None:
                 f"sampling.{name} must be a number of top tokens (0 or more, -1 for all), "
                 f"not {k!r}"
             )
+
+
+def _check_openai_batch(job: JobSpec) -> None:
+    """OpenAI batch requests bring their prompts and sampling; OpenAI batch output is text."""
+    if job.input.format == "openai-batch":
+        given = [k for k in ("prompt_template", "chat") if getattr(job, k)]
+        if given:
+            raise ValueError(
+                f"{given[0]} does not apply to openai-batch input: each request carries its "
+                "messages (chat) or prompt (completions)"
+            )
+        if job.row_overrides.columns():
+            raise ValueError("row_overrides do not apply to openai-batch input: bodies override")
+    if "openai-batch" in (job.input.format, job.output.format) and job.task != "generate":
+        raise ValueError(f"task {job.task} does not apply to openai-batch input or output")
 
 
 def _check_pooling(job: JobSpec) -> None:

@@ -28,7 +28,7 @@ from hetbatch.errors import UserError
 from hetbatch.io.fs import filesystem, is_s3, one_line
 from hetbatch.io.parquet import parse_shard_name
 from hetbatch.io.paths import OutputPaths
-from hetbatch.io.shards import PendingUpload
+from hetbatch.io.shards import PendingUpload, errors_name
 
 META_DIR = OutputPaths.META_DIR
 SUCCESS = OutputPaths.SUCCESS
@@ -124,7 +124,7 @@ class OutputStore:
         if not self.fs.exists(self.root):
             return False
         return any(
-            not (n.startswith(("part-", "_", ".")))
+            not (n.startswith(("part-", "_", ".")) or n == OutputPaths.ERRORS)
             for n in (p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
         )
 
@@ -159,7 +159,7 @@ class OutputStore:
             return
         for p in self.fs.ls(self.root, detail=False):
             name = p.rsplit("/", 1)[-1]
-            if name.startswith("part-") or name in (META_DIR, SUCCESS):
+            if name.startswith("part-") or name in (META_DIR, SUCCESS, OutputPaths.ERRORS):
                 self.fs.rm(p, recursive=True)
         self._abort_uploads()
 
@@ -170,11 +170,13 @@ class OutputStore:
         compact an object store's ledger segments into one base object."""
         records, segments = self._read_all()
         known = {(r.start, r.end) for r in records}
+        published = self.published_ranges()
         adopted = [
             CommitRecord(start, end, instance="recovered")
-            for start, end in self.published_ranges()
+            for start, end in published
             if (start, end) not in known
         ]
+        self._drop_orphan_errors(published)
         if self.local:
             self._records = records
             for record in adopted:
@@ -302,28 +304,45 @@ class OutputStore:
     # -- shards -------------------------------------------------------------------------------
 
     def publish(self, staging_url: str, start: int, end: int) -> str:
-        """Make a staged shard visible under its final name.
+        """Make a staged shard visible under its final name (a JSONL shard's errors file
+        first, so that a published shard always has it).
 
         S3: complete the worker's multipart upload (one request, no bytes copied). Local disks:
         an atomic rename. Other stores: a server-side copy and delete.
         """
-        dst = self.path(OutputPaths.shard(start, end))
         upload = PendingUpload.from_handle(staging_url)
         if upload is not None:
+            dst = self.path(OutputPaths.shard(start, end, _suffix(upload.key)))
             bucket, key, _ = self.fs.split_path(dst)
             if key != upload.key:
                 raise PublishFailed(f"upload for {upload.key!r} committed as {key!r}")
-            self.fs.call_s3(
-                "complete_multipart_upload",
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload.upload_id,
-                MultipartUpload={"Parts": upload.parts()},
-            )
+            companion = upload.companion
+            if companion is not None:
+                errors_path = self.path(OutputPaths.errors_shard(start, end))
+                _, errors_key, _ = self.fs.split_path(errors_path)
+                if companion.key != errors_key:
+                    raise PublishFailed(f"errors upload {companion.key!r} committed as {key!r}")
+                self._complete(bucket, companion)
+            self._complete(bucket, upload)
             return dst
+        dst = self.path(OutputPaths.shard(start, end, _suffix(staging_url)))
         _, src = filesystem(staging_url, self.storage_options)
+        errors = errors_name(src)
+        if src.endswith(".jsonl") and self.fs.exists(errors):
+            target = self.path(OutputPaths.errors_shard(start, end))
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.mv(errors, target)
         self.fs.mv(src, dst)
         return dst
+
+    def _complete(self, bucket: str, upload: PendingUpload) -> None:
+        self.fs.call_s3(
+            "complete_multipart_upload",
+            Bucket=bucket,
+            Key=upload.key,
+            UploadId=upload.upload_id,
+            MultipartUpload={"Parts": upload.parts()},
+        )
 
     def is_staged(self, handle: str, start: int, end: int) -> bool:
         """Whether a worker's staging handle names a shard that can be published as rows
@@ -333,7 +352,8 @@ class OutputStore:
         except (ValueError, KeyError, TypeError):
             return False  # not an upload handle hetbatch wrote
         if upload is not None:
-            _, key, _ = self.fs.split_path(self.path(OutputPaths.shard(start, end)))
+            shard = OutputPaths.shard(start, end, _suffix(upload.key))
+            _, key, _ = self.fs.split_path(self.path(shard))
             return self.s3 and upload.key == key
         try:
             return bool(self.fs.exists(self.path(OutputPaths.staging(handle))))
@@ -344,20 +364,40 @@ class OutputStore:
         upload = PendingUpload.from_handle(staging_url)
         if upload is None:
             _, src = filesystem(staging_url, self.storage_options)
-            if self.fs.exists(src):
-                self.fs.rm(src)
+            for path in (src, errors_name(src)) if src.endswith(".jsonl") else (src,):
+                if self.fs.exists(path):
+                    self.fs.rm(path)
             return
         bucket, _, _ = self.fs.split_path(self.root)
-        with contextlib.suppress(OSError):
-            self.fs.call_s3(
-                "abort_multipart_upload", Bucket=bucket, Key=upload.key, UploadId=upload.upload_id
-            )
+        for part in (upload, upload.companion):
+            if part is None:
+                continue
+            with contextlib.suppress(OSError):
+                self.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=part.key, UploadId=part.upload_id
+                )
+
+    def _drop_orphan_errors(self, published: list[tuple[int, int]]) -> None:
+        """Remove errors files whose shard was never published (a crash between the two)."""
+        folder = self.path(OutputPaths.ERRORS)
+        self._fresh(folder)
+        if not self.fs.exists(folder):
+            return
+        kept = set(published)
+        for path in self.fs.ls(folder, detail=False):
+            found = parse_shard_name(path)
+            if found is not None and found not in kept:
+                self.fs.rm(path)
 
     def _abort_uploads(self) -> None:
         """Abort shard uploads nobody will complete (a lost worker's, a discarded unit's)."""
         if not self.s3:
             return
-        bucket, prefix, _ = self.fs.split_path(self.path("part-"))
+        for start in ("part-", f"{OutputPaths.ERRORS}/part-"):
+            self._abort_uploads_under(start)
+
+    def _abort_uploads_under(self, start: str) -> None:
+        bucket, prefix, _ = self.fs.split_path(self.path(start))
         marker: dict[str, str] = {}
         while True:
             reply = self.fs.call_s3(
@@ -388,6 +428,11 @@ class OutputStore:
         if self.s3:
             with contextlib.suppress(OSError):
                 self._abort_uploads()
+
+
+def _suffix(name: str) -> str:
+    """A staged shard's format, from its name or its upload's key."""
+    return ".jsonl" if name.endswith(".jsonl") else ".parquet"
 
 
 def _parse_lines(text: str) -> list[CommitRecord]:

@@ -23,7 +23,7 @@ MAX_CONCURRENCY = 1 << 20
 # A staged shard is a plain file name under the output's staging folder, or (on S3) the handle
 # of an uncompleted multipart upload: `upload-` and URL-safe base64.
 STAGING_NAME = re.compile(
-    r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,250}\.parquet|upload-[A-Za-z0-9_-]{1,16000}={0,2}"
+    r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,250}\.(?:parquet|jsonl)|upload-[A-Za-z0-9_-]{1,16000}={0,2}"
 )
 
 
@@ -262,7 +262,8 @@ class Commit(Request):
             raise MessageError(f"staging: expected a string, got {type(staging).__name__}")
         if not STAGING_NAME.fullmatch(staging) or ".." in staging:
             raise MessageError(
-                f"staging: {staging[:40]!r} is neither a plain .parquet file name nor an upload"
+                f"staging: {staging[:40]!r} is neither a plain .parquet or .jsonl file name "
+                "nor an upload"
             )
         return cls(
             _instance(data.get("instance")),

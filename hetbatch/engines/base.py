@@ -32,6 +32,7 @@ class Sample:
     finish_reason: str
     token_logprobs: list[float] | None = None
     top_logprobs: list[list[TopLogprob]] | None = None
+    tokens: list[str] | None = None  # the sampled tokens' text, with the log-probabilities
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class EngineRequest:
     prompt: str
     sampling: dict[str, Any] = field(default_factory=dict)
     prompt_token_ids: list[int] | None = None  # when given, the engine skips tokenizing
+    adapter: tuple[str, int, str] | None = None  # LoRA: name, vLLM id, local folder
 
 
 class RequestRejected(Exception):
@@ -92,9 +94,12 @@ class Engine(Protocol):
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Render chat messages into one prompt string with the model's chat template."""
 
-    def encode_batch(self, prompts: list[str]) -> list[list[int]] | None:
+    def encode_batch(
+        self, prompts: list[str], add_special_tokens: bool = True
+    ) -> list[list[int]] | None:
         """Token ids of many prompts at once, off the engine's thread (None: the engine
-        tokenizes each prompt itself when it is added)."""
+        tokenizes each prompt itself when it is added). Without `add_special_tokens` the text
+        is taken as it is (a chat template that writes its own special tokens)."""
 
     def close(self) -> None: ...
 

@@ -30,11 +30,12 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         return SimEngine(sim.tokens_per_s, sim.max_num_seqs, max_len, name=instance["id"])
     from hetbatch.engines.vllm_engine import VllmEngine
 
-    return VllmEngine(job.model.path, vllm_args(instance), name=instance["id"], task=job.task)
+    return VllmEngine(job.model.path, vllm_args(job, instance), name=instance["id"], task=job.task)
 
 
-def vllm_args(instance: dict[str, Any]) -> dict[str, Any]:
-    """The instance's engine args as this process runs them (its node rank if it spans nodes)."""
+def vllm_args(job: JobSpec, instance: dict[str, Any]) -> dict[str, Any]:
+    """The instance's engine args as this process runs them (its node rank if it spans nodes;
+    LoRA slots when the job has adapters)."""
     from hetbatch.launch.span import node_engine_args
 
     args = node_engine_args(dict(instance["engine_args"]), dict(os.environ))
@@ -42,5 +43,11 @@ def vllm_args(instance: dict[str, Any]) -> dict[str, Any]:
         # vLLM's CPU backend crashes on per-request seeds when a prompt's prefill is chunked
         # ("CPU Generator does not use offset"); every row carries a seed, so prefill whole.
         args.setdefault("enable_chunked_prefill", False)
+    if job.lora is not None:
+        args.setdefault("enable_lora", True)
+        args.setdefault("max_lora_rank", job.lora.max_lora_rank)
+        args.setdefault("max_loras", job.lora.slots())
+        # Every adapter stays loaded.
+        args.setdefault("max_cpu_loras", max(len(job.lora.adapters), args["max_loras"]))
     return args
 

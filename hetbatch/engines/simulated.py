@@ -164,7 +164,9 @@ class SimEngine:
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         return "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages) + "<|assistant|>"
 
-    def encode_batch(self, prompts: list[str]) -> list[list[int]] | None:
+    def encode_batch(
+        self, prompts: list[str], add_special_tokens: bool = True
+    ) -> list[list[int]] | None:
         return None
 
     def close(self) -> None:

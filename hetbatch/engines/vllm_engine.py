@@ -130,8 +130,13 @@ class VllmEngine:
             from vllm.inputs import TokensPrompt
 
             prompt = TokensPrompt(prompt_token_ids=request.prompt_token_ids)
+        lora = None
+        if request.adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(*request.adapter)
         try:
-            engine.add_request(request.request_id, prompt, params)
+            engine.add_request(request.request_id, prompt, params, lora_request=lora)
         except (VLLMClientError, ValueError) as error:
             raise RequestRejected(self._rejection_message(request.prompt, error)) from error
         self._in_flight.add(request.request_id)
@@ -168,13 +173,16 @@ class VllmEngine:
         )
         return str(rendered)
 
-    def encode_batch(self, prompts: list[str]) -> list[list[int]] | None:
+    def encode_batch(
+        self, prompts: list[str], add_special_tokens: bool = True
+    ) -> list[list[int]] | None:
         """Tokenize a unit's prompts in one call (the Rust tokenizer, batched) in the worker's
         reader thread, so that the engine's thread only schedules and runs the model. Special
         tokens are added exactly as vLLM adds them to a text prompt."""
         if not prompts:
             return []
-        return [list(ids) for ids in self._tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+        encoded = self._tokenizer(prompts, add_special_tokens=add_special_tokens)
+        return [list(ids) for ids in encoded["input_ids"]]
 
     def close(self) -> None:
         """Shut the engine core down (stops its process in multiprocess mode). Idempotent."""
@@ -278,17 +286,19 @@ def _completion(
 
 
 def _sample(out: CompletionOutput, k: int | None) -> Sample:
-    chosen = top = None
+    chosen = top = tokens = None
     if out.logprobs is not None:
         positions = list(zip(out.token_ids, out.logprobs, strict=False))
         chosen = [_chosen(at, token) for token, at in positions]
         top = [_top(at, k) for _, at in positions]
+        tokens = [at[t].decoded_token or "" if at and t in at else "" for t, at in positions]
     return Sample(
         text=out.text,
         completion_tokens=len(out.token_ids),
         finish_reason=str(out.finish_reason or "unknown"),
         token_logprobs=chosen,
         top_logprobs=top,
+        tokens=tokens,
     )
 
 

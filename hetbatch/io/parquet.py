@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hetbatch.errors import UserError
+from hetbatch.io import jsonl
 from hetbatch.io.fs import filesystem, filesystem_of, one_line
 
 # Bytes read from the end of each input file in the first pass: the footer of a typical file
@@ -121,13 +122,16 @@ def open_dataset(
     needed_columns: Sequence[str],
     storage_options: dict[str, Any] | None = None,
     inspect: FooterInspector | None = None,
-) -> InputDataset:
+    input_format: str = "parquet",
+) -> Any:
     """Read the footers of every input file (in parallel) and check the schema once, up front.
 
     The dataset is listed once and each footer read once per process: planning and preparing
     a run share the result. `inspect` sees each file's footer (shown path, metadata), e.g. for
     column statistics.
     """
+    if input_format == jsonl.FORMAT:
+        return _open_jsonl(url, storage_options or {})
     key = (url, json.dumps(storage_options or {}, sort_keys=True))
     if key not in _OPENED:
         _OPENED[key] = _open_dataset(url, storage_options or {})
@@ -137,6 +141,17 @@ def open_dataset(
         for shown, meta in footers:
             inspect(shown, meta)
     return dataset
+
+
+_OPENED_JSONL: dict[tuple[str, str], jsonl.JsonlDataset] = {}
+
+
+def _open_jsonl(url: str, storage_options: dict[str, Any]) -> jsonl.JsonlDataset:
+    """JSONL requests: scanned once per process, like footers read once."""
+    key = (url, json.dumps(storage_options, sort_keys=True))
+    if key not in _OPENED_JSONL:
+        _OPENED_JSONL[key] = jsonl.open_jsonl(url, storage_options)
+    return _OPENED_JSONL[key]
 
 
 def _open_dataset(
@@ -245,8 +260,10 @@ def _diff(a: pa.Schema, b: pa.Schema) -> str:
     return f"extra column {extra[0]!r}" if extra else "column order differs"
 
 
-def read_rows(dataset: InputDataset, start: int, end: int, columns: Sequence[str]) -> pa.Table:
+def read_rows(dataset: Any, start: int, end: int, columns: Sequence[str]) -> pa.Table:
     """Read global rows [start, end), touching only the row groups that overlap them."""
+    if isinstance(dataset, jsonl.JsonlDataset):
+        return jsonl.read_rows(dataset, start, end)
     fs = filesystem_of(dataset.protocol, dataset.storage_options)
     starts = [f.first_row for f in dataset.files]
     pieces = []
@@ -276,17 +293,21 @@ def _read_file_slice(
     return table.slice(lo - (offset or 0), hi - lo)
 
 
-def shard_name(start: int, end: int) -> str:
+SHARD_SUFFIXES = (".parquet", ".jsonl")
+
+
+def shard_name(start: int, end: int, suffix: str = ".parquet") -> str:
     """Output shards are named after their input row range, so they sort in input order."""
-    return f"part-{start:012d}-{end:012d}.parquet"
+    return f"part-{start:012d}-{end:012d}{suffix}"
 
 
 def parse_shard_name(name: str) -> tuple[int, int] | None:
     stem = name.rsplit("/", 1)[-1]
-    if not (stem.startswith("part-") and stem.endswith(".parquet")):
+    suffix = next((s for s in SHARD_SUFFIXES if stem.endswith(s)), None)
+    if not (stem.startswith("part-") and suffix):
         return None
     try:
-        a, b = stem[len("part-") : -len(".parquet")].split("-")
+        a, b = stem[len("part-") : -len(suffix)].split("-")
         return int(a), int(b)
     except ValueError:
         return None
@@ -306,8 +327,10 @@ def parquet_compression(compression: str) -> str | None:
     return None if compression == "none" else compression
 
 
-def dataset_to_dict(dataset: InputDataset) -> dict:
+def dataset_to_dict(dataset: Any) -> dict:
     """Serialisable form, sent to workers so that they need not list the input again."""
+    if isinstance(dataset, jsonl.JsonlDataset):
+        return jsonl.dataset_to_dict(dataset)
     return {
         "protocol": dataset.protocol,
         "files": [
@@ -324,7 +347,9 @@ def dataset_to_dict(dataset: InputDataset) -> dict:
     }
 
 
-def dataset_from_dict(data: dict) -> InputDataset:
+def dataset_from_dict(data: dict) -> Any:
+    if data.get("format") == jsonl.FORMAT:
+        return jsonl.dataset_from_dict(data)
     files = tuple(
         InputFile(f["path"], f["first_row"], tuple(f["row_groups"]), f["size"])
         for f in data["files"]

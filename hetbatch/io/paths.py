@@ -1,6 +1,8 @@
 """Every path of a job's output folder, named in one place.
 
     part-000000000000-000000000250.parquet   one shard per committed unit, named by row range
+                                             (.jsonl in OpenAI's batch output layout)
+    errors/part-...-....jsonl                OpenAI batch layout: the failed rows again
     _SUCCESS                                 written last, when every row is committed
     _hetbatch/job.json                       the resolved job and the input's fingerprint
     _hetbatch/layout.json                    the instances: pool, node, devices, engine args
@@ -49,6 +51,7 @@ class OutputPaths:
     SLURM_RECORD = f"{META_DIR}/slurm.json"
     SLURM_SCRIPTS = f"{META_DIR}/slurm"
     LOGS = f"{META_DIR}/logs"
+    ERRORS = "errors"  # OpenAI batch layout: each shard's failed rows again
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
@@ -64,8 +67,12 @@ class OutputPaths:
         return f"{OutputPaths.STAGING}/{file_name}"
 
     @staticmethod
-    def shard(start: int, end: int) -> str:
-        return shard_name(start, end)
+    def shard(start: int, end: int, suffix: str = ".parquet") -> str:
+        return shard_name(start, end, suffix)
+
+    @staticmethod
+    def errors_shard(start: int, end: int) -> str:
+        return f"{OutputPaths.ERRORS}/{shard_name(start, end, '.jsonl')}"
 
     # The filesystem is opened on first use: naming a path needs no connection.
     @cached_property

@@ -12,6 +12,11 @@ or discards it. What "staged" means depends on the store:
 
 The staging handle a worker sends with its commit is a plain string: the staged file's name, or
 `upload-` followed by the upload's id and part tags, encoded.
+
+A JSONL shard in OpenAI's batch layout may bring a companion, the unit's failed rows again
+(`errors/part-<start>-<end>.jsonl`): staged beside it as `<name>.errors.jsonl` (or as a second
+uncompleted upload named in the same handle) and published just before it, so a published
+shard always has its errors file; one left alone by a crash is removed on resume.
 """
 
 from __future__ import annotations
@@ -40,19 +45,30 @@ class PendingUpload:
     key: str
     upload_id: str
     etags: tuple[str, ...]
+    companion: PendingUpload | None = None  # the errors file, completed first
+
+    def _fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"k": self.key, "u": self.upload_id, "e": list(self.etags)}
+        if self.companion is not None:
+            fields["c"] = self.companion._fields()
+        return fields
 
     def to_handle(self) -> str:
-        fields = {"k": self.key, "u": self.upload_id, "e": list(self.etags)}
-        raw = json.dumps(fields, separators=(",", ":"))
+        raw = json.dumps(self._fields(), separators=(",", ":"))
         return UPLOAD_PREFIX + base64.urlsafe_b64encode(raw.encode()).decode()
+
+    @classmethod
+    def _of(cls, data: dict[str, Any]) -> PendingUpload:
+        companion = cls._of(data["c"]) if data.get("c") else None
+        etags = tuple(str(e) for e in data["e"])
+        return cls(str(data["k"]), str(data["u"]), etags, companion)
 
     @classmethod
     def from_handle(cls, handle: str) -> PendingUpload | None:
         name = handle.rsplit("/", 1)[-1]
         if not name.startswith(UPLOAD_PREFIX):
             return None
-        data = json.loads(base64.urlsafe_b64decode(name[len(UPLOAD_PREFIX) :]))
-        return cls(str(data["k"]), str(data["u"]), tuple(str(e) for e in data["e"]))
+        return cls._of(json.loads(base64.urlsafe_b64decode(name[len(UPLOAD_PREFIX) :])))
 
     def parts(self) -> list[dict[str, Any]]:
         return [{"PartNumber": i + 1, "ETag": e} for i, e in enumerate(self.etags)]
@@ -80,6 +96,41 @@ def stage_shard(
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression=parquet_compression(compression))
     return upload_unfinished(fs, f"{root}/{shard_name(start, end)}", buffer.getvalue())
+
+
+def stage_jsonl(
+    output_url: str,
+    storage_options: dict[str, Any],
+    name: str,
+    start: int,
+    end: int,
+    data: bytes,
+    errors: bytes,
+) -> str:
+    """Stage one unit's JSONL shard and, when some rows failed, its errors file."""
+    fs, root = filesystem(output_url.rstrip("/"), storage_options)
+    paths = OutputPaths(output_url, storage_options)
+    if not is_s3(fs):
+        for staged, content in ((errors_name(name), errors), (name, data)):
+            if staged == name or content:
+                path = paths.path(OutputPaths.staging(staged))
+                fs.makedirs(fs._parent(path), exist_ok=True)
+                fs.pipe_file(path, content)
+        return name
+    companion = None
+    if errors:
+        errors_key = f"{root}/{OutputPaths.errors_shard(start, end)}"
+        companion = PendingUpload.from_handle(upload_unfinished(fs, errors_key, errors))
+    handle = PendingUpload.from_handle(
+        upload_unfinished(fs, f"{root}/{shard_name(start, end, '.jsonl')}", data)
+    )
+    assert handle is not None
+    return PendingUpload(handle.key, handle.upload_id, handle.etags, companion).to_handle()
+
+
+def errors_name(staged: str) -> str:
+    """The staged errors file beside a staged JSONL shard."""
+    return staged.removesuffix(".jsonl") + ".errors.jsonl"
 
 
 def upload_unfinished(fs: Any, path: str, data: bytes) -> str:

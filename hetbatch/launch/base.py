@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # Fields of the job that change what the output holds: a resume must not mix two of them.
 _OUTPUT_DEFINING = (
     "model", "input", "prompt_template", "chat", "sampling", "seed",
-    "task", "structured_output", "row_overrides",
+    "task", "structured_output", "row_overrides", "lora",
 )
 
 
@@ -119,7 +119,8 @@ class Launcher(ABC):
         job = self.job
         id_stats = id_statistics(job)
         dataset = open_dataset(
-            job.input.path, input_columns(job), job.input.storage_options, inspect=id_stats
+            job.input.path, input_columns(job), job.input.storage_options, inspect=id_stats,
+            input_format=job.input.format,
         )
         check_input(job, dataset.schema, id_stats)
         store = OutputStore(job.output.path, job.output.storage_options)
@@ -180,6 +181,12 @@ class Launcher(ABC):
                     f"{self.job.output.path}: holds the output of a job with a different "
                     f"`{key}`; use --overwrite to start over, or another output path"
                 )
+        formats = (old["spec"]["output"].get("format", "parquet"), self.job.output.format)
+        if formats[0] != formats[1]:
+            raise UserError(
+                f"{self.job.output.path}: holds {formats[0]} output, not {formats[1]}; use "
+                "--overwrite to start over, or another output path"
+            )
         if old["input_files"] != record["input_files"]:
             raise UserError(
                 f"{self.job.output.path}: the input files changed since this output was "

@@ -204,7 +204,7 @@ def run_engine_share(output: str, instance_id: str, rank: int) -> int:
 
     from hetbatch.engines.factory import vllm_args
 
-    args = vllm_args(instance)
+    args = vllm_args(job, instance)
     config = EngineArgs(model=job.model.path, **args).create_engine_config(
         usage_context=UsageContext.LLM_CLASS, headless=True
     )

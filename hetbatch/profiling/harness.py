@@ -92,11 +92,16 @@ def _run_measurement(
     from hetbatch.prompts import input_columns
 
     with tempfile.TemporaryDirectory(prefix="hetbatch-profile-run-") as tmp:
-        dataset = open_dataset(job.input.path, input_columns(job))
+        dataset = open_dataset(job.input.path, input_columns(job), input_format=job.input.format)
         sample = read_rows(dataset, 0, min(rows, dataset.num_rows), input_columns(job))
-        write_table(f"{tmp}/input.parquet", sample, "zstd")
         spec = job.to_dict()
-        spec["input"]["path"] = f"{tmp}/input.parquet"
+        if job.input.format == "openai-batch":  # the sample's request lines, as they were
+            lines = "".join(f"{line}\n" for line in sample.column("request").to_pylist())
+            Path(tmp, "input.jsonl").write_text(lines)
+            spec["input"]["path"] = f"{tmp}/input.jsonl"
+        else:
+            write_table(f"{tmp}/input.parquet", sample, "zstd")
+            spec["input"]["path"] = f"{tmp}/input.parquet"
         spec["output"]["path"] = f"{tmp}/out"
         spec["cluster"]["pools"] = [{**p, "nodes": 1} for p in spec["cluster"]["pools"]
                                     if p["name"] == pool.name]

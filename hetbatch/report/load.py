@@ -19,6 +19,7 @@ from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import shard_name
 from hetbatch.io.paths import OutputPaths
+from hetbatch.openai_batch import shard_columns
 from hetbatch.report.model import ErrorKind, JobRun, Unit
 
 LENGTH_SAMPLE_SHARDS = 64  # shards read for the length histograms, spread over the output
@@ -128,8 +129,12 @@ def _shard_path(store: OutputStore, r: CommitRecord) -> str:
 
 def _read(store: OutputStore, r: CommitRecord, columns: list[str]) -> dict[str, list]:
     path = _shard_path(store, r)
-    with store.fs.open(path, "rb") as fh:
-        return pq.read_table(fh, columns=columns).to_pydict()
+    try:
+        with store.fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=columns).to_pydict()
+    except FileNotFoundError:  # a shard in OpenAI's batch layout
+        text = store.fs.cat_file(store.path(shard_name(r.start, r.end, ".jsonl"))).decode()
+        return shard_columns(text, columns)
 
 
 def _lengths(store: OutputStore, records: list[CommitRecord]) -> tuple[np.ndarray, np.ndarray, str]:

@@ -21,12 +21,11 @@ from hetbatch.coordinator.protocol import Client
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
 from hetbatch.error_budget import most_common_error
 from hetbatch.input_checks import unit_id_problems
-from hetbatch.io.parquet import InputDataset, read_rows
-from hetbatch.io.shards import stage_shard
+from hetbatch.io.parquet import read_rows
 from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_sampling
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.spec import JobSpec
-from hetbatch.worker.output import build_output, completion_values
+from hetbatch.worker.output import completion_values, stage_unit
 
 log = logging.getLogger("hetbatch.worker")
 
@@ -62,7 +61,7 @@ class Worker:
         client: Client,
         instance_id: str,
         job: JobSpec,
-        dataset: InputDataset,
+        dataset: Any,
         schema: pa.Schema,
         engine: Engine,
         heartbeat_s: float = 1.0,
@@ -129,10 +128,12 @@ class Worker:
         """Read a unit's rows and make them ready for the engine (off the engine's thread)."""
         table = read_rows(self.dataset, start, end, self.columns)
         prompts = build_prompts(self.job, table, start, self.engine.apply_chat_template)
-        runnable = [p for p in prompts if p.error is None]
-        ids = self.engine.encode_batch([p.prompt for p in runnable])
-        for p, token_ids in zip(runnable, ids or (), strict=False):
-            p.token_ids = token_ids
+        for special in (True, False):
+            runnable = [p for p in prompts if p.error is None and p.add_special_tokens == special]
+            if runnable:
+                ids = self.engine.encode_batch([p.prompt for p in runnable], special)
+                for p, token_ids in zip(runnable, ids or (), strict=False):
+                    p.token_ids = token_ids
         return table, prompts
 
     def _maybe_heartbeat(self) -> None:
@@ -212,7 +213,7 @@ class Worker:
         rid = f"{unit.lease_id}:{i}"
         sampling = row_sampling(self.job, row)
         try:
-            self.engine.add(EngineRequest(rid, row.prompt, sampling, row.token_ids))
+            self.engine.add(EngineRequest(rid, row.prompt, sampling, row.token_ids, row.adapter))
         except RequestRejected as exc:
             unit.results[i] = {"error": str(exc)}
             return
@@ -240,14 +241,10 @@ class Worker:
 
     def _write_and_commit(self, unit: Unit) -> None:
         results = [unit.results[i] for i in range(unit.rows)]
-        table = build_output(
-            self.job, self.schema, unit.table, unit.start, results, self.instance_id
-        )
-        name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}.parquet"
-        output = self.job.output
-        staged = stage_shard(
-            output.path, output.storage_options, name, unit.start, unit.end, table,
-            output.compression,
+        staged = stage_unit(
+            self.job, self.schema, unit.table, unit.start, unit.end, results,
+            unit.prompts[: unit.rows], self.instance_id,
+            f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}",
         )
         errors, top_error, top_error_rows = most_common_error(
             r["error"] for r in results if r.get("error") is not None

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import jsonschema
 import pyarrow as pa
 
 from hetbatch.engines.base import Completion, Sample, TopLogprob
+from hetbatch.io.shards import stage_jsonl, stage_shard
+from hetbatch.openai_batch import CHAT, COMPLETIONS, dumps, output_line
 from hetbatch.prompts import RowPrompt
 from hetbatch.spec import JobSpec
 
@@ -69,6 +72,8 @@ def completion_values(job: JobSpec, c: Completion, prompt: RowPrompt) -> dict[st
     if job.task != "generate":
         return {VECTOR_COLUMNS[job.task]: c.vector, "prompt_tokens": c.prompt_tokens}
     samples = c.samples or (Sample(c.text, c.completion_tokens, c.finish_reason),)
+    if job.output.format == "openai-batch":
+        return _response_values(c, samples, prompt)
     many = job.samples_per_row > 1
 
     def per_sample(values: list[Any]) -> Any:
@@ -89,6 +94,30 @@ def completion_values(job: JobSpec, c: Completion, prompt: RowPrompt) -> dict[st
     if constraint is not None:
         row["structured_error"] = per_sample([structured_error(s, constraint) for s in samples])
     return row
+
+
+def _response_values(
+    c: Completion, samples: tuple[Sample, ...], prompt: RowPrompt
+) -> dict[str, Any]:
+    """What an OpenAI batch output line needs of a finished request: every sample, whatever
+    n the row asked for."""
+    constraint = prompt.sampling.get("structured_outputs")
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "constrained": constraint is not None or None,
+        "samples": [
+            {
+                "text": s.text,
+                "finish_reason": s.finish_reason,
+                "token_logprobs": s.token_logprobs,
+                "top_logprobs": _top_rows(s.top_logprobs),
+                "tokens": s.tokens,
+                "structured_error": structured_error(s, constraint) if constraint else None,
+            }
+            for s in samples
+        ],
+    }
 
 
 def structured_error(sample: Sample, constraint: dict[str, Any]) -> str | None:
@@ -120,6 +149,62 @@ def _top_rows(top: list[list[TopLogprob]] | None) -> list[list[dict[str, Any]]] 
         [{"token_id": t.token_id, "token": t.token, "logprob": t.logprob} for t in at]
         for at in top
     ]
+
+
+def stage_unit(
+    job: JobSpec,
+    schema: pa.Schema,
+    table: pa.Table,
+    start: int,
+    end: int,
+    results: list[dict[str, Any]],
+    prompts: list[RowPrompt],
+    instance: str,
+    name: str,
+) -> str:
+    """Write one unit's output to staging in the job's output format; returns the handle the
+    coordinator publishes. `name` is the staged file's name without its suffix."""
+    output = job.output
+    if output.format == "openai-batch":
+        lines, errors = openai_lines(job, table, prompts, results, start)
+        return stage_jsonl(
+            output.path, output.storage_options, f"{name}.jsonl", start, end, lines, errors
+        )
+    shard = build_output(job, schema, table, start, results, instance)
+    return stage_shard(
+        output.path, output.storage_options, f"{name}.parquet", start, end, shard,
+        output.compression,
+    )
+
+
+def openai_lines(
+    job: JobSpec,
+    table: pa.Table,
+    prompts: list[RowPrompt],
+    results: list[dict[str, Any]],
+    start: int,
+) -> tuple[bytes, bytes]:
+    """A unit's rows as OpenAI batch output lines: every row, and the failed ones again.
+    A request's custom_id is its own (null for a line that gives none); other input rows are
+    known by their id, or their row number."""
+    default_url = CHAT if job.chat or job.input.messages_column else COMPLETIONS
+    if job.input.format == "openai-batch":
+        ids = table.column("custom_id").to_pylist()
+    else:
+        ids = [str(p.key) for p in prompts]
+    created = int(time.time())
+    lines, errors = [], []
+    for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
+        url = p.url or default_url
+        line = dumps(output_line(ids[i], url, job.model.path, r, start + i, created))
+        lines.append(line)
+        if r.get("error") is not None:
+            errors.append(line)
+
+    def joined(rows: list[str]) -> bytes:
+        return "".join(f"{row}\n" for row in rows).encode()
+
+    return joined(lines), joined(errors)
 
 
 def output_schema(job: JobSpec, input_schema: pa.Schema) -> pa.Schema:

@@ -18,6 +18,7 @@ from typing import IO
 from tqdm import tqdm
 
 from hetbatch.layout import InstanceSpec, device_env
+from hetbatch.worker.main import STOPPED_EXIT
 
 
 def _die_with_parent() -> None:
@@ -107,15 +108,19 @@ class WorkerSupervisor:
                 continue
             code = w.proc.returncode
             name = w.instance.instance_id
+            how = (
+                "stopped on SIGTERM, its leases given back"
+                if code == STOPPED_EXIT
+                else f"exited ({code})"
+            )
             if code == 0 or job_done():
                 w.state = WorkerState.DONE
             elif w.restarts < self.max_restarts:
                 w.restarts += 1
-                _say(f"worker {name} exited ({code}); restarting "
-                     f"({w.restarts}/{self.max_restarts})")
+                _say(f"worker {name} {how}; restarting ({w.restarts}/{self.max_restarts})")
                 self._spawn(w)
             else:
-                _say(f"worker {name} exited ({code}); no restarts left")
+                _say(f"worker {name} {how}; no restarts left")
                 w.state = WorkerState.FAILED
 
     @property

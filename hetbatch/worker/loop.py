@@ -10,6 +10,7 @@ committed by a second background thread while the engine keeps stepping.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,7 +18,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from hetbatch.coordinator.protocol import Client
+from hetbatch.coordinator.protocol import (
+    Client,
+    CoordinatorRestarted,
+    CoordinatorUnavailable,
+    RejectedByCoordinator,
+)
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
 from hetbatch.error_budget import most_common_error
 from hetbatch.input_checks import unit_id_problems
@@ -29,6 +35,8 @@ from hetbatch.spec import JobSpec
 from hetbatch.worker.output import build_output, completion_values
 
 log = logging.getLogger("hetbatch.worker")
+
+BYE_RETRY_S = 5.0  # how long a stopping worker tries to reach the coordinator
 
 @dataclass
 class Unit:
@@ -66,6 +74,7 @@ class Worker:
         schema: pa.Schema,
         engine: Engine,
         heartbeat_s: float = 1.0,
+        stop: threading.Event | None = None,
     ) -> None:
         self.client = client
         self.instance_id = instance_id
@@ -84,12 +93,18 @@ class Worker:
         self._done = False
         self._next_lease_at = 0.0
         self._next_heartbeat_at = 0.0
+        # Set from a signal handler (SIGTERM): leave at the next turn of the loop.
+        self.stop = stop or threading.Event()
 
     # -- main loop ----------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Work until the job is done (True), or until asked to stop (False: leases given back)."""
         try:
             while not (self._done and not self.units and not self.in_flight):
+                if self.stop.is_set():
+                    self._leave()
+                    return False
                 self._check_writes()
                 self._maybe_lease()
                 self._maybe_heartbeat()
@@ -101,9 +116,37 @@ class Worker:
                 self._finish_units()
             for f in self._writes:
                 f.result()
+            return True
         finally:
             self._reader.shutdown(wait=False, cancel_futures=True)
             self._writer.shutdown(wait=True)
+
+    def _leave(self) -> None:
+        """Stop now: drop the requests in the engine, let units already being written finish
+        their commit (a shard is staged whole or not at all), then give every other lease back
+        with `bye`, so that the coordinator re-deals their rows at once."""
+        self.engine.abort(list(self.in_flight))
+        self.in_flight.clear()
+        self._reader.shutdown(wait=False, cancel_futures=True)
+        committed = 0
+        for f in self._writes:
+            try:
+                f.result()
+                committed += 1
+            except Exception as exc:  # its lease goes back with the others
+                log.warning("a unit's write failed while stopping: %s", exc)
+        self._writes.clear()
+        held = [f"[{u.start}, {u.end})" for u in self.units]
+        self.units.clear()
+        self.client.retry_s = min(self.client.retry_s, BYE_RETRY_S)  # Slurm's SIGKILL is near
+        try:
+            self.client.call("bye", instance=self.instance_id)
+        except (CoordinatorUnavailable, CoordinatorRestarted, RejectedByCoordinator) as exc:
+            log.warning("could not say bye (%s); the leases lapse instead", exc)
+        log.info(
+            "stopping: %d unit(s) committed, %d lease(s) given back %s",
+            committed, len(held), " ".join(held),
+        )
 
     def _maybe_lease(self) -> None:
         now = time.monotonic()

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
+from types import FrameType
 from typing import Any
 
 import click
@@ -33,6 +36,11 @@ from hetbatch.worker.loop import Worker
 from hetbatch.worker.output import output_schema
 
 TOKEN_ENV = "HETBATCH_TOKEN"
+STOPPED_EXIT = 128 + signal.SIGTERM  # the exit code of a worker that left on SIGTERM
+
+
+class Stopped(Exception):
+    """The worker was told to stop (SIGTERM) and gave its leases back."""
 
 log = logging.getLogger("hetbatch.worker")
 
@@ -55,20 +63,41 @@ def run_worker(
     dataset = dataset_from_dict(job_data["dataset"])
     prepare_environment(job, instance["accelerator"])
     engine = build_engine(job, instance)
+    stop = _stop_on_sigterm()
     try:
         # Join only once the engine is up, so that no lease waits on a loading model.
-        while not _work(client, hello, job, dataset, engine):
+        while (ending := _work(client, hello, job, dataset, engine, stop)) == "restarted":
             log.warning("coordinator restarted: in-flight units dropped, joining the new one")
+        if ending == "stopped":
+            raise Stopped()  # it said bye already
         client.call("bye", instance=instance_id)
     finally:
         engine.close()
         client.close()
 
 
+def _stop_on_sigterm() -> threading.Event:
+    """SIGTERM (Slurm preemption, time limit, scancel; the supervisor stopping) sets an event
+    the worker loop checks at every turn. Until now the default applies: nothing is held."""
+    stop = threading.Event()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        stop.set()  # no logging here: the main thread may hold the logging lock
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return stop
+
+
 def _work(
-    client: Client, hello: dict[str, Any], job: JobSpec, dataset: InputDataset, engine: Engine
-) -> bool:
-    """Work until the job is done; False if the coordinator restarted (its leases are void)."""
+    client: Client,
+    hello: dict[str, Any],
+    job: JobSpec,
+    dataset: InputDataset,
+    engine: Engine,
+    stop: threading.Event,
+) -> str:
+    """Work until the job is "done", or the worker is "stopped", or the coordinator
+    "restarted" (its leases are then void)."""
     client.on_reconnect = lambda: {"op": "hello", "token": client.token, **hello}
     worker = Worker(
         client,
@@ -78,16 +107,16 @@ def _work(
         output_schema(job, dataset.schema),
         engine,
         heartbeat_s=job.scheduler.heartbeat_s,
+        stop=stop,
     )
     try:
         hello["concurrency"] = engine.max_concurrency
         client.call("hello", **hello)
-        worker.run()
+        return "done" if worker.run() else "stopped"
     except CoordinatorRestarted:
         engine.abort(list(worker.in_flight))
         client.acknowledge_restart()
-        return False
-    return True
+        return "restarted"
 
 
 def read_token(coordinator_file: str | None) -> str | None:
@@ -128,5 +157,7 @@ def main(
         run_worker(host, int(port), token, instance_id, locate, wait_s)
     except JobComplete:
         log.info("the job is complete")
+    except Stopped:
+        sys.exit(STOPPED_EXIT)
     except CoordinatorUnavailable as exc:
         sys.exit(f"hetbatch worker {instance_id}: {exc}")

@@ -38,6 +38,7 @@ class LocalLauncher(Launcher):
             {**os.environ, TOKEN_ENV: self.token},
             self.job.launch.max_worker_restarts,
             log_dir(run),
+            unresponsive_s=self.job.engine.hang_timeout_s,
         )
         started = time.monotonic()
         try:

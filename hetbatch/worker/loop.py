@@ -10,6 +10,7 @@ committed by a second background thread while the engine keeps stepping.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,8 @@ from hetbatch.worker.output import build_output, completion_values
 log = logging.getLogger("hetbatch.worker")
 
 BYE_RETRY_S = 5.0  # how long a stopping worker tries to reach the coordinator
+HUNG_EXIT = 75  # the exit code of a worker whose engine hung: restart it
+LIVENESS_ENV = "HETBATCH_LIVENESS_FILE"  # touched every second while the worker loop lives
 
 @dataclass
 class Unit:
@@ -75,6 +78,7 @@ class Worker:
         engine: Engine,
         heartbeat_s: float = 1.0,
         stop: threading.Event | None = None,
+        hang_timeout_s: float = 300.0,
     ) -> None:
         self.client = client
         self.instance_id = instance_id
@@ -95,11 +99,17 @@ class Worker:
         self._next_heartbeat_at = 0.0
         # Set from a signal handler (SIGTERM): leave at the next turn of the loop.
         self.stop = stop or threading.Event()
+        self.hang_timeout_s = hang_timeout_s
+        self._step_since: float | None = None  # when the engine step under way began
 
     # -- main loop ----------------------------------------------------------------------------
 
     def run(self) -> bool:
         """Work until the job is done (True), or until asked to stop (False: leases given back)."""
+        ended = threading.Event()
+        threading.Thread(
+            target=self._watch, args=(ended,), daemon=True, name="watchdog"
+        ).start()
         try:
             while not (self._done and not self.units and not self.in_flight):
                 if self.stop.is_set():
@@ -110,7 +120,10 @@ class Worker:
                 self._maybe_heartbeat()
                 fed = self._feed()
                 if self.engine.has_unfinished():
-                    self._collect(self.engine.step())
+                    self._step_since = time.monotonic()
+                    completions = self.engine.step()
+                    self._step_since = None
+                    self._collect(completions)
                 elif not fed:
                     time.sleep(PACING.idle_s)
                 self._finish_units()
@@ -118,8 +131,37 @@ class Worker:
                 f.result()
             return True
         finally:
+            ended.set()
             self._reader.shutdown(wait=False, cancel_futures=True)
             self._writer.shutdown(wait=True)
+
+    def _watch(self, ended: threading.Event) -> None:
+        """Off the engine's thread: tell the supervisor this process lives (a stopped or
+        frozen one stops touching its liveness file), and end the process when an engine
+        step has held requests for `hang_timeout_s`: its leases go back, the supervisor
+        starts a fresh worker."""
+        liveness = os.environ.get(LIVENESS_ENV)
+        while not ended.wait(1.0):
+            if liveness:
+                with open(liveness, "a"):
+                    os.utime(liveness)
+            since = self._step_since
+            if since is not None and time.monotonic() - since > self.hang_timeout_s:
+                log.error(
+                    "engine hung: no step finished in %.0f s with %d request(s) in it; giving "
+                    "leases back and exiting to be restarted",
+                    time.monotonic() - since, len(self.in_flight),
+                )
+                self._say_bye()
+                os._exit(HUNG_EXIT)  # the engine's thread cannot be stopped; the process can
+
+    def _say_bye(self) -> None:
+        """Give every lease back at once; the coordinator re-deals the rows."""
+        self.client.retry_s = min(self.client.retry_s, BYE_RETRY_S)  # Slurm's SIGKILL is near
+        try:
+            self.client.call("bye", instance=self.instance_id)
+        except (CoordinatorUnavailable, CoordinatorRestarted, RejectedByCoordinator) as exc:
+            log.warning("could not say bye (%s); the leases lapse instead", exc)
 
     def _leave(self) -> None:
         """Stop now: drop the requests in the engine, let units already being written finish
@@ -138,11 +180,7 @@ class Worker:
         self._writes.clear()
         held = [f"[{u.start}, {u.end})" for u in self.units]
         self.units.clear()
-        self.client.retry_s = min(self.client.retry_s, BYE_RETRY_S)  # Slurm's SIGKILL is near
-        try:
-            self.client.call("bye", instance=self.instance_id)
-        except (CoordinatorUnavailable, CoordinatorRestarted, RejectedByCoordinator) as exc:
-            log.warning("could not say bye (%s); the leases lapse instead", exc)
+        self._say_bye()
         log.info(
             "stopping: %d unit(s) committed, %d lease(s) given back %s",
             committed, len(held), " ".join(held),

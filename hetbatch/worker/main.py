@@ -108,6 +108,7 @@ def _work(
         engine,
         heartbeat_s=job.scheduler.heartbeat_s,
         stop=stop,
+        hang_timeout_s=job.engine.hang_timeout_s,
     )
     try:
         hello["concurrency"] = engine.max_concurrency

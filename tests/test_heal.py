@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
+from tests import flakyfs
 from tests.jobutil import (
+    HETBATCH,
     assert_exactly_once,
     busy_worker,
     ledger,
     make_input,
+    read_output,
     sim_job,
     sim_pool,
     start_cli,
@@ -74,3 +80,76 @@ def test_hung_engine_gives_leases_back_and_is_restarted(tmp_path: Path) -> None:
     assert "engine hung: no step finished in 2 s" in log, log
     assert_exactly_once(out, rows)
     assert any(r.get("redealt") for r in ledger(out))
+
+
+def _run_with_flaky_store(
+    tmp_path: Path, rows: int, switch: Path, once: bool
+) -> tuple[subprocess.Popen, Path]:
+    out = tmp_path / "out"
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows),
+        [sim_pool("a", 4_000), sim_pool("b", 4_000)],
+        output={"path": f"{flakyfs.PROTOCOL}://{out}"},
+        scheduler={"max_unit_rows": 300},
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": flakyfs.install(tmp_path / "site"),
+        "FLAKY_SWITCH": str(switch),
+        **({"FLAKY_ONCE": "1"} if once else {}),
+    }
+    proc = subprocess.Popen(
+        [*HETBATCH, "run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    return proc, out
+
+
+def _shards(out: Path) -> list[Path]:
+    return sorted(out.glob("*.parquet"))
+
+
+def _every_row_once(out: Path, rows: int) -> None:
+    """On a store the ledger is in segments; the shards themselves tell."""
+    assert (out / "_SUCCESS").exists()
+    ids = read_output(out)["id"].to_list()
+    assert sorted(ids) == [f"r{i:06d}" for i in range(rows)]
+
+
+def test_a_failed_shard_write_is_retried(tmp_path: Path) -> None:
+    rows = 3_000
+    switch = tmp_path / "fail-next-write"
+    proc, out = _run_with_flaky_store(tmp_path, rows, switch, once=True)
+    wait_for(lambda: len(_shards(out)) >= 2, 60, "first shards")
+    switch.touch()
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert not switch.exists()  # one write failed
+    line = next(x for x in stderr.splitlines() if "could not write rows [" in x)
+    assert "): OSError: [Errno 5] the store refused the write: '" in line, line
+    assert line.endswith(".parquet'; re-queued"), line
+    _every_row_once(out, rows)
+
+
+def test_shard_writes_that_keep_failing_stop_the_job(tmp_path: Path) -> None:
+    rows = 30_000
+    switch = tmp_path / "fail-every-write"
+    proc, out = _run_with_flaky_store(tmp_path, rows, switch, once=False)
+    wait_for(lambda: len(_shards(out)) >= 2, 60, "first shards")
+    switch.touch()
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("hetbatch: job failed: cannot write the output: OSError: [Errno 5] "
+                           "the store refused the write"), stderr
+    assert "shard writes failed in a row" in last and "rows committed and kept" in last
+    assert "Traceback" not in stderr
+    assert not (out / "_SUCCESS").exists()
+    for shard in _shards(out):  # every visible shard whole
+        pq.read_metadata(shard)
+    switch.unlink()
+    proc, out = _run_with_flaky_store(tmp_path, rows, switch, once=False)
+    _stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    _every_row_once(out, rows)

@@ -9,6 +9,7 @@ committed by a second background thread while the engine keeps stepping.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestReje
 from hetbatch.error_budget import most_common_error
 from hetbatch.input_checks import unit_id_problems
 from hetbatch.io.parquet import InputDataset, read_rows
+from hetbatch.io.paths import OutputPaths
 from hetbatch.io.shards import stage_shard
 from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_sampling
 from hetbatch.scheduler.pacing import PACING
@@ -322,10 +324,14 @@ class Worker:
         )
         name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}.parquet"
         output = self.job.output
-        staged = stage_shard(
-            output.path, output.storage_options, name, unit.start, unit.end, table,
-            output.compression,
-        )
+        try:
+            staged = stage_shard(
+                output.path, output.storage_options, name, unit.start, unit.end, table,
+                output.compression,
+            )
+        except Exception as exc:  # disk full, permission lost, an object store's error
+            self._write_failed(unit, name, exc)
+            return
         errors, top_error, top_error_rows = most_common_error(
             r["error"] for r in results if r.get("error") is not None
         )
@@ -352,6 +358,19 @@ class Worker:
             log.warning(
                 "unit [%s, %s) was taken over by another instance; discarded", unit.start, unit.end
             )
+
+    def _write_failed(self, unit: Unit, name: str, exc: Exception) -> None:
+        """Remove what the failed write left in staging and give the unit back, saying why:
+        the coordinator deals it again and stops the job if writes keep failing."""
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("could not write rows [%s, %s): %s", unit.start, unit.end, error)
+        output = OutputPaths(self.job.output.path, self.job.output.storage_options)
+        with contextlib.suppress(Exception):
+            output.files.rm(OutputPaths.staging(name))
+        self.client.call(
+            "release", instance=self.instance_id, lease=unit.lease_id, cut=unit.start,
+            error=error,
+        )
 
     def _id_problems(self, unit: Unit) -> dict[str, int]:
         """Null and repeated ids among the unit's rows: seen here at no extra read."""

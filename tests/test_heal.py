@@ -3,13 +3,16 @@ give their work back and the job carries on, each row once."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests import flakyfs
 from tests.jobutil import (
@@ -153,3 +156,55 @@ def test_shard_writes_that_keep_failing_stop_the_job(tmp_path: Path) -> None:
     _stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr
     _every_row_once(out, rows)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (root only), unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as fh:
+        while True:
+            fh.write(b"\0" * 4096)
+    return filler
+
+
+def test_a_full_disk_stops_the_job_and_a_rerun_resumes(tmp_path: Path, small_disk: Path) -> None:
+    rows = 30_000
+    out = small_disk / "out"
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows),
+        [sim_pool("a", 4_000), sim_pool("b", 4_000)],
+        output={"path": str(out)},
+        scheduler={"max_unit_rows": 300},
+    )
+    job_file = write_job(tmp_path / "job.yaml", job)
+    proc = start_cli("run", str(job_file), "--no-progress")
+    wait_for(lambda: len(_shards(out)) >= 2, 60, "first shards")
+    filler = _fill(small_disk)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("hetbatch: job failed: cannot write the output: OSError: [Errno 28] "
+                           "No space left on device"), stderr
+    assert "Traceback" not in stderr
+    assert not (out / "_SUCCESS").exists()
+    for shard in _shards(out):  # every visible shard whole
+        pq.read_metadata(shard)
+    filler.unlink()
+    again = start_cli("run", str(job_file), "--no-progress")
+    _stdout, stderr = again.communicate(timeout=180)
+    assert again.returncode == 0, stderr
+    assert_exactly_once(out, rows)

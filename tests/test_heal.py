@@ -17,6 +17,7 @@ import pytest
 from tests import flakyfs
 from tests.jobutil import (
     HETBATCH,
+    TINY_ENGINE_ARGS,
     assert_exactly_once,
     busy_worker,
     ledger,
@@ -208,3 +209,31 @@ def test_a_full_disk_stops_the_job_and_a_rerun_resumes(tmp_path: Path, small_dis
     _stdout, stderr = again.communicate(timeout=180)
     assert again.returncode == 0, stderr
     assert_exactly_once(out, rows)
+
+
+def test_a_stopped_vllm_worker_is_killed_and_restarted(tmp_path: Path, tiny_model: Path) -> None:
+    """SIGSTOP freezes the whole worker, so it cannot see its own hang: its supervisor sees
+    its liveness file go stale, kills it (the coordinator gets the leases back as the
+    connection drops) and starts another."""
+    rows = 4_000
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows),
+        [{"name": "cpu", "accelerator": "cpu", "devices_per_node": 1, "tensor_parallel_size": 1}],
+        model={"path": str(tiny_model), "engine_args": dict(TINY_ENGINE_ARGS)},
+        engine={"kind": "vllm", "hang_timeout_s": 6},
+        sampling={"max_tokens": 32, "temperature": 0},
+        scheduler={"max_unit_rows": 128, "lease_timeout_s": 300},
+    )
+    out = tmp_path / "out"
+    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress")
+    wait_for(lambda: len(ledger(out)) >= 1, 120, "a first commit")
+    stopped = busy_worker(proc.pid, out)
+    os.kill(stopped, signal.SIGSTOP)
+    _stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr
+    assert "worker cpu-0-0 unresponsive for " in stderr, stderr
+    assert "(stopped or frozen); killing it" in stderr
+    assert "worker cpu-0-0 exited (-9); restarting (1/2)" in stderr
+    df = assert_exactly_once(out, rows)
+    assert df["error"].null_count() == rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,10 +176,7 @@ class WorkerSupervisor:
             if w.log is not None:
                 w.log.close()
                 w.log = None
-        with contextlib.suppress(OSError):
-            for path in self._liveness_dir.iterdir():
-                path.unlink()
-            os.rmdir(self._liveness_dir)
+        shutil.rmtree(self._liveness_dir, ignore_errors=True)
 
 
 def _ending(code: int) -> str:

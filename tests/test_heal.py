@@ -237,3 +237,25 @@ def test_a_stopped_vllm_worker_is_killed_and_restarted(tmp_path: Path, tiny_mode
     assert "worker cpu-0-0 exited (-9); restarting (1/2)" in stderr
     df = assert_exactly_once(out, rows)
     assert df["error"].null_count() == rows
+
+
+def test_a_worker_stopped_at_once_is_killed_and_restarted(tmp_path: Path) -> None:
+    """SIGSTOP right after the worker's first commit (its first second of work) is noticed."""
+    rows = 6_000
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows),
+        [sim_pool("a", 4_000), sim_pool("b", 4_000)],
+        engine={"hang_timeout_s": 3},
+        scheduler={"max_unit_rows": 300, "lease_timeout_s": 300},
+    )
+    out = tmp_path / "out"
+    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress")
+    wait_for(lambda: len(ledger(out)) >= 1, 60, "a first commit")
+    victim = ledger(out)[-1]["instance"]
+    os.kill(busy_worker(proc.pid, out), signal.SIGSTOP)
+    _stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert f"worker {victim} unresponsive for " in stderr, stderr
+    assert f"worker {victim} exited (-9); restarting (1/2)" in stderr
+    assert_exactly_once(out, rows)

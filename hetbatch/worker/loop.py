@@ -143,8 +143,8 @@ class Worker:
         step has held requests for `hang_timeout_s`: its leases go back, the supervisor
         starts a fresh worker."""
         liveness = os.environ.get(LIVENESS_ENV)
-        while not ended.wait(1.0):
-            if liveness:
+        while True:
+            if liveness:  # first at once: the supervisor watches only a worker that has begun
                 with open(liveness, "a"):
                     os.utime(liveness)
             since = self._step_since
@@ -156,6 +156,8 @@ class Worker:
                 )
                 self._say_bye()
                 os._exit(HUNG_EXIT)  # the engine's thread cannot be stopped; the process can
+            if ended.wait(1.0):
+                return
 
     def _say_bye(self) -> None:
         """Give every lease back at once; the coordinator re-deals the rows."""

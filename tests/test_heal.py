@@ -23,6 +23,7 @@ from tests.jobutil import (
     ledger,
     make_input,
     read_output,
+    run_cli,
     sim_job,
     sim_pool,
     start_cli,
@@ -259,3 +260,29 @@ def test_a_worker_stopped_at_once_is_killed_and_restarted(tmp_path: Path) -> Non
     assert f"worker {victim} unresponsive for " in stderr, stderr
     assert f"worker {victim} exited (-9); restarting (1/2)" in stderr
     assert_exactly_once(out, rows)
+
+
+def test_an_engine_too_big_for_its_memory_starts_smaller(tmp_path: Path, tiny_model: Path) -> None:
+    """A KV cache of 300 kB holds 128 tokens of the tiny model, not the 512 asked for: the
+    worker starts vLLM again with the context vLLM says fits, says so, and the job runs."""
+    rows = 300
+    small_cache = {**TINY_ENGINE_ARGS, "kv_cache_memory_bytes": 300_000, "max_num_seqs": 8}
+    job = sim_job(
+        tmp_path,
+        make_input(tmp_path / "in.parquet", rows, words=5),
+        [{"name": "cpu", "accelerator": "cpu", "devices_per_node": 1, "tensor_parallel_size": 1}],
+        model={"path": str(tiny_model), "engine_args": small_cache},
+        engine={"kind": "vllm"},
+        sampling={"max_tokens": 16, "temperature": 0},
+        scheduler={"max_unit_rows": 100},
+    )
+    out = tmp_path / "out"
+    result = run_cli("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    log = (out / "_hetbatch" / "logs" / "cpu-0-0.log").read_text()
+    fits = "engine did not fit in memory (To serve at least one request with the model's max"
+    assert fits in log, log
+    assert "starting it again with max_model_len=128 (was max_model_len=512)" in log
+    assert log.count("started cpu-0-0") == 1  # one process: no crash loop
+    df = assert_exactly_once(out, rows)
+    assert df["error"].null_count() == rows and (df["completion_tokens"] > 0).all()

@@ -62,7 +62,7 @@ def run_worker(
         client.retry_s = max(client.retry_s, job.slurm.reconnect_s)
     dataset = dataset_from_dict(job_data["dataset"])
     prepare_environment(job, instance["accelerator"])
-    engine = build_engine(job, instance)
+    engine = _start_engine(job, instance)
     stop = _stop_on_sigterm()
     try:
         # Join only once the engine is up, so that no lease waits on a loading model.
@@ -74,6 +74,33 @@ def run_worker(
     finally:
         engine.close()
         client.close()
+
+
+MAX_ENGINE_STARTS = 4
+
+
+def _start_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
+    """Start the instance's engine; one that does not fit in memory is started again with
+    smaller settings (a shorter context, a smaller batch), each change logged, instead of
+    failing into a crash loop of restarts with the same settings."""
+    from hetbatch.engines.vllm_engine import smaller_settings
+
+    for attempt in range(1, MAX_ENGINE_STARTS + 1):
+        try:
+            return build_engine(job, instance)
+        except (ValueError, RuntimeError) as exc:  # vLLM's start-up errors; torch's OOM
+            change = smaller_settings(exc, instance["engine_args"])
+            if job.engine.kind != "vllm" or change is None or attempt == MAX_ENGINE_STARTS:
+                raise
+            old = {k: instance["engine_args"].get(k) for k in change}
+            instance = {**instance, "engine_args": {**instance["engine_args"], **change}}
+            log.warning(
+                "engine did not fit in memory (%s); starting it again with %s (was %s)",
+                str(exc).split(". ")[0][:200],
+                ", ".join(f"{k}={v}" for k, v in change.items()),
+                ", ".join(f"{k}={v}" for k, v in old.items()),
+            )
+    raise AssertionError("unreachable")
 
 
 def _stop_on_sigterm() -> threading.Event:

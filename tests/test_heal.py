@@ -82,7 +82,8 @@ def test_hung_engine_gives_leases_back_and_is_restarted(tmp_path: Path) -> None:
     assert line.endswith("gave its leases back; restarting (1/2)"), stderr
     victim = line.split()[1]
     log = (out / "_hetbatch" / "logs" / f"{victim}.log").read_text()
-    assert "engine hung: no step finished in 2 s" in log, log
+    assert "engine hung: no step finished in " in log, log  # 2 s or a little more
+    assert "request(s) in it; giving leases back and exiting to be restarted" in log
     assert_exactly_once(out, rows)
     assert any(r.get("redealt") for r in ledger(out))
 

@@ -42,7 +42,7 @@ def smaller_settings(error: Exception, engine_args: dict[str, Any]) -> dict[str,
     error is not about memory or nothing is left to shrink. Returns only the changed ones.
 
     vLLM names the longest context its KV cache holds: use that. Out of memory elsewhere
-    (profiling a batch, the cache blocks): halve the batch, then the memory fraction.
+    (profiling a batch, the cache blocks): halve the batch.
     """
     text = str(error)
     fits = _MAX_LEN_THAT_FITS.search(text)

@@ -85,13 +85,15 @@ def _start_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
     failing into a crash loop of restarts with the same settings."""
     from hetbatch.engines.vllm_engine import smaller_settings
 
-    for attempt in range(1, MAX_ENGINE_STARTS + 1):
+    starts = 1
+    while True:
         try:
             return build_engine(job, instance)
         except (ValueError, RuntimeError) as exc:  # vLLM's start-up errors; torch's OOM
             change = smaller_settings(exc, instance["engine_args"])
-            if job.engine.kind != "vllm" or change is None or attempt == MAX_ENGINE_STARTS:
+            if job.engine.kind != "vllm" or change is None or starts == MAX_ENGINE_STARTS:
                 raise
+            starts += 1
             old = {k: instance["engine_args"].get(k) for k in change}
             instance = {**instance, "engine_args": {**instance["engine_args"], **change}}
             log.warning(
@@ -100,7 +102,6 @@ def _start_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
                 ", ".join(f"{k}={v}" for k, v in change.items()),
                 ", ".join(f"{k}={v}" for k, v in old.items()),
             )
-    raise AssertionError("unreachable")
 
 
 def _stop_on_sigterm() -> threading.Event:

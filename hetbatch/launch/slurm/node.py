@@ -88,9 +88,12 @@ class NodeRunner:
 
     def run(self) -> int:
         self.workers.start()
-        while self.workers.running:
-            time.sleep(self.poll_s)
-            self.workers.reap(self.store.is_complete)
+        try:
+            while self.workers.running:
+                time.sleep(self.poll_s)
+                self.workers.reap(self.store.is_complete)
+        finally:
+            self.workers.stop(grace_s=0)  # none is left running; this tidies up
         return 1 if self.workers.failed and not self.store.is_complete() else 0
 
     def terminate(self, signum: int, frame: FrameType | None) -> None:

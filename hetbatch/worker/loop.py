@@ -145,7 +145,7 @@ class Worker:
         liveness = os.environ.get(LIVENESS_ENV)
         while True:
             if liveness:  # first at once: the supervisor watches only a worker that has begun
-                with open(liveness, "a"):
+                with contextlib.suppress(OSError), open(liveness, "a"):
                     os.utime(liveness)
             since = self._step_since
             if since is not None and time.monotonic() - since > self.hang_timeout_s:

@@ -28,6 +28,7 @@ from tests.jobutil import (
     sim_pool,
     start_cli,
     wait_for,
+    worker_pids,
     write_job,
 )
 
@@ -254,8 +255,8 @@ def test_a_worker_stopped_at_once_is_killed_and_restarted(tmp_path: Path) -> Non
     out = tmp_path / "out"
     proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress")
     wait_for(lambda: len(ledger(out)) >= 1, 60, "a first commit")
-    victim = ledger(out)[-1]["instance"]
-    os.kill(busy_worker(proc.pid, out), signal.SIGSTOP)
+    victim = ledger(out)[-1]["instance"]  # it is working, so it holds leases
+    os.kill(worker_pids(proc.pid)[victim], signal.SIGSTOP)
     _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert f"worker {victim} unresponsive for " in stderr, stderr

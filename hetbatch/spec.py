@@ -93,6 +93,10 @@ class SimEngineSpec(_Strict):
 
     tokens_per_s: float = Field(default=2000.0, gt=0)
     max_num_seqs: int = Field(default=64, ge=1)
+    hang_file: str | None = Field(
+        default=None,
+        description="for fault tests: an engine that finds this file deletes it and hangs",
+    )
 
 
 class SlurmJobOptions(_Strict):
@@ -309,6 +313,12 @@ class EngineSpec(_Strict):
     sim: SimEngineSpec = Field(default_factory=SimEngineSpec)
     multiprocessing: bool | None = Field(
         default=None, description="vLLM engine core in its own process; default: off on cpu"
+    )
+    hang_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="an engine step that holds requests and takes longer than this is hung: "
+        "the worker gives its leases back and is restarted",
     )
 
 

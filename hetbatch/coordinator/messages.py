@@ -186,17 +186,25 @@ def _engine_load(raw: Any) -> tuple[int, int, float] | None:
 
 @dataclass(frozen=True)
 class Release(Request):
+    """Rows [cut, end) of a lease go back; `error` says why, when the worker could not write
+    the unit's shard (the coordinator stops a job whose writes keep failing)."""
+
     OP: ClassVar[str] = "release"
     instance: str
     lease: int
     cut: int
+    error: str | None = None
 
     @classmethod
     def from_fields(cls, data: dict[str, Any]) -> Release:
+        error = data.get("error")
+        if error is not None and type(error) is not str:
+            raise MessageError(f"error: expected a string, got {type(error).__name__}")
         return cls(
             _instance(data.get("instance")),
             _int(data.get("lease"), "lease"),
             _int(data.get("cut"), "cut"),
+            None if error is None else error[:MAX_ERROR_TEXT],
         )
 
 

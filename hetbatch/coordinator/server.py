@@ -43,6 +43,7 @@ from hetbatch.scheduler.ranges import RangeSet
 
 log = logging.getLogger("hetbatch.coordinator")
 
+MIN_WRITE_FAILURES = 3  # shard writes failing in a row (and on every instance) stop the job
 STALL_S = 0.25  # a tick this late means the coordinator, not the workers, was slow
 LISTEN_BACKLOG = 4096  # thousands of workers may connect at the same moment
 MAX_COMMIT_BATCH = 512
@@ -131,6 +132,7 @@ class Coordinator:
         self.budget = error_budget or ErrorBudget()
         self.failure: str | None = None
         self.id_problems: Counter[str] = Counter()  # null and duplicate ids the workers saw
+        self._write_failures = 0  # shard writes failed since the last accepted commit
         self.started_at = clock()
         self.started_wall = time.time()
         # For the ledger's per-unit record: when each lease was granted, and which rows were
@@ -332,6 +334,8 @@ class Coordinator:
         )
 
     def _op_release(self, msg: m.Release, conn: _Connection) -> dict[str, Any]:
+        if msg.error is not None:
+            return self._write_failed(msg)
         lease = self.scheduler.leases.get(msg.lease)
         start, end = (lease.start, lease.end) if lease is not None else (0, 0)
         self.scheduler.release(msg.instance, msg.lease, msg.cut, self.clock())
@@ -340,6 +344,33 @@ class Coordinator:
             kept = lease.end if lease.lease_id in self.scheduler.leases else start
             self._released_rows.setdefault(lease.instance, RangeSet()).add(kept, end)
             self.events["steal"] += 1
+        return m.OK_REPLY
+
+    def _write_failed(self, msg: m.Release) -> dict[str, Any]:
+        """A worker could not write a unit's shard: its rows go back to be dealt again
+        (maybe elsewhere). Once every instance, and at least three in a row, failed with no
+        shard written in between, writing is what is broken: the job stops, keeping its
+        commits."""
+        lease = self.scheduler.leases.get(msg.lease)
+        if lease is None or lease.instance != msg.instance:
+            return m.OK_REPLY
+        self.scheduler.release(msg.instance, msg.lease, lease.start, self.clock())
+        self._returned_rows.add(lease.start, lease.end)
+        self._write_failures += 1
+        self.events["write_failed"] += 1
+        log.warning(
+            "%s could not write rows [%s, %s): %s; re-queued",
+            msg.instance, lease.start, lease.end, msg.error,
+        )
+        if self._write_failures >= max(MIN_WRITE_FAILURES, len(self.metrics)) and (
+            self.failure is None
+        ):
+            self.failure = (
+                f"cannot write the output: {msg.error} "
+                f"({self._write_failures} shard writes failed in a row)"
+            )
+            log.info("stopping the job: %s", self.failure)
+            threading.Thread(target=self._fail, daemon=True, name="coord-fail").start()
         return m.OK_REPLY
 
     def _note_lease(self, lease: Lease) -> None:
@@ -450,6 +481,7 @@ class Coordinator:
         now = self.clock()
         status = self.scheduler.commit(msg.instance, msg.lease, msg.start, msg.end, now)
         if status is CommitStatus.ACCEPTED:
+            self._write_failures = 0
             self._count(msg.instance, msg.end - msg.start, msg.stats, now)
             self._spend_budget(msg.end - msg.start, msg.stats, now)
         return status
@@ -506,7 +538,12 @@ class Coordinator:
         """The error budget is spent: keep what is committed, write why, and stop."""
         if self.finished.is_set():
             return
-        self.store.write_json(OutputPaths.METRICS, {**self.metrics_dict(), "failure": self.failure})
+        try:
+            self.store.write_json(
+                OutputPaths.METRICS, {**self.metrics_dict(), "failure": self.failure}
+            )
+        except OSError as exc:  # the output may be what failed: stop all the same
+            log.warning("metrics not written: %s", exc)
         self.finished.set()
         if self.on_done:
             self.on_done()

@@ -27,7 +27,10 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         pool = next(p for p in job.cluster.pools if p.name == instance["pool"])
         sim: SimEngineSpec = pool.sim or job.engine.sim
         max_len = int(instance["engine_args"].get("max_model_len", 4096))
-        return SimEngine(sim.tokens_per_s, sim.max_num_seqs, max_len, name=instance["id"])
+        return SimEngine(
+            sim.tokens_per_s, sim.max_num_seqs, max_len, name=instance["id"],
+            hang_file=sim.hang_file,
+        )
     from hetbatch.engines.vllm_engine import VllmEngine
 
     return VllmEngine(job.model.path, vllm_args(job, instance), name=instance["id"], task=job.task)

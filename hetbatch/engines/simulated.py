@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -96,8 +98,10 @@ class SimEngine:
         max_model_len: int = 4096,
         name: str = "sim",
         sleep: Callable[[float], None] = time.sleep,
+        hang_file: str | None = None,
     ) -> None:
         self.name = name
+        self.hang_file = hang_file
         self.tokens_per_s = tokens_per_s
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -142,6 +146,7 @@ class SimEngine:
             self._running[r.request.request_id] = r
         if not self._running:
             return []
+        self._maybe_hang()
         self._sleep(self._step_s)
         finished = []
         for rid, r in list(self._running.items()):
@@ -150,6 +155,17 @@ class SimEngine:
                 del self._running[rid]
                 finished.append(self._complete(r))
         return finished
+
+    def _maybe_hang(self) -> None:
+        """The fault-test switch: the engine that claims the hang file (removing it, so that
+        only one engine hangs, once) never returns from this step, as a wedged GPU would not."""
+        if self.hang_file is None:
+            return
+        try:
+            os.remove(self.hang_file)
+        except FileNotFoundError:
+            return
+        threading.Event().wait()
 
     def _complete(self, r: _Running) -> Completion:
         seed = r.request.sampling.get("seed")

@@ -7,6 +7,7 @@ which only needs `vllm_version()` does not pay vLLM's import (about 5 s on a CPU
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from typing import TYPE_CHECKING, Any
 
 from hetbatch.engines.base import (
@@ -35,6 +36,33 @@ def vllm_version() -> str | None:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
+    return None
+
+
+_MAX_LEN_THAT_FITS = re.compile(r"estimated maximum model length is (\d+)")
+_OUT_OF_MEMORY = ("out of memory", "No available memory for the cache blocks")
+MIN_MODEL_LEN = 64  # below this a context holds no useful prompt: fail instead
+
+
+def smaller_settings(error: Exception, engine_args: dict[str, Any]) -> dict[str, int] | None:
+    """Engine arguments that may fit where `error` says these did not, or None when the
+    error is not about memory or nothing is left to shrink. Returns only the changed ones.
+
+    vLLM names the longest context its KV cache holds: use that. Out of memory elsewhere
+    (profiling a batch, the cache blocks): halve the batch.
+    """
+    text = str(error)
+    fits = _MAX_LEN_THAT_FITS.search(text)
+    if fits is not None:
+        length = int(fits.group(1))
+        if length >= MIN_MODEL_LEN and length < int(engine_args.get("max_model_len", 1 << 30)):
+            return {"max_model_len": length}
+        return None
+    if not any(marker in text for marker in _OUT_OF_MEMORY):
+        return None
+    seqs = int(engine_args.get("max_num_seqs", 256))
+    if seqs > 1:
+        return {"max_num_seqs": max(1, seqs // 2)}
     return None
 
 

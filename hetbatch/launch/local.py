@@ -41,6 +41,7 @@ class LocalLauncher(Launcher):
             {**os.environ, TOKEN_ENV: self.token},
             self.job.launch.max_worker_restarts,
             logs,
+            unresponsive_s=self.job.engine.hang_timeout_s,
         )
         _stand_in_nodes(workers, run, logs)
         started = time.monotonic()

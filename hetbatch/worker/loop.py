@@ -9,7 +9,10 @@ committed by a second background thread while the engine keeps stepping.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,17 +20,27 @@ from typing import Any
 
 import pyarrow as pa
 
-from hetbatch.coordinator.protocol import Client
+from hetbatch.coordinator.protocol import (
+    Client,
+    CoordinatorRestarted,
+    CoordinatorUnavailable,
+    RejectedByCoordinator,
+)
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
 from hetbatch.error_budget import most_common_error
 from hetbatch.input_checks import unit_id_problems
 from hetbatch.io.parquet import read_rows
+from hetbatch.io.paths import OutputPaths
 from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_sampling
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.spec import JobSpec
 from hetbatch.worker.output import completion_values, stage_unit
 
 log = logging.getLogger("hetbatch.worker")
+
+BYE_RETRY_S = 5.0  # how long a stopping worker tries to reach the coordinator
+HUNG_EXIT = 75  # the exit code of a worker whose engine hung: restart it
+LIVENESS_ENV = "HETBATCH_LIVENESS_FILE"  # touched every second while the worker loop lives
 
 @dataclass
 class Unit:
@@ -65,6 +78,8 @@ class Worker:
         schema: pa.Schema,
         engine: Engine,
         heartbeat_s: float = 1.0,
+        stop: threading.Event | None = None,
+        hang_timeout_s: float = 300.0,
     ) -> None:
         self.client = client
         self.instance_id = instance_id
@@ -83,26 +98,96 @@ class Worker:
         self._done = False
         self._next_lease_at = 0.0
         self._next_heartbeat_at = 0.0
+        # Set from a signal handler (SIGTERM): leave at the next turn of the loop.
+        self.stop = stop or threading.Event()
+        self.hang_timeout_s = hang_timeout_s
+        self._step_since: float | None = None  # when the engine step under way began
 
     # -- main loop ----------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Work until the job is done (True), or until asked to stop (False: leases given back)."""
+        ended = threading.Event()
+        threading.Thread(
+            target=self._watch, args=(ended,), daemon=True, name="watchdog"
+        ).start()
         try:
             while not (self._done and not self.units and not self.in_flight):
+                if self.stop.is_set():
+                    self._leave()
+                    return False
                 self._check_writes()
                 self._maybe_lease()
                 self._maybe_heartbeat()
                 fed = self._feed()
                 if self.engine.has_unfinished():
-                    self._collect(self.engine.step())
+                    self._step_since = time.monotonic()
+                    completions = self.engine.step()
+                    self._step_since = None
+                    self._collect(completions)
                 elif not fed:
                     time.sleep(PACING.idle_s)
                 self._finish_units()
             for f in self._writes:
                 f.result()
+            return True
         finally:
+            ended.set()
             self._reader.shutdown(wait=False, cancel_futures=True)
             self._writer.shutdown(wait=True)
+
+    def _watch(self, ended: threading.Event) -> None:
+        """Off the engine's thread: tell the supervisor this process lives (a stopped or
+        frozen one stops touching its liveness file), and end the process when an engine
+        step has held requests for `hang_timeout_s`: its leases go back, the supervisor
+        starts a fresh worker."""
+        liveness = os.environ.get(LIVENESS_ENV)
+        while True:
+            if liveness:  # first at once: the supervisor watches only a worker that has begun
+                with contextlib.suppress(OSError), open(liveness, "a"):
+                    os.utime(liveness)
+            since = self._step_since
+            if since is not None and time.monotonic() - since > self.hang_timeout_s:
+                log.error(
+                    "engine hung: no step finished in %.0f s with %d request(s) in it; giving "
+                    "leases back and exiting to be restarted",
+                    time.monotonic() - since, len(self.in_flight),
+                )
+                self._say_bye()
+                os._exit(HUNG_EXIT)  # the engine's thread cannot be stopped; the process can
+            if ended.wait(1.0):
+                return
+
+    def _say_bye(self) -> None:
+        """Give every lease back at once; the coordinator re-deals the rows."""
+        self.client.retry_s = min(self.client.retry_s, BYE_RETRY_S)  # Slurm's SIGKILL is near
+        try:
+            self.client.call("bye", instance=self.instance_id)
+        except (CoordinatorUnavailable, CoordinatorRestarted, RejectedByCoordinator) as exc:
+            log.warning("could not say bye (%s); the leases lapse instead", exc)
+
+    def _leave(self) -> None:
+        """Stop now: drop the requests in the engine, let units already being written finish
+        their commit (a shard is staged whole or not at all), then give every other lease back
+        with `bye`, so that the coordinator re-deals their rows at once."""
+        self.engine.abort(list(self.in_flight))
+        self.in_flight.clear()
+        self._reader.shutdown(wait=False, cancel_futures=True)
+        committed = 0
+        for f in self._writes:
+            try:
+                f.result()
+                committed += 1
+            except Exception as exc:  # its lease goes back with the others
+                log.warning("a unit's write failed while stopping: %s", exc)
+        self._writes.clear()
+        held = [f"[{u.start}, {u.end})" for u in self.units]
+        self.units.clear()
+        self._say_bye()
+        log.info(
+            "stopping: %d unit(s) committed, %d lease(s) given back %s",
+            committed, len(held), " ".join(held),
+        )
 
     def _maybe_lease(self) -> None:
         now = time.monotonic()
@@ -241,11 +326,15 @@ class Worker:
 
     def _write_and_commit(self, unit: Unit) -> None:
         results = [unit.results[i] for i in range(unit.rows)]
-        staged = stage_unit(
-            self.job, self.schema, unit.table, unit.start, unit.end, results,
-            unit.prompts[: unit.rows], self.instance_id,
-            f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}",
-        )
+        name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}"
+        try:
+            staged = stage_unit(
+                self.job, self.schema, unit.table, unit.start, unit.end, results,
+                unit.prompts[: unit.rows], self.instance_id, name,
+            )
+        except Exception as exc:  # disk full, permission lost, an object store's error
+            self._write_failed(unit, name, exc)
+            return
         errors, top_error, top_error_rows = most_common_error(
             r["error"] for r in results if r.get("error") is not None
         )
@@ -273,6 +362,20 @@ class Worker:
             log.warning(
                 "unit [%s, %s) was taken over by another instance; discarded", unit.start, unit.end
             )
+
+    def _write_failed(self, unit: Unit, name: str, exc: Exception) -> None:
+        """Remove what the failed write left in staging and give the unit back, saying why:
+        the coordinator deals it again and stops the job if writes keep failing."""
+        error = f"{type(exc).__name__}: {exc}"
+        log.warning("could not write rows [%s, %s): %s", unit.start, unit.end, error)
+        output = OutputPaths(self.job.output.path, self.job.output.storage_options)
+        for suffix in (".parquet", ".jsonl"):  # whichever the output format staged
+            with contextlib.suppress(Exception):
+                output.files.rm(OutputPaths.staging(name + suffix))
+        self.client.call(
+            "release", instance=self.instance_id, lease=unit.lease_id, cut=unit.start,
+            error=error,
+        )
 
     def _id_problems(self, unit: Unit) -> dict[str, int]:
         """Null and repeated ids among the unit's rows: seen here at no extra read."""

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
+from types import FrameType
 from typing import Any
 
 import click
@@ -33,6 +36,11 @@ from hetbatch.worker.loop import Worker
 from hetbatch.worker.output import output_schema
 
 TOKEN_ENV = "HETBATCH_TOKEN"
+STOPPED_EXIT = 128 + signal.SIGTERM  # the exit code of a worker that left on SIGTERM
+
+
+class Stopped(Exception):
+    """The worker was told to stop (SIGTERM) and gave its leases back."""
 
 log = logging.getLogger("hetbatch.worker")
 
@@ -54,21 +62,70 @@ def run_worker(
         client.retry_s = max(client.retry_s, job.slurm.reconnect_s)
     dataset = dataset_from_dict(job_data["dataset"])
     prepare_environment(job, instance["accelerator"])
-    engine = build_engine(job, instance)
+    engine = _start_engine(job, instance)
+    stop = _stop_on_sigterm()
     try:
         # Join only once the engine is up, so that no lease waits on a loading model.
-        while not _work(client, hello, job, dataset, engine):
+        while (ending := _work(client, hello, job, dataset, engine, stop)) == "restarted":
             log.warning("coordinator restarted: in-flight units dropped, joining the new one")
+        if ending == "stopped":
+            raise Stopped()  # it said bye already
         client.call("bye", instance=instance_id)
     finally:
         engine.close()
         client.close()
 
 
+MAX_ENGINE_STARTS = 4
+
+
+def _start_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
+    """Start the instance's engine; one that does not fit in memory is started again with
+    smaller settings (a shorter context, a smaller batch), each change logged, instead of
+    failing into a crash loop of restarts with the same settings."""
+    from hetbatch.engines.vllm_engine import smaller_settings
+
+    starts = 1
+    while True:
+        try:
+            return build_engine(job, instance)
+        except (ValueError, RuntimeError) as exc:  # vLLM's start-up errors; torch's OOM
+            change = smaller_settings(exc, instance["engine_args"])
+            if job.engine.kind != "vllm" or change is None or starts == MAX_ENGINE_STARTS:
+                raise
+            starts += 1
+            old = {k: instance["engine_args"].get(k) for k in change}
+            instance = {**instance, "engine_args": {**instance["engine_args"], **change}}
+            log.warning(
+                "engine did not fit in memory (%s); starting it again with %s (was %s)",
+                str(exc).split(". ")[0][:200],
+                ", ".join(f"{k}={v}" for k, v in change.items()),
+                ", ".join(f"{k}={v}" for k, v in old.items()),
+            )
+
+
+def _stop_on_sigterm() -> threading.Event:
+    """SIGTERM (Slurm preemption, time limit, scancel; the supervisor stopping) sets an event
+    the worker loop checks at every turn. Until now the default applies: nothing is held."""
+    stop = threading.Event()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        stop.set()  # no logging here: the main thread may hold the logging lock
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return stop
+
+
 def _work(
-    client: Client, hello: dict[str, Any], job: JobSpec, dataset: InputDataset, engine: Engine
-) -> bool:
-    """Work until the job is done; False if the coordinator restarted (its leases are void)."""
+    client: Client,
+    hello: dict[str, Any],
+    job: JobSpec,
+    dataset: InputDataset,
+    engine: Engine,
+    stop: threading.Event,
+) -> str:
+    """Work until the job is "done", or the worker is "stopped", or the coordinator
+    "restarted" (its leases are then void)."""
     client.on_reconnect = lambda: {"op": "hello", "token": client.token, **hello}
     worker = Worker(
         client,
@@ -78,16 +135,17 @@ def _work(
         output_schema(job, dataset.schema),
         engine,
         heartbeat_s=job.scheduler.heartbeat_s,
+        stop=stop,
+        hang_timeout_s=job.engine.hang_timeout_s,
     )
     try:
         hello["concurrency"] = engine.max_concurrency
         client.call("hello", **hello)
-        worker.run()
+        return "done" if worker.run() else "stopped"
     except CoordinatorRestarted:
         engine.abort(list(worker.in_flight))
         client.acknowledge_restart()
-        return False
-    return True
+        return "restarted"
 
 
 def read_token(coordinator_file: str | None) -> str | None:
@@ -128,5 +186,7 @@ def main(
         run_worker(host, int(port), token, instance_id, locate, wait_s)
     except JobComplete:
         log.info("the job is complete")
+    except Stopped:
+        sys.exit(STOPPED_EXIT)
     except CoordinatorUnavailable as exc:
         sys.exit(f"hetbatch worker {instance_id}: {exc}")

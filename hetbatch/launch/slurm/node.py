@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -99,6 +100,7 @@ class NodeRunner:
             ],
             slurm_env(),  # without LD_PRELOAD: the engine sets its own; an inherited one may fail
             job.launch.max_worker_restarts,
+            unresponsive_s=job.engine.hang_timeout_s,
         )
         self._span(output, node)
 
@@ -122,15 +124,58 @@ class NodeRunner:
 
     def run(self) -> int:
         self.workers.start()
-        while self.workers.running:
-            time.sleep(self.poll_s)
-            self.workers.reap(self.store.is_complete)
+        try:
+            while self.workers.running:
+                time.sleep(self.poll_s)
+                self.workers.reap(self.store.is_complete)
+        finally:
+            self.workers.stop(grace_s=0)  # none is left running; this tidies up
         return 1 if self.workers.failed and not self.store.is_complete() else 0
 
     def terminate(self, signum: int, frame: FrameType | None) -> None:
-        """Slurm cancels or preempts the job: stop the workers, their leases go back."""
+        """Slurm cancels or preempts the job, or its time is up: stop the workers (they give
+        their leases back), and when the time limit ended a requeueable job before the rows
+        did, requeue it so that its workers come back."""
+        if not self.store.is_complete():  # first: Slurm's SIGKILL follows within KillWait
+            requeue_if_out_of_time(os.environ.get("SLURM_JOB_ID"))
         self.workers.stop(grace_s=0)
         sys.exit(128 + signum)
+
+
+def requeue_if_out_of_time(job_id: str | None) -> bool:
+    """`scontrol requeue` this job if it was submitted with --requeue and its run time has
+    reached its time limit (a cancelled job is left alone)."""
+    if not job_id:
+        return False
+    try:
+        shown = subprocess.run(
+            ["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=20
+        ).stdout
+        fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
+        limit = _seconds(fields.get("TimeLimit", ""))
+        ran = _seconds(fields.get("RunTime", ""))
+        if fields.get("Requeue") != "1" or limit is None or ran is None or ran < limit:
+            return False
+        requeued = subprocess.run(
+            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    if requeued.returncode == 0:
+        print(f"time limit reached: job {job_id} requeued, its workers will come back", flush=True)
+    return requeued.returncode == 0
+
+
+def _seconds(duration: str) -> int | None:
+    """Slurm's [days-]hours:minutes:seconds; None for UNLIMITED or anything else."""
+    days, _, clock = duration.rpartition("-")
+    parts = clock.split(":")
+    if len(parts) != 3 or not all(p.isdigit() for p in [*parts, days or "0"]):
+        return None
+    seconds = 0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    return seconds + int(days or 0) * 86400
 
 
 def main(argv: list[str] | None = None) -> int:

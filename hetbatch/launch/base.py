@@ -5,6 +5,7 @@ the workers run (`launch`), and where the instances come from (`layout`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -235,7 +236,14 @@ class Launcher(ABC):
     def print_summary(self, run: PreparedRun, coordinator: Coordinator, started: float) -> None:
         """What each instance did, once the coordinator has stopped."""
         wall_s = time.monotonic() - started
-        for line in summary_lines(run.store, coordinator.metrics_dict(), wall_s):
+        metrics = coordinator.metrics_dict()
+        # The cost is the finished job's, as metrics.json recorded it: not the time the workers
+        # took to stop afterwards.
+        with contextlib.suppress(Exception):
+            recorded = run.store.read_json(OutputPaths.METRICS)
+            if "cost" in recorded:
+                metrics["cost"] = recorded["cost"]
+        for line in summary_lines(run.store, metrics, wall_s):
             print(line)
 
     def worker_job(self, run: PreparedRun) -> dict[str, Any]:

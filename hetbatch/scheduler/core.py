@@ -100,7 +100,6 @@ class InstanceState:
     window_rows: float = 0.0
     window_s: float = 0.0
     queued: int = 0  # unfinished rows of its leases
-    last_request_at: float = -math.inf
     last_heard_at: float = -math.inf  # its last request or heartbeat
 
 
@@ -242,7 +241,7 @@ class Scheduler:
         if reserved is not None and self.pending.contains(*reserved):
             self.pending.remove(*reserved)
             return self._issue(instance_id, *reserved, now)
-        state.last_request_at = state.last_heard_at = now
+        state.last_heard_at = now
         self._set_alive(state, True)
         if self._too_late(instance_id, now):
             return self._nothing_free(state)
@@ -315,8 +314,8 @@ class Scheduler:
         me = self.instances[instance_id]
         if cfg.tail_latency_factor <= 0 or me.concurrency is None or me.measured_rate is None:
             return False
-        # finish_time and _unit_done_in written out for measured instances: this runs on every
-        # request of the end game, from every instance.
+        # finish_time (plus a unit's rows) written out for measured instances: this runs on
+        # every request of the end game, from every instance.
         tail = cfg.tail_latency_factor
         unfinished = self.pending.total + self._leased_unfinished
         if (me.queued + tail * me.concurrency) / me.measured_rate <= (
@@ -362,10 +361,6 @@ class Scheduler:
             self._ranked = [i for _, i in keyed]
             self._ranked_at = now
         return self._ranked
-
-    def _unit_done_in(self, instance_id: str, rows: int) -> float:
-        """Seconds until a unit of `rows` given now would be finished on this instance."""
-        return self.finish_time(instance_id) + rows / self.rate(instance_id)
 
     def finish_time(self, instance_id: str) -> float:
         """Seconds until this instance's last row is out: its queue, then one engine latency
@@ -432,10 +427,7 @@ class Scheduler:
         revoked = [lid for lid in progress if lid not in mine]
         releases = []
         deadline = now + self.config.lease_timeout_s
-        if deadline < self._latest_deadline:
-            self._deadlines_in_order = False  # a clock that went back: expire sorts again
-        else:
-            self._latest_deadline = deadline
+        self._note_deadline(deadline)
         # Written out (renewal, progress, queue length): every instance heartbeats all along.
         by_deadline, leases = self._by_deadline, self.leases
         queued_change = 0
@@ -462,12 +454,17 @@ class Scheduler:
 
     def _renew(self, lease: Lease, deadline: float) -> None:
         lease.deadline = deadline
-        if deadline < self._latest_deadline:
-            self._deadlines_in_order = False  # a clock that went back: expire sorts again
-        else:
-            self._latest_deadline = deadline
+        self._note_deadline(deadline)
         self._by_deadline[lease.lease_id] = None
         self._by_deadline.move_to_end(lease.lease_id)
+
+    def _note_deadline(self, deadline: float) -> None:
+        """A lease renewed to `deadline` moves to the end of `_by_deadline`, which stays sorted
+        unless a clock went back: then `expire` sorts it again."""
+        if deadline < self._latest_deadline:
+            self._deadlines_in_order = False
+        else:
+            self._latest_deadline = deadline
 
     def expire(self, now: float) -> list[Lease]:
         """Leases not renewed in time go back to the queue."""

@@ -369,15 +369,6 @@ class JobSpec(_Strict):
     def _template_and_sampling(self) -> JobSpec:
         if self.prompt_template is not None:
             template_fields(self.prompt_template)
-        if "seed" in self.sampling:
-            raise ValueError(
-                "sampling.seed is derived per row from the job's `seed`; set `seed` instead"
-            )
-        if "structured_outputs" in self.sampling:
-            raise ValueError(
-                "sampling.structured_outputs: set `structured_output` instead "
-                "(json_schema, regex or choice), so that outputs are checked"
-            )
         _check_output_shaping(self.sampling)
         _check_openai_batch(self)
         if self.lora is not None and self.task != "generate":

@@ -21,32 +21,9 @@ NOT_FROM_JOB = {
     "skip_clone": "internal to vLLM",
     "output_text_buffer_length": "internal to vLLM",
     "prompt_logprob_token_ids": "takes an array; not settable from a job file",
+    "structured_outputs": "set `structured_output` instead (json_schema, regex or choice), "
+    "so that outputs are checked",
 }
-
-
-class StructuredOutputsMirror(BaseModel):
-    """vLLM's StructuredOutputsParams: exactly one kind of constraint."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    json_schema: str | dict[str, Any] | None = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    disable_any_whitespace: bool = False
-    disable_additional_properties: bool = False
-    whitespace_pattern: str | None = None
-    structural_tag: str | None = None
-
-    @model_validator(mode="after")
-    def _one_constraint(self) -> StructuredOutputsMirror:
-        kinds = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
-        given = [self.json_schema, self.regex, self.choice, self.grammar, self.json_object,
-                 self.structural_tag]
-        if sum(v is not None for v in given) != 1:
-            raise ValueError(f"structured_outputs: give exactly one of {', '.join(kinds)}")
-        return self
 
 
 class RepetitionDetectionMirror(BaseModel):
@@ -105,7 +82,6 @@ class SamplingParamsMirror(BaseModel):
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream_interval: int | None = Field(None, ge=1)
-    structured_outputs: StructuredOutputsMirror | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     extra_args: dict[str, Any] | None = None

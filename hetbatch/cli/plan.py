@@ -66,6 +66,8 @@ def plan_command(job_file: str | None, **opts: object) -> None:
     """
     job = load_job(job_file) if job_file else None
     inputs = _inputs(job, opts)
+    if opts.get("calibration"):
+        inputs = replace(inputs, calibration=load_calibration(str(opts["calibration"])))
     plan = _plan(inputs, opts)
     makespan = _makespan(job, inputs, plan, opts)
     if opts["as_json"]:
@@ -103,9 +105,6 @@ def _pins(opts: dict[str, object]) -> dict[str, object]:
 
 
 def _plan(inputs: JobPlanInputs, opts: dict[str, object]) -> ClusterPlan:
-    calibration = inputs.calibration
-    if opts.get("calibration"):
-        calibration = load_calibration(str(opts["calibration"]))
     top_k = int(opts["top_k"])  # type: ignore[call-overload]
     if top_k < 0:
         raise UserError("--top must be >= 0")
@@ -113,7 +112,7 @@ def _plan(inputs: JobPlanInputs, opts: dict[str, object]) -> ClusterPlan:
         inputs.model, inputs.pools, inputs.workload,
         objective=str(opts.get("objective") or inputs.objective),
         deadline_s=_float(opts.get("deadline")) or inputs.deadline_s,
-        catalog=inputs.catalog, calibration=calibration, top_k=top_k,
+        catalog=inputs.catalog, calibration=inputs.calibration, top_k=top_k,
     )
 
 
@@ -124,8 +123,6 @@ def _makespan(
     sigma = float(opts.get("output_sigma") or 0.0)  # type: ignore[arg-type]
     if sigma < 0:
         raise UserError("--output-sigma must be >= 0")
-    if opts.get("calibration"):
-        inputs = replace(inputs, calibration=load_calibration(str(opts["calibration"])))
     if job is None:
         return forecast_makespan(inputs, plan, output_sigma=sigma)
     return forecast_makespan(inputs, plan, output_sigma=sigma,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any
 
 import click
 import numpy as np
@@ -172,6 +173,22 @@ def gantt(result: SimResult, path: str) -> None:
 def predict(
     job: JobSpec,
     *,
+    calibration: str | None = None,
+    lose: tuple[str, ...] = (),
+    join: tuple[str, ...] = (),
+    slow: tuple[str, ...] = (),
+    **workload: Any,
+) -> SimResult:
+    """The job's simulated run, as `hetbatch simulate` prints it; also what benchmarks call.
+    `workload`: the keywords of `simulate_job`."""
+    insts = build_instances(job, lose, join, slow, calibration)
+    return simulate_job(job, insts, **workload)
+
+
+def simulate_job(
+    job: JobSpec,
+    insts: list[SimInstance],
+    *,
     policy: str = "hetbatch",
     seed: int = 0,
     rows: int | None = None,
@@ -179,17 +196,12 @@ def predict(
     output_len: float | None = None,
     output_sigma: float = 0.5,
     tail: float = 0.0,
-    calibration: str | None = None,
-    lose: tuple[str, ...] = (),
-    join: tuple[str, ...] = (),
-    slow: tuple[str, ...] = (),
 ) -> SimResult:
-    """The job's simulated run, as `hetbatch simulate` prints it; also what benchmarks call.
+    """The job's rows run on `insts` by the scheduler of `policy`.
 
     Output lengths are capped at sampling.max_tokens as an engine caps them; the simulated
     engine always generates exactly max_tokens, so its jobs use that length.
     """
-    insts = build_instances(job, lose, join, slow, calibration)
     rng = np.random.default_rng(seed)
     sample = _input_lengths(job, 10_000)
     rows = rows or (sample[1] if sample else 100_000)
@@ -249,12 +261,13 @@ def simulate_command(
 ) -> None:
     """Simulate JOB_FILE's cluster and scheduler: makespan, throughput, busy/idle per instance."""
     job = load_job(job_file)
-    result = predict(job, **o)
+    insts = build_instances(job, o.pop("lose"), o.pop("join"), o.pop("slow"),
+                            o.pop("calibration"))
+    result = simulate_job(job, insts, **o)
     if report_path:
         from hetbatch.report.build import write_report
         from hetbatch.report.simulated import from_simulation
 
-        insts = build_instances(job, o["lose"], o["join"], o["slow"], o["calibration"])
         write_report(from_simulation(result, insts, job.output.path), report_path)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else render(result))
     if gantt_path:

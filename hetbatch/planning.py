@@ -35,7 +35,7 @@ from hetbatch.planner.types import ClusterPlan, PoolRequest, Workload
 from hetbatch.prompts import RowError, row_prompt
 from hetbatch.scheduler.core import SchedulerConfig
 from hetbatch.scheduler.policies import make_scheduler
-from hetbatch.sim.simulation import SimConfig, SimInstance, simulate
+from hetbatch.sim.simulation import SimConfig, SimInstance, poll_interval, simulate
 from hetbatch.sim.workload import LengthDist, RowWork
 from hetbatch.spec import JobSpec, template_fields
 
@@ -346,7 +346,7 @@ def forecast_makespan(
     per_row = w.output_len_mean + prompt_cost * w.input_len_mean
     cluster_speed = sum(i.speed for i in insts)
     sim_rows = min(w.rows, SIM_ROWS_MAX)
-    poll = min(max(min(i.max_num_seqs / i.speed for i in insts), 0.005), 0.1)
+    poll = poll_interval(i.max_num_seqs / i.speed for i in insts)
     cfg = SimConfig(heartbeat_s=heartbeat_s, poll_s=poll, record=False)
     rng = np.random.default_rng(seed)
     spans = []

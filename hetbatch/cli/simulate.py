@@ -16,7 +16,7 @@ from hetbatch.errors import UserError
 from hetbatch.layout import InstanceSpec, instance_layout
 from hetbatch.scheduler.core import SchedulerConfig
 from hetbatch.scheduler.policies import POLICIES, make_scheduler
-from hetbatch.sim.simulation import SimConfig, SimInstance, SimResult, simulate
+from hetbatch.sim.simulation import SimConfig, SimInstance, SimResult, poll_interval, simulate
 from hetbatch.sim.workload import LengthDist, RowWork
 from hetbatch.spec import JobSpec, load_job
 
@@ -224,9 +224,7 @@ def simulate_job(
 
 
 def _step_s(job: JobSpec, insts: list[SimInstance]) -> float:
-    """How often an instance re-checks whether it wants another unit: a worker does so once
-    per engine step, so a fast instance with short units asks for the next one before its
-    last one drains (the simulator's 0.1 s default would leave its pipeline empty)."""
+    """How often an instance re-checks whether it wants another unit (`poll_interval`)."""
     if job.engine.kind == "sim":
         steps = []
         for pool in job.cluster.pools:
@@ -234,7 +232,7 @@ def _step_s(job: JobSpec, insts: list[SimInstance]) -> float:
             steps.append(step_seconds(sim.tokens_per_s, sim.max_num_seqs))
     else:
         steps = [i.max_num_seqs / i.speed for i in insts]
-    return min(max(min(steps, default=0.1), 0.005), 0.1)
+    return poll_interval(steps)
 
 
 @options.command("simulate")

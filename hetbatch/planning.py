@@ -89,11 +89,8 @@ def job_plan_inputs(
     model = model_from_job(job)
     catalog = with_overrides(job.accelerators) if job.accelerators else None
     lengths, rows = sampled_prompt_lengths(job, sample_rows)
-    max_tokens = int(job.sampling.get("max_tokens") or 16)
-    workload = Workload.from_samples(lengths, float(max_tokens), rows=rows,
-                                     output_len_max=max_tokens)
-    return JobPlanInputs(model, pools_from_job(job), workload, catalog=catalog,
-                         calibration=calibration, input_sample=tuple(lengths))
+    return JobPlanInputs(model, pools_from_job(job), _workload(job, lengths, rows),
+                         catalog=catalog, calibration=calibration, input_sample=tuple(lengths))
 
 
 def model_from_job(job: JobSpec) -> ModelProfile:
@@ -143,9 +140,12 @@ def _int_or_none(value: Any) -> int | None:
 
 def workload_from_job(job: JobSpec, sample_rows: int = 2000) -> Workload:
     """Prompt lengths from a sample of the input; output length from sampling.max_tokens."""
-    lengths, rows = sampled_prompt_lengths(job, sample_rows)
+    return _workload(job, *sampled_prompt_lengths(job, sample_rows))
+
+
+def _workload(job: JobSpec, prompt_lengths: list[int], rows: int) -> Workload:
     max_tokens = int(job.sampling.get("max_tokens") or 16)
-    return Workload.from_samples(lengths, float(max_tokens), rows=rows,
+    return Workload.from_samples(prompt_lengths, float(max_tokens), rows=rows,
                                  output_len_max=max_tokens)
 
 

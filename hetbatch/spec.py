@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hetbatch.error_budget import BudgetConfig
 from hetbatch.errors import UserError
 from hetbatch.scheduler.core import SchedulerConfig
 from hetbatch.validate import JobError, check_job
@@ -349,7 +350,7 @@ class JobSpec(_Strict):
     lora: LoraSpec | None = None
     seed: int = 0
     max_error_rate: float = Field(
-        default=0.5,
+        default=BudgetConfig.max_error_rate,
         ge=0,
         le=1,
         description="stop the job when more than this share of any 1,000 rows fail "

@@ -52,8 +52,6 @@ class JobPlanInputs:
     model: ModelProfile
     pools: list[PoolRequest]
     workload: Workload
-    objective: str = "throughput"
-    deadline_s: float | None = None
     catalog: Catalog | None = None
     calibration: Calibration | None = None
     input_sample: tuple[int, ...] = ()  # prompt lengths measured on the input, if any

@@ -110,8 +110,8 @@ def _plan(inputs: JobPlanInputs, opts: dict[str, object]) -> ClusterPlan:
         raise UserError("--top must be >= 0")
     return plan_cluster(
         inputs.model, inputs.pools, inputs.workload,
-        objective=str(opts.get("objective") or inputs.objective),
-        deadline_s=_float(opts.get("deadline")) or inputs.deadline_s,
+        objective=str(opts.get("objective") or "throughput"),
+        deadline_s=_float(opts.get("deadline")),
         catalog=inputs.catalog, calibration=inputs.calibration, top_k=top_k,
     )
 

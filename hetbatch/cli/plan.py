@@ -9,7 +9,7 @@ import click
 
 from hetbatch.cli import options
 from hetbatch.errors import UserError
-from hetbatch.planner.profile import load_model_profile
+from hetbatch.planner.profile import KV_CACHE_DTYPES, QUANTIZATIONS, load_model_profile
 from hetbatch.planner.search import plan_cluster
 from hetbatch.planner.types import OBJECTIVES, ClusterPlan, PoolPlan, PoolRequest, Workload
 from hetbatch.planning import (
@@ -27,7 +27,7 @@ from hetbatch.spec import JobSpec, load_job
 @options.command("plan")
 @options.job_file(required=False)
 @click.option("--model", "model_name", help="Local model folder or a known architecture name.")
-@click.option("--quantization", type=click.Choice(["bf16", "fp16", "fp8", "int8", "int4"]),
+@click.option("--quantization", type=click.Choice(QUANTIZATIONS),
               help="Weight format (default: the checkpoint's).")
 @click.option("--accelerator", help="Accelerator type of the pool, e.g. H100, A100, L4, cpu.")
 @click.option("--devices", type=int, help="Devices per node.")
@@ -35,7 +35,7 @@ from hetbatch.spec import JobSpec, load_job
 @click.option("--price", type=float, help="Price per device-hour.")
 @click.option("--tp", type=int, help="Pin the tensor-parallel size.")
 @click.option("--max-num-seqs", type=int, help="Pin max_num_seqs (default: searched).")
-@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "any"]),
+@click.option("--kv-cache-dtype", type=click.Choice([*KV_CACHE_DTYPES, "any"]),
               help="KV cache format; 'any' searches the model's dtype and fp8 "
                    "(default: the job's engine_args, else auto).")
 @click.option("--pool", "extra_pools", multiple=True, metavar="ACC:DEVICES[:NODES[:PRICE]]",

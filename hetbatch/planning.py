@@ -21,16 +21,14 @@ import numpy as np
 
 from hetbatch.errors import UserError
 from hetbatch.io.parquet import open_dataset, read_rows
-from hetbatch.planner.calibration import Calibration
+from hetbatch.planner.calibration import Calibration, coefficients_or_default
 from hetbatch.planner.catalog import DEFAULT_CATALOG, Catalog, with_overrides
 from hetbatch.planner.model import (
-    Deployment,
-    default_coefficients,
     drain_step_s,
     prompt_token_cost,
 )
 from hetbatch.planner.profile import ModelProfile, load_model_profile
-from hetbatch.planner.search import plan_cluster
+from hetbatch.planner.search import deployment, plan_cluster
 from hetbatch.planner.types import ClusterPlan, PoolRequest, Workload
 from hetbatch.prompts import RowError, row_prompt
 from hetbatch.scheduler.core import SchedulerConfig
@@ -370,10 +368,8 @@ def _plan_instances(inputs: JobPlanInputs, plan: ClusterPlan) -> tuple[list[SimI
     costs, weights, steps = [], [], {}
     for p in plan.pools:
         acc = catalog.get(p.accelerator)
-        coef = inputs.calibration.coefficients_for(acc.name) if inputs.calibration else None
-        d = Deployment(inputs.model.with_kv_cache_dtype(p.config.kv_cache_dtype), acc,
-                       coef or default_coefficients(acc), p.config.tensor_parallel_size,
-                       p.config.pipeline_parallel_size)
+        d = deployment(inputs.model, acc, coefficients_or_default(acc, inputs.calibration),
+                       p.config)
         costs.append(prompt_token_cost(d, max(p.concurrency, 1), p.config.max_num_batched_tokens,
                                        w.input_len_mean, w.output_len_mean))
         weights.append(p.output_tokens_per_s)

@@ -8,7 +8,7 @@ import click
 
 from hetbatch.cli import options
 from hetbatch.errors import UserError
-from hetbatch.planner.calibration import measured_time
+from hetbatch.planner.calibration import coefficients_or_default, measured_time
 from hetbatch.planner.catalog import DEFAULT_CATALOG
 from hetbatch.planner.model import default_coefficients
 from hetbatch.planning import load_calibration, save_calibration
@@ -26,7 +26,7 @@ def _report(result: ProfileResult, job: JobSpec) -> list[str]:
     lines = ["accelerator  conc  in_len  out_len  measured  default  fitted   (seconds)"]
     for m in result.measurements:
         acc = DEFAULT_CATALOG.get(m.accelerator)
-        fitted = result.calibration.coefficients_for(acc.name) or default_coefficients(acc)
+        fitted = coefficients_or_default(acc, result.calibration)
         lines.append(
             f"{acc.name:<11}  {m.concurrency:>4}  {m.input_len:>6.0f}  {m.output_len:>7.0f}  "
             f"{measured_time(m):>8.3f}  {predicted_time(m, job, default_coefficients(acc)):>7.3f}"

@@ -142,6 +142,12 @@ class Calibration:
         return cls(coefs, counts)
 
 
+def coefficients_or_default(acc: Accelerator, calibration: Calibration | None) -> Coefficients:
+    """The accelerator's coefficients fitted in `calibration`, else its uncalibrated defaults."""
+    fitted = calibration.coefficients_for(acc.name) if calibration is not None else None
+    return fitted or default_coefficients(acc)
+
+
 def fit_calibration(
     measurements: Iterable[Measurement],
     catalog: Catalog | None = None,
@@ -165,8 +171,8 @@ def fit_calibration(
     loader = _profile_loader(profiles or {})
     coefs: dict[str, Coefficients] = {}
     for name, ms in sorted(groups.items()):
-        start = (base.coefficients_for(name) if base else None) or default_coefficients(accs[name])
-        coefs[name] = fit_accelerator(ms, accs[name], start, loader)
+        coefs[name] = fit_accelerator(ms, accs[name], coefficients_or_default(accs[name], base),
+                                      loader)
     return Calibration(coefs, {k: len(v) for k, v in groups.items()})
 
 

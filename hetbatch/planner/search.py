@@ -12,12 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from hetbatch.errors import UserError
-from hetbatch.planner.calibration import Calibration
+from hetbatch.planner.calibration import Calibration, coefficients_or_default
 from hetbatch.planner.catalog import DEFAULT_CATALOG, Accelerator, Catalog
 from hetbatch.planner.model import (
     Coefficients,
     Deployment,
-    default_coefficients,
     estimate_instance,
     kv_capacity,
     memory_fit,
@@ -54,9 +53,6 @@ class _Pool:
     acc: Accelerator
     coef: Coefficients
     price: float | None
-
-    def deployment(self, model: ModelProfile, tp: int, pp: int) -> Deployment:
-        return Deployment(model, self.acc, self.coef, tp, pp)
 
 
 @dataclass(frozen=True)
@@ -119,8 +115,15 @@ def _check_inputs(
 
 def _resolve(req: PoolRequest, catalog: Catalog, calibration: Calibration | None) -> _Pool:
     acc = catalog.get(req.accelerator)
-    fitted = calibration.coefficients_for(acc.name) if calibration else None
-    return _Pool(req, acc, fitted or default_coefficients(acc), req.price_per_device_hour)
+    return _Pool(req, acc, coefficients_or_default(acc, calibration), req.price_per_device_hour)
+
+
+def deployment(
+    model: ModelProfile, acc: Accelerator, coef: Coefficients, cfg: DeployConfig
+) -> Deployment:
+    """The instance a chosen configuration makes of `model`: its KV format and parallelism."""
+    return Deployment(model.with_kv_cache_dtype(cfg.kv_cache_dtype), acc, coef,
+                      cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
 
 
 def max_model_len(model: ModelProfile, workload: Workload) -> int:
@@ -231,8 +234,7 @@ def _evaluate(
     """Score one configuration into `feasible`, or return why it cannot run."""
     if cfg.max_num_batched_tokens < cfg.max_num_seqs:
         return "max_num_batched_tokens is below max_num_seqs (vLLM refuses it)"
-    d = pool.deployment(model.with_kv_cache_dtype(cfg.kv_cache_dtype),
-                        cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    d = deployment(model, pool.acc, pool.coef, cfg)
     fit = memory_fit(d, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                      cfg.gpu_memory_utilization)
     if fit.kv_tokens < 0:
@@ -467,8 +469,7 @@ def _notes(model: ModelProfile, workload: Workload, results: Sequence[_PoolResul
 
 def _cpu_note(model: ModelProfile, pool: _Pool, cfg: DeployConfig) -> str:
     """vLLM's CPU backend sizes its KV cache from an environment variable, not the fraction."""
-    d = pool.deployment(model.with_kv_cache_dtype(cfg.kv_cache_dtype),
-                        cfg.tensor_parallel_size, cfg.pipeline_parallel_size)
+    d = deployment(model, pool.acc, pool.coef, cfg)
     fit = memory_fit(d, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                      cfg.gpu_memory_utilization)
     return (f"pool {pool.req.name!r} runs on CPU: set VLLM_CPU_KVCACHE_SPACE="

@@ -76,3 +76,19 @@ def test_help() -> None:
     result = CliRunner().invoke(plan_command, ["--help"])
     assert result.exit_code == 0
     assert "--accelerator" in result.output and "JOB" in result.output
+
+
+def test_calibration_sets_the_plan_and_its_makespan(tmp_path: Path) -> None:
+    from tests.sim.test_cli import _calibration, _vllm_job
+
+    job_file = _vllm_job(tmp_path)
+
+    def plan(compute_eff: float) -> dict:
+        cal = _calibration(tmp_path / f"cal-{compute_eff}.json", compute_eff)
+        result = CliRunner().invoke(plan_command, [job_file, "--calibration", cal, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    fast, slow = plan(0.05), plan(0.005)
+    assert slow["output_tokens_per_s"] < fast["output_tokens_per_s"]
+    assert slow["makespan"]["makespan_s"] > fast["makespan"]["makespan_s"]

@@ -174,6 +174,25 @@ def test_report_of_a_running_job_then_simulated_beside_it(tmp_path) -> None:
     assert set(figures.pools) == {"a", "b"}
 
 
+def test_report_of_an_openai_batch_output(tmp_path) -> None:
+    """JSONL shards are read like Parquet ones: lengths of every good row, a bad line's error
+    with its custom_id as the example."""
+    from tests.test_openai_batch import request, sim_openai_job, write_lines
+
+    lines = [request(i, max_tokens=1 + i % 5) for i in range(300)]
+    lines[7] = json.dumps({"custom_id": "request-7", "method": "POST", "url": "/v1/embeddings",
+                           "body": {"input": "x"}})
+    write_lines(tmp_path / "in.jsonl", lines)
+    job = sim_openai_job(tmp_path, str(tmp_path / "in.jsonl"))
+    assert run_cli("run", str(write_job(tmp_path / "job.yaml", job))).returncode == 0
+    made = run_cli("report", str(tmp_path / "out"), "-o", str(tmp_path / "r.html"))
+    assert made.returncode == 0, made.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "all 299 rows without an error" in page
+    assert "request-7: " in page and "/v1/embeddings" in page
+    assert int(PageFigures(page).top["errors"]) == 1
+
+
 def test_report_refuses_bad_input_in_one_line(tmp_path) -> None:
     empty = run_cli("report", str(tmp_path / "nothing"), "-o", str(tmp_path / "r.html"))
     assert empty.returncode == 2 and empty.stderr.count("\n") == 1

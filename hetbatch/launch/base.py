@@ -292,6 +292,14 @@ def _without_storage(section: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in section.items() if k != "storage_options"}
 
 
+def read_layout(store: OutputStore) -> list[InstanceSpec]:
+    """The instances `prepare` recorded in the output (`layout.json`)."""
+    return [
+        InstanceSpec(**{**i, "devices": tuple(i["devices"])})
+        for i in store.read_json(OutputPaths.LAYOUT)
+    ]
+
+
 def advertised_host(bound: str) -> str:
     """A coordinator listening on every interface is reached through this host's name."""
     return socket.getfqdn() if bound in ("", "0.0.0.0", "::") else bound

@@ -64,7 +64,7 @@ def load_run(output: str, prices: dict[str, float] | None = None) -> JobRun:
         makespan_s=max(makespan, 0.0),
         planned_rates=_planned_rates(plan),
         pool_devices=_devices(pools),
-        prices={**_plan_prices(plan, pools), **(prices or {})},
+        prices={**_job_prices(pools), **(prices or {})},
         errors=_errors(store, records, spec, suffix),
         prompt_lengths=prompts,
         completion_lengths=completions,
@@ -108,15 +108,12 @@ def _planned_rates(plan: dict[str, Any] | None) -> dict[str, float]:
     return {p["pool"]: float(p["output_tokens_per_s"]) for p in plan.get("pools", [])}
 
 
-def _plan_prices(plan: dict[str, Any] | None, pools: list[dict[str, Any]]) -> dict[str, float]:
-    """Per device-hour, from the plan's hourly cost of each pool (when the plan was priced)."""
-    if not plan:
-        return {}
-    devices = _devices(pools)
+def _job_prices(pools: list[dict[str, Any]]) -> dict[str, float]:
+    """Per device-hour, as the job priced its pools (the prices of the run's own cost)."""
     return {
-        p["pool"]: float(p["cost_per_hour"]) / max(devices.get(p["pool"], 1), 1)
-        for p in plan.get("pools", [])
-        if p.get("cost_per_hour")
+        p["name"]: float(p["price_per_device_hour"])
+        for p in pools
+        if p.get("price_per_device_hour") is not None
     }
 
 

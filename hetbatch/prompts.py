@@ -74,10 +74,11 @@ def build_prompts(
     )
     out = []
     for i, key in enumerate(keys):
+        row = {c: v[i] for c, v in cols.items()}
         try:
-            prompt = row_prompt(job, {c: v[i] for c, v in cols.items()}, fields)
+            prompt = row_prompt(job, row, fields)
             text = prompt if isinstance(prompt, str) else chat(prompt)
-            own = row_overrides(job, {c: v[i] for c, v in cols.items()})
+            own = row_overrides(job, row)
             sampling = {**job_sampling, **own} if own else job_sampling
             adapter = None
             if job.lora is not None and job.lora.column:

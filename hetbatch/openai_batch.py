@@ -18,7 +18,7 @@ import json
 import time
 from typing import Any
 
-from hetbatch.spec import json_schema
+from hetbatch.prompts import checked_schema
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 OBJECTS = {CHAT: "chat.completion", COMPLETIONS: "text_completion"}
@@ -121,8 +121,10 @@ def _response_format(value: Any) -> dict[str, Any] | None:
     if kind == "json_schema":
         spec = value.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
+        schema = {} if schema is None else schema
         try:
-            return {"json": json_schema(schema if schema is not None else {})}
+            text = schema if isinstance(schema, str) else json.dumps(schema)
+            return {"json": checked_schema(text)}
         except ValueError as exc:
             raise RequestError(f"body.response_format: {exc}") from None
     raise RequestError(

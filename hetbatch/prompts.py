@@ -74,10 +74,11 @@ def build_prompts(
     )
     out = []
     for i, key in enumerate(keys):
+        row = {c: v[i] for c, v in cols.items()}
         try:
-            prompt = row_prompt(job, {c: v[i] for c, v in cols.items()}, fields)
+            prompt = row_prompt(job, row, fields)
             text = prompt if isinstance(prompt, str) else chat(prompt)
-            own = row_overrides(job, {c: v[i] for c, v in cols.items()})
+            own = row_overrides(job, row)
             sampling = {**job_sampling, **own} if own else job_sampling
             adapter = None
             if job.lora is not None and job.lora.column:
@@ -165,14 +166,15 @@ def _override(name: str, column: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, str):
         raise RowError(f"column {column!r}: json_schema must be a JSON string")
     try:
-        return {"structured_outputs": {"json": _row_schema(value)}}
+        return {"structured_outputs": {"json": checked_schema(value)}}
     except ValueError as exc:
         raise RowError(f"column {column!r}: {exc}") from None
 
 
 @functools.lru_cache(maxsize=256)
-def _row_schema(text: str) -> dict[str, Any]:
-    """Parsed and checked once per distinct schema (rows usually share a few)."""
+def checked_schema(text: str) -> dict[str, Any]:
+    """A row's JSON schema (JSON text), parsed and checked once per distinct schema: checking
+    one against the meta-schema takes about a millisecond, and rows usually share a few."""
     return json_schema(text)
 
 

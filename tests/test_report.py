@@ -174,6 +174,45 @@ def test_report_of_a_running_job_then_simulated_beside_it(tmp_path) -> None:
     assert set(figures.pools) == {"a", "b"}
 
 
+def test_report_of_an_openai_batch_output(tmp_path) -> None:
+    """JSONL shards are read like Parquet ones: lengths of every good row, a bad line's error
+    with its custom_id as the example."""
+    from tests.test_openai_batch import request, sim_openai_job, write_lines
+
+    lines = [request(i, max_tokens=1 + i % 5) for i in range(300)]
+    lines[7] = json.dumps({"custom_id": "request-7", "method": "POST", "url": "/v1/embeddings",
+                           "body": {"input": "x"}})
+    write_lines(tmp_path / "in.jsonl", lines)
+    job = sim_openai_job(tmp_path, str(tmp_path / "in.jsonl"))
+    assert run_cli("run", str(write_job(tmp_path / "job.yaml", job))).returncode == 0
+    made = run_cli("report", str(tmp_path / "out"), "-o", str(tmp_path / "r.html"))
+    assert made.returncode == 0, made.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "all 299 rows without an error" in page
+    assert "request-7: " in page and "/v1/embeddings" in page
+    assert int(PageFigures(page).top["errors"]) == 1
+
+
+def test_report_costs_what_the_run_summary_costs(tmp_path) -> None:
+    """Prices from the job's pools, no --price: the report's cost is the one metrics.json
+    records (every device of a pool for the whole run), per pool and overall."""
+    job_file, out = _sim_run(
+        tmp_path, 3000,
+        [sim_pool("a", 8_000, devices_per_node=2, price_per_device_hour=3.0),
+         sim_pool("b", 4_000, price_per_device_hour=1.0)],
+    )
+    assert run_cli("run", str(job_file)).returncode == 0
+    cost = json.loads((out / "_hetbatch" / "metrics.json").read_text())["cost"]
+    made = run_cli("report", str(out), "-o", str(tmp_path / "r.html"))
+    assert made.returncode == 0, made.stderr
+    figures = PageFigures((tmp_path / "r.html").read_text())
+    assert float(figures.top["cost"]) == pytest.approx(cost["overall"]["dollars"], abs=1e-5)
+    for pool in ("a", "b"):
+        assert float(figures.pools[pool]["cost"]) == pytest.approx(
+            cost["pools"][pool]["dollars"], abs=1e-5
+        )
+
+
 def test_report_refuses_bad_input_in_one_line(tmp_path) -> None:
     empty = run_cli("report", str(tmp_path / "nothing"), "-o", str(tmp_path / "r.html"))
     assert empty.returncode == 2 and empty.stderr.count("\n") == 1

@@ -68,6 +68,7 @@ def test_resume_after_sigkill_redoes_nothing(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert "resuming with" in result.stdout
     assert_exactly_once(out, rows)
+    assert f"({len(list(out.glob('part-*.parquet')))} shards)" in result.stdout  # both runs'
     after = ledger(out)
     assert after[: len(before)] == before  # committed units kept, in order, never redone
     for name, inode in shards.items():

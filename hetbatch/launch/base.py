@@ -5,7 +5,6 @@ the workers run (`launch`), and where the instances come from (`layout`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import socket
@@ -236,13 +235,10 @@ class Launcher(ABC):
     def print_summary(self, run: PreparedRun, coordinator: Coordinator, started: float) -> None:
         """What each instance did, once the coordinator has stopped."""
         wall_s = time.monotonic() - started
-        metrics = coordinator.metrics_dict()
-        # The cost is the finished job's, as metrics.json recorded it: not the time the workers
-        # took to stop afterwards.
-        with contextlib.suppress(Exception):
-            recorded = run.store.read_json(OutputPaths.METRICS)
-            if "cost" in recorded:
-                metrics["cost"] = recorded["cost"]
+        try:  # the finished job's figures (its cost too), not stretched by the workers' stop
+            metrics = run.store.read_json(OutputPaths.METRICS)
+        except OSError:
+            metrics = coordinator.metrics_dict()
         for line in summary_lines(run.store, metrics, wall_s):
             print(line)
 
@@ -294,6 +290,14 @@ def _as_json(value: Any) -> Any:
 def _without_storage(section: dict[str, Any]) -> dict[str, Any]:
     """How the input is reached (endpoint, profile) does not change what the output holds."""
     return {k: v for k, v in section.items() if k != "storage_options"}
+
+
+def read_layout(store: OutputStore) -> list[InstanceSpec]:
+    """The instances `prepare` recorded in the output (`layout.json`)."""
+    return [
+        InstanceSpec(**{**i, "devices": tuple(i["devices"])})
+        for i in store.read_json(OutputPaths.LAYOUT)
+    ]
 
 
 def advertised_host(bound: str) -> str:

@@ -52,7 +52,8 @@ def load_run(output: str, prices: dict[str, float] | None = None) -> JobRun:
         makespan = (last if complete else time.time()) - started
     spec = job["spec"]
     pools = spec["cluster"]["pools"]
-    prompts, completions, note = _lengths(store, records)
+    suffix = ".jsonl" if spec["output"].get("format") == "openai-batch" else ".parquet"
+    prompts, completions, note = _lengths(store, records, suffix)
     return JobRun(
         title=str(spec["output"]["path"]),
         source="run",
@@ -63,8 +64,8 @@ def load_run(output: str, prices: dict[str, float] | None = None) -> JobRun:
         makespan_s=max(makespan, 0.0),
         planned_rates=_planned_rates(plan),
         pool_devices=_devices(pools),
-        prices={**_plan_prices(plan, pools), **(prices or {})},
-        errors=_errors(store, records, spec),
+        prices={**_job_prices(pools), **(prices or {})},
+        errors=_errors(store, records, spec, suffix),
         prompt_lengths=prompts,
         completion_lengths=completions,
         lengths_note=note,
@@ -107,15 +108,12 @@ def _planned_rates(plan: dict[str, Any] | None) -> dict[str, float]:
     return {p["pool"]: float(p["output_tokens_per_s"]) for p in plan.get("pools", [])}
 
 
-def _plan_prices(plan: dict[str, Any] | None, pools: list[dict[str, Any]]) -> dict[str, float]:
-    """Per device-hour, from the plan's hourly cost of each pool (when the plan was priced)."""
-    if not plan:
-        return {}
-    devices = _devices(pools)
+def _job_prices(pools: list[dict[str, Any]]) -> dict[str, float]:
+    """Per device-hour, as the job priced its pools (the prices of the run's own cost)."""
     return {
-        p["pool"]: float(p["cost_per_hour"]) / max(devices.get(p["pool"], 1), 1)
-        for p in plan.get("pools", [])
-        if p.get("cost_per_hour")
+        p["name"]: float(p["price_per_device_hour"])
+        for p in pools
+        if p.get("price_per_device_hour") is not None
     }
 
 
@@ -123,21 +121,20 @@ def _devices(pools: list[dict[str, Any]]) -> dict[str, int]:
     return {p["name"]: int(p["devices_per_node"]) * int(p.get("nodes", 1)) for p in pools}
 
 
-def _shard_path(store: OutputStore, r: CommitRecord) -> str:
-    return store.path(shard_name(r.start, r.end))
+def _read(
+    store: OutputStore, r: CommitRecord, columns: list[str], suffix: str
+) -> dict[str, list]:
+    """Columns of a unit's shard, in the job's output format (`suffix`)."""
+    path = store.path(shard_name(r.start, r.end, suffix))
+    if suffix == ".jsonl":  # OpenAI's batch layout
+        return shard_columns(store.fs.cat_file(path).decode(), columns)
+    with store.fs.open(path, "rb") as fh:
+        return pq.read_table(fh, columns=columns).to_pydict()
 
 
-def _read(store: OutputStore, r: CommitRecord, columns: list[str]) -> dict[str, list]:
-    path = _shard_path(store, r)
-    try:
-        with store.fs.open(path, "rb") as fh:
-            return pq.read_table(fh, columns=columns).to_pydict()
-    except FileNotFoundError:  # a shard in OpenAI's batch layout
-        text = store.fs.cat_file(store.path(shard_name(r.start, r.end, ".jsonl"))).decode()
-        return shard_columns(text, columns)
-
-
-def _lengths(store: OutputStore, records: list[CommitRecord]) -> tuple[np.ndarray, np.ndarray, str]:
+def _lengths(
+    store: OutputStore, records: list[CommitRecord], suffix: str
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Prompt and completion lengths of the rows of up to LENGTH_SAMPLE_SHARDS shards."""
     if not records:
         return np.zeros(0), np.zeros(0), "no shards yet"
@@ -146,7 +143,7 @@ def _lengths(store: OutputStore, records: list[CommitRecord]) -> tuple[np.ndarra
     prompts: list[int] = []
     completions: list[int] = []
     for r in chosen:
-        cols = _read(store, r, ["prompt_tokens", "completion_tokens", "error"])
+        cols = _read(store, r, ["prompt_tokens", "completion_tokens", "error"], suffix)
         for p, c, e in zip(cols["prompt_tokens"], cols["completion_tokens"], cols["error"],
                            strict=True):
             if e is None:
@@ -165,7 +162,7 @@ def error_kind(message: str) -> str:
 
 
 def _errors(
-    store: OutputStore, records: list[CommitRecord], spec: dict[str, Any]
+    store: OutputStore, records: list[CommitRecord], spec: dict[str, Any], suffix: str
 ) -> list[ErrorKind]:
     with_errors = [r for r in records if r.errors > 0]
     if not with_errors:
@@ -174,7 +171,7 @@ def _errors(
     counts: Counter[str] = Counter()
     examples: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for r in with_errors[:ERROR_SHARDS]:
-        cols = _read(store, r, [id_column, "error"])
+        cols = _read(store, r, [id_column, "error"], suffix)
         for row_id, message in zip(cols[id_column], cols["error"], strict=True):
             if message is None:
                 continue

@@ -13,7 +13,7 @@ from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.errors import UserError
 from hetbatch.io.paths import OutputPaths
-from hetbatch.launch.base import Launcher, PreparedRun
+from hetbatch.launch.base import Launcher, PreparedRun, read_layout
 from hetbatch.launch.slurm import commands
 from hetbatch.launch.slurm.submit import cancel_pending
 from hetbatch.layout import InstanceSpec
@@ -34,10 +34,7 @@ class StoredJobLauncher(Launcher):
         if not store.exists():
             raise UserError(f"{output}: no submitted hetbatch job here")
         super().__init__(parse_job(store.read_json(OutputPaths.JOB)["spec"], f"{output} job.json"))
-        self._layout = [
-            InstanceSpec(**{**i, "devices": tuple(i["devices"])})
-            for i in store.read_json(OutputPaths.LAYOUT)
-        ]
+        self._layout = read_layout(store)
         self.token = store.paths.files.read_text(OutputPaths.TOKEN).strip()
 
     def layout(self) -> tuple[list[InstanceSpec], ClusterPlan | None]:

@@ -23,6 +23,7 @@ from types import FrameType
 from hetbatch.coordinator.ledger import OutputStore
 from hetbatch.errors import UserError
 from hetbatch.io.paths import OutputPaths
+from hetbatch.launch.base import read_layout
 from hetbatch.launch.slurm.commands import slurm_env
 from hetbatch.launch.span import span_processes
 from hetbatch.launch.workers import WorkerSupervisor
@@ -191,11 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = parse_job(store.read_json(OutputPaths.JOB)["spec"], f"{args.output} job.json")
         env = dict(os.environ)
-        pool = [
-            InstanceSpec(**{**i, "devices": tuple(i["devices"])})
-            for i in store.read_json(OutputPaths.LAYOUT)
-            if i["pool"] == args.pool
-        ]
+        pool = [i for i in read_layout(store) if i.pool == args.pool]
         span = max((i.nodes for i in pool), default=1)
         node = args.node if args.node is not None else node_index(env, span)
         mine = [i for i in pool if i.rank_of(node) is not None]

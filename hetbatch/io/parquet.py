@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from hetbatch.errors import UserError
 from hetbatch.io import jsonl
-from hetbatch.io.fs import filesystem, filesystem_of, one_line
+from hetbatch.io.fs import filesystem, filesystem_of, list_input_files, one_line
 
 # Bytes read from the end of each input file in the first pass: the footer of a typical file
 # fits, so one ranged read per file is the whole cost; a larger footer costs one more.
@@ -79,40 +79,6 @@ def _full_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-def _list_files(fs: fsspec.AbstractFileSystem, path: str, original: str) -> dict[str, int]:
-    """Input files and their sizes from one listing (sizes come with it: no request per file)."""
-    try:
-        if any(ch in path for ch in "*?["):
-            found = fs.glob(path, detail=True)
-            files = {p: i for p, i in found.items() if i.get("type") != "directory"}
-        else:
-            found = fs.find(path, detail=True)
-            files = {
-                p: i
-                for p, i in found.items()
-                if p.rstrip("/") == path.rstrip("/")
-                or (
-                    p.endswith((".parquet", ".parq", ".pq"))
-                    and not any(part.startswith(("_", ".")) for part in p[len(path) :].split("/"))
-                )
-            }
-    except FileNotFoundError:
-        files = {}
-    except UserError:
-        raise
-    except Exception as exc:  # credentials, network, permissions: the driver's own words
-        raise UserError(f"{original}: cannot list the input: {one_line(exc)}") from None
-    if not files:
-        if not fs.exists(path):
-            raise UserError(f"{original}: input path does not exist")
-        raise UserError(f"{original}: no Parquet files found")
-    sizes = {}
-    for p in sorted(files):
-        size = files[p].get("size")
-        sizes[p] = int(size if size is not None else fs.size(p))
-    return sizes
-
-
 _OPENED: dict[tuple[str, str], tuple[InputDataset, list[tuple[str, pq.FileMetaData]]]] = {}
 FooterInspector = Callable[[str, pq.FileMetaData], None]
 
@@ -158,7 +124,7 @@ def _open_dataset(
     url: str, storage_options: dict[str, Any]
 ) -> tuple[InputDataset, list[tuple[str, pq.FileMetaData]]]:
     fs, path = filesystem(url, storage_options)
-    sizes = _list_files(fs, path, url)
+    sizes = list_input_files(fs, path, url, (".parquet", ".parq", ".pq"), "Parquet")
     footers = read_footers(fs, sizes)
     kept: list[tuple[str, pq.FileMetaData]] = []
     files: list[InputFile] = []

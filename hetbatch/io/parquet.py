@@ -79,7 +79,7 @@ def _full_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
-_OPENED: dict[tuple[str, str], tuple[InputDataset, list[tuple[str, pq.FileMetaData]]]] = {}
+_OPENED: dict[tuple[str, str, str], tuple[Any, list[tuple[str, pq.FileMetaData]]]] = {}
 FooterInspector = Callable[[str, pq.FileMetaData], None]
 
 
@@ -92,32 +92,25 @@ def open_dataset(
 ) -> Any:
     """Read the footers of every input file (in parallel) and check the schema once, up front.
 
-    The dataset is listed once and each footer read once per process: planning and preparing
-    a run share the result. `inspect` sees each file's footer (shown path, metadata), e.g. for
-    column statistics.
+    The dataset is listed once and each footer read once per process (JSONL requests scanned
+    once): planning and preparing a run share the result. `inspect` sees each file's footer
+    (shown path, metadata), e.g. for column statistics.
     """
-    if input_format == jsonl.FORMAT:
-        return _open_jsonl(url, storage_options or {})
-    key = (url, json.dumps(storage_options or {}, sort_keys=True))
+    options = storage_options or {}
+    key = (input_format, url, json.dumps(options, sort_keys=True))
     if key not in _OPENED:
-        _OPENED[key] = _open_dataset(url, storage_options or {})
+        if input_format == jsonl.FORMAT:
+            _OPENED[key] = (jsonl.open_jsonl(url, options), [])
+        else:
+            _OPENED[key] = _open_dataset(url, options)
     dataset, footers = _OPENED[key]
+    if isinstance(dataset, jsonl.JsonlDataset):
+        return dataset
     _check_columns(_full_path_of(dataset, 0), dataset.schema, needed_columns)
     if inspect is not None:
         for shown, meta in footers:
             inspect(shown, meta)
     return dataset
-
-
-_OPENED_JSONL: dict[tuple[str, str], jsonl.JsonlDataset] = {}
-
-
-def _open_jsonl(url: str, storage_options: dict[str, Any]) -> jsonl.JsonlDataset:
-    """JSONL requests: scanned once per process, like footers read once."""
-    key = (url, json.dumps(storage_options, sort_keys=True))
-    if key not in _OPENED_JSONL:
-        _OPENED_JSONL[key] = jsonl.open_jsonl(url, storage_options)
-    return _OPENED_JSONL[key]
 
 
 def _open_dataset(

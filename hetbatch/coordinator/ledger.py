@@ -274,19 +274,13 @@ class OutputStore:
         """
         upload = PendingUpload.from_handle(handle)
         if upload is not None:
-            dst = self.path(OutputPaths.shard(start, end, _suffix(upload.key)))
-            bucket, key, _ = self.fs.split_path(dst)
-            if key != upload.key:
-                raise PublishFailed(f"upload for {upload.key!r} committed as {key!r}")
-            companion = upload.companion
-            if companion is not None:
-                errors_path = self.path(OutputPaths.errors_shard(start, end))
-                _, errors_key, _ = self.fs.split_path(errors_path)
-                if companion.key != errors_key:
-                    raise PublishFailed(f"errors upload {companion.key!r} committed as {key!r}")
-                self._complete(bucket, companion)
+            if not self._uploads_rows(upload, start, end):
+                raise PublishFailed(f"upload for {upload.key!r} committed as [{start}, {end})")
+            bucket, _, _ = self.fs.split_path(self.root)
+            if upload.companion is not None:
+                self._complete(bucket, upload.companion)
             self._complete(bucket, upload)
-            return dst
+            return self.path(OutputPaths.shard(start, end, _suffix(upload.key)))
         dst = self.path(OutputPaths.shard(start, end, _suffix(handle)))
         src = self.path(OutputPaths.staging(handle))
         errors = errors_name(src)
@@ -314,13 +308,18 @@ class OutputStore:
         except (ValueError, KeyError, TypeError):
             return False  # not an upload handle hetbatch wrote
         if upload is not None:
-            shard = OutputPaths.shard(start, end, _suffix(upload.key))
-            _, key, _ = self.fs.split_path(self.path(shard))
-            return self.s3 and upload.key == key
+            return self.s3 and self._uploads_rows(upload, start, end)
         try:
             return bool(self.fs.exists(self.path(OutputPaths.staging(handle))))
         except (OSError, ValueError):
             return False
+
+    def _uploads_rows(self, upload: PendingUpload, start: int, end: int) -> bool:
+        """Whether an upload (and its errors file's) goes to rows [start, end)'s final keys."""
+        names = [(upload, OutputPaths.shard(start, end, _suffix(upload.key)))]
+        if upload.companion is not None:
+            names.append((upload.companion, OutputPaths.errors_shard(start, end)))
+        return all(part.key == self.fs.split_path(self.path(name))[1] for part, name in names)
 
     def discard(self, handle: str) -> None:
         """Drop a staged shard the scheduler refused (and its errors file)."""

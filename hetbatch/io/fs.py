@@ -90,6 +90,16 @@ def list_input_files(
     return {p: int(size if size is not None else fs.size(p)) for p, size in sizes.items()}
 
 
+def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    """The filesystem's protocol name (the first, where a driver has several)."""
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def shown_path(protocol: str, path: str) -> str:
+    """An input file as the user would write it: a bare path on this machine's disk."""
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "s3" in protocols or "s3a" in protocols

@@ -21,7 +21,14 @@ import fsspec
 import pyarrow as pa
 
 from hetbatch.errors import UserError
-from hetbatch.io.fs import filesystem, filesystem_of, list_input_files, one_line
+from hetbatch.io.fs import (
+    filesystem,
+    filesystem_of,
+    list_input_files,
+    one_line,
+    protocol_of,
+    shown_path,
+)
 
 FORMAT = "openai-batch"
 SCAN_BLOCK_BYTES = 8 << 20
@@ -67,7 +74,7 @@ class JsonlDataset:
         return cuts
 
     def shown(self, f: JsonlFile) -> str:
-        return f.path if self.protocol in ("file", "local") else f"{self.protocol}://{f.path}"
+        return shown_path(self.protocol, f.path)
 
 
 def open_jsonl(url: str, storage_options: dict[str, Any] | None = None) -> JsonlDataset:
@@ -84,8 +91,8 @@ def open_jsonl(url: str, storage_options: dict[str, Any] | None = None) -> Jsonl
         first_row += rows
     if first_row == 0:
         raise UserError(f"{url}: the input holds no lines")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return JsonlDataset(protocol, tuple(files), SCAN_STRIDE * thin, dict(storage_options or {}))
+    options = dict(storage_options or {})
+    return JsonlDataset(protocol_of(fs), tuple(files), SCAN_STRIDE * thin, options)
 
 
 def _scan(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[int, list[int]]:

@@ -20,7 +20,14 @@ import pyarrow.parquet as pq
 
 from hetbatch.errors import UserError
 from hetbatch.io import jsonl
-from hetbatch.io.fs import filesystem, filesystem_of, list_input_files, one_line
+from hetbatch.io.fs import (
+    filesystem,
+    filesystem_of,
+    list_input_files,
+    one_line,
+    protocol_of,
+    shown_path,
+)
 
 # Bytes read from the end of each input file in the first pass: the footer of a typical file
 # fits, so one ranged read per file is the whole cost; a larger footer costs one more.
@@ -75,10 +82,6 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def _full_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if is_local(fs) else fs.unstrip_protocol(path)
-
-
 _OPENED: dict[tuple[str, str, str], tuple[Any, list[tuple[str, pq.FileMetaData]]]] = {}
 FooterInspector = Callable[[str, pq.FileMetaData], None]
 
@@ -106,7 +109,8 @@ def open_dataset(
     dataset, footers = _OPENED[key]
     if isinstance(dataset, jsonl.JsonlDataset):
         return dataset
-    _check_columns(_full_path_of(dataset, 0), dataset.schema, needed_columns)
+    shown = shown_path(dataset.protocol, dataset.files[0].path)
+    _check_columns(shown, dataset.schema, needed_columns)
     if inspect is not None:
         for shown, meta in footers:
             inspect(shown, meta)
@@ -118,13 +122,14 @@ def _open_dataset(
 ) -> tuple[InputDataset, list[tuple[str, pq.FileMetaData]]]:
     fs, path = filesystem(url, storage_options)
     sizes = list_input_files(fs, path, url, (".parquet", ".parq", ".pq"), "Parquet")
+    protocol = protocol_of(fs)
     footers = read_footers(fs, sizes)
     kept: list[tuple[str, pq.FileMetaData]] = []
     files: list[InputFile] = []
     schema: pa.Schema | None = None
     first_row = 0
     for file_path, size in sizes.items():
-        shown = _full_path(fs, file_path)
+        shown = shown_path(protocol, file_path)
         try:
             meta = footers[file_path]
             if isinstance(meta, Exception):
@@ -145,7 +150,6 @@ def _open_dataset(
     assert schema is not None
     if first_row == 0:
         raise UserError(f"{url}: the input dataset has no rows")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return InputDataset(protocol, tuple(files), schema, dict(storage_options)), kept
 
 
@@ -194,11 +198,6 @@ def _parse_footer(tail: bytes | Exception) -> pq.FileMetaData | Exception:
         return pq.read_metadata(pa.BufferReader(tail))
     except (pa.ArrowInvalid, OSError) as exc:
         return exc
-
-
-def _full_path_of(dataset: InputDataset, i: int) -> str:
-    path = dataset.files[i].path
-    return path if dataset.protocol in ("file", "local") else f"{dataset.protocol}://{path}"
 
 
 def _check_columns(path: str, schema: pa.Schema, needed: Sequence[str]) -> None:

@@ -151,7 +151,6 @@ class Coordinator:
         self._commits: queue.SimpleQueue[tuple[m.Commit, _Connection] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._handlers: dict[type[m.Request], Callable[[Any, _Connection], dict[str, Any]]] = {
-            m.JobRequest: self._op_job,
             m.StatusRequest: self._op_status,
             m.Hello: self._op_hello,
             m.LeaseRequest: self._op_lease,
@@ -300,9 +299,6 @@ class Coordinator:
         if self._job_frame is None:  # thousands of workers ask for the same, maybe large, job
             self._job_frame = encode_message({"job": self.job})
         return self._job_frame
-
-    def _op_job(self, msg: m.JobRequest, conn: _Connection) -> dict[str, Any]:
-        return {"job": self.job}
 
     def _op_hello(self, msg: m.Hello, conn: _Connection) -> dict[str, Any]:
         now = self.clock()

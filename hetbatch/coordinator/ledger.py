@@ -171,8 +171,8 @@ class OutputStore:
         self._drop_orphan_errors(published)
         if self.local:
             self._records = records
-            for record in adopted:
-                self.append(record)
+            if adopted:
+                self.append_many(adopted)
         else:
             self._records = records + adopted
             if segments or adopted:

@@ -53,12 +53,13 @@ def batch_ledger_store() -> type:
 
     Stands in for the store's own group commit, to show what the coordinator's batching of
     commits gains once the ledger can take a batch at once."""
-    from hetbatch.coordinator.ledger import META_DIR, CommitRecord, OutputStore
+    from hetbatch.coordinator.ledger import CommitRecord, OutputStore
+    from hetbatch.io.paths import OutputPaths
 
     class Store(OutputStore):
         def append_many(self, records: list[CommitRecord]) -> None:
             self._records.extend(records)
-            path = self.path(META_DIR, "ledger.jsonl")
+            path = self.path(OutputPaths.LEDGER)
             with open(path, "a") as fh:
                 fh.write("".join(r.to_json() + "\n" for r in records))
                 fh.flush()

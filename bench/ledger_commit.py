@@ -7,13 +7,12 @@ its own process). Both ways publish a staged shard and record it durably:
        and a delete), and the whole ledger rewritten as one object (O(committed units) bytes);
   new: the shard staged as an uncompleted multipart upload to its final name, published by
        completing it (no bytes copied), and the record written as a small ledger segment
-       (`OutputStore.reserve` + `commit`, the coordinator's own path).
+       (`OutputStore.publish` + `append`, the coordinator's own path).
 
 Printed per commit (the coordinator's side: publish and record; the worker's staging write
 comes before and is not counted): wall time, S3 requests and bytes sent, at `--units`
 committed units (default 100,000) and at 1,000, and the ratio old/new. Commits one after the
-other (no group commit to help); a last line shows 16 threads committing at once, where group
-commit folds ledger writes together.
+other, one ledger write each (the coordinator writes a batch of commits in one).
 
     python bench/ledger_commit.py [--units 100000] [--commits 20]
 """
@@ -24,7 +23,6 @@ import argparse
 import io
 import statistics
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -104,9 +102,8 @@ def new_stage(url: str, options: dict, start: int) -> str:
 
 def new_commit(store: OutputStore, start: int, handle: str) -> None:
     """The coordinator's commit now: complete the upload, write a ledger segment."""
-    store.reserve()
-    store.commit(store.staging_url(handle),
-                 CommitRecord(start, start + SHARD_ROWS, "w0", 4000, 2000, 0, time.time()))
+    store.publish(handle, start, start + SHARD_ROWS)
+    store.append(CommitRecord(start, start + SHARD_ROWS, "w0", 4000, 2000, 0, time.time()))
 
 
 def measure(
@@ -155,38 +152,6 @@ def run_at(server, units: int, commits: int) -> dict[str, tuple[float, float, fl
     return out
 
 
-def concurrent_new(server, commits: int, threads: int) -> tuple[float, int, int]:
-    """Many connections committing at once: ledger segments written per commit."""
-    fs = server.filesystem()
-    bucket = f"b-{uuid.uuid4().hex[:10]}"
-    fs.mkdir(bucket)
-    url = f"s3://{bucket}/conc"
-    store = OutputStore(url, server.storage_options)
-    store.recover()
-    handles = []
-    for k in range(commits):
-        s = k * SHARD_ROWS
-        handles.append((s, stage_shard(url, server.storage_options, f"w-{s}.parquet", s,
-                                       s + SHARD_ROWS, shard_table(s), "zstd")))
-    barrier = threading.Barrier(threads)
-
-    def worker(part: list[tuple[int, str]]) -> None:
-        barrier.wait()
-        for s, h in part:
-            store.reserve()
-            store.commit(store.staging_url(h), CommitRecord(s, s + SHARD_ROWS, "w", 1, 1))
-
-    t0 = time.perf_counter()
-    pool = [threading.Thread(target=worker, args=(handles[i::threads],)) for i in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    wall = time.perf_counter() - t0
-    segments = len(fs.ls(f"{bucket}/conc/_hetbatch/ledger"))
-    return wall / commits, segments, commits
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--units", type=int, default=100_000)
@@ -208,9 +173,6 @@ def main() -> None:
         print(f"at {args.units:,} units: old/new time {big['old'][0] / big['new'][0]:.1f}x, "
               f"bytes {big['old'][2] / big['new'][2]:.1f}x; new-way time at {args.units:,} / "
               f"at 1,000 units: {big['new'][0] / results[1_000]['new'][0]:.2f}")
-        per, segments, n = concurrent_new(server, 200, 16)
-        print(f"16 threads committing at once (new way): {per * 1e3:.1f} ms/commit, "
-              f"{segments} ledger segments for {n} commits (group commit)")
     finally:
         proc.terminate()
         proc.wait()

@@ -8,9 +8,10 @@ two leaves a published shard with no ledger line: recovery adopts it, since a pu
 complete.
 
 A commit costs O(1) store operations whatever the number of committed units: on a local disk a
-line appended and fsynced, on an object store (which cannot append) a new small segment object
-holding the records of every commit that arrived meanwhile (group commit). Resuming reads the
-base ledger and the segments once, and compacts them into the base.
+line appended and fsynced, on an object store (which cannot append) a new small segment object.
+The coordinator hands over each batch of commits at once (`append_many`): one write, one fsync
+or one segment for the batch. Resuming reads the base ledger and the segments once, and
+compacts them into the base.
 """
 
 from __future__ import annotations
@@ -25,13 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from hetbatch.errors import UserError
-from hetbatch.io.fs import filesystem, is_s3, one_line
+from hetbatch.io.fs import is_s3, one_line
 from hetbatch.io.parquet import parse_shard_name
 from hetbatch.io.paths import OutputPaths
 from hetbatch.io.shards import PendingUpload, errors_name
-
-META_DIR = OutputPaths.META_DIR
-SUCCESS = OutputPaths.SUCCESS
 
 log = logging.getLogger("hetbatch.ledger")
 
@@ -61,10 +59,8 @@ class PublishFailed(RuntimeError):
 class OutputStore:
     """Everything the coordinator reads and writes under the job's output path.
 
-    Thread-safe: commits arrive from many connections at once and are published and recorded
-    outside the coordinator's lock. `reserve()` (under that lock, no I/O) counts an accepted
-    commit in flight; `commit()` publishes and records it; `mark_success()` waits for every
-    commit in flight, so `_SUCCESS` never precedes a shard.
+    The coordinator's committer thread publishes accepted shards, records them and, last,
+    marks the job a success; `_SUCCESS` is refused once a unit failed to publish or record.
     """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
@@ -74,15 +70,10 @@ class OutputStore:
         self.local = self.paths.local
         self.s3 = is_s3(self.fs)
         self._records: list[CommitRecord] = []
-        self._lock = threading.Lock()  # records and the queue of records to write
-        self._io_lock = threading.Lock()  # one ledger write at a time: the group commit
-        self._queue: list[CommitRecord] = []
-        self._queued = 0
-        self._durable = 0
+        self._lock = threading.Lock()  # records, read from other threads while commits arrive
+        self._io_lock = threading.Lock()  # one ledger write at a time
         self._run_id = secrets.token_hex(4)
         self._segments = 0
-        self._in_flight = 0
-        self._settled = threading.Condition(self._lock)
         self._failures: list[str] = []
 
     # -- paths --------------------------------------------------------------------------------
@@ -106,7 +97,7 @@ class OutputStore:
     def exists(self) -> bool:
         """Whether a job has written here; the first access, so an unreachable store (no
         credentials, no network, no bucket) is reported here in one line."""
-        self._fresh(self.path(META_DIR))
+        self._fresh(self.path(OutputPaths.META_DIR))
         try:
             if self.fs.exists(self.path(OutputPaths.JOB)):
                 return True
@@ -130,7 +121,7 @@ class OutputStore:
 
     def is_complete(self) -> bool:
         self._fresh(self.root)
-        return self.fs.exists(self.path(SUCCESS))
+        return self.fs.exists(self.path(OutputPaths.SUCCESS))
 
     def read_json(self, name: str) -> Any:
         with self.fs.open(self.path(name), "r") as fh:
@@ -159,7 +150,8 @@ class OutputStore:
             return
         for p in self.fs.ls(self.root, detail=False):
             name = p.rsplit("/", 1)[-1]
-            if name.startswith("part-") or name in (META_DIR, SUCCESS, OutputPaths.ERRORS):
+            kept_by_hetbatch = (OutputPaths.META_DIR, OutputPaths.SUCCESS, OutputPaths.ERRORS)
+            if name.startswith("part-") or name in kept_by_hetbatch:
                 self.fs.rm(p, recursive=True)
         self._abort_uploads()
 
@@ -179,8 +171,8 @@ class OutputStore:
         self._drop_orphan_errors(published)
         if self.local:
             self._records = records
-            for record in adopted:
-                self.append(record)
+            if adopted:
+                self.append_many(adopted)
         else:
             self._records = records + adopted
             if segments or adopted:
@@ -204,7 +196,7 @@ class OutputStore:
 
     def _read_all(self) -> tuple[list[CommitRecord], list[str]]:
         base = self.path(OutputPaths.LEDGER)
-        self._fresh(self.path(META_DIR))
+        self._fresh(self.path(OutputPaths.META_DIR))
         texts = []
         if self.fs.exists(base):
             texts.append(self.fs.cat_file(base).decode())
@@ -234,27 +226,15 @@ class OutputStore:
             self.fs.rm(segments)
 
     def append(self, record: CommitRecord) -> None:
-        """Durably record one committed unit; returns once it is on disk or in the store.
-
-        Group commit: callers that arrive while a write is under way queue up, and the next
-        writer writes all of them at once, so a burst of commits costs one write.
-        """
+        """Durably record one committed unit; returns once it is on disk or in the store."""
         self.append_many([record])
 
     def append_many(self, records: list[CommitRecord]) -> None:
-        with self._lock:
-            self._queue.extend(records)
-            self._queued += len(records)
-            ticket = self._queued
+        """Durably record a batch of committed units in one write."""
         with self._io_lock:
-            if self._durable >= ticket:
-                return  # an earlier writer took these along
-            with self._lock:
-                batch, self._queue = self._queue, []
-            self._write(batch)
-            self._durable += len(batch)
-            with self._lock:
-                self._records.extend(batch)
+            self._write(records)
+        with self._lock:
+            self._records.extend(records)
 
     def _write(self, batch: list[CommitRecord]) -> None:
         text = "".join(r.to_json() + "\n" for r in batch)
@@ -278,24 +258,6 @@ class OutputStore:
 
     # -- commits ------------------------------------------------------------------------------
 
-    def reserve(self) -> None:
-        """Count one accepted commit in flight (no I/O: call it under the coordinator's lock)."""
-        with self._lock:
-            self._in_flight += 1
-
-    def commit(self, staging_url: str, record: CommitRecord) -> None:
-        """Publish a reserved commit's shard and record it; then it is no longer in flight."""
-        try:
-            self.publish(staging_url, record.start, record.end)
-            self.append(record)
-        except Exception as exc:
-            self.note_failed(record.start, record.end, exc)
-            raise PublishFailed(f"rows [{record.start}, {record.end}): {exc}") from exc
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                self._settled.notify_all()
-
     def note_failed(self, start: int, end: int, exc: BaseException) -> None:
         """An accepted unit that could not be published or recorded: `_SUCCESS` is refused."""
         with self._lock:
@@ -303,30 +265,24 @@ class OutputStore:
 
     # -- shards -------------------------------------------------------------------------------
 
-    def publish(self, staging_url: str, start: int, end: int) -> str:
+    def publish(self, handle: str, start: int, end: int) -> str:
         """Make a staged shard visible under its final name (a JSONL shard's errors file
         first, so that a published shard always has it).
 
         S3: complete the worker's multipart upload (one request, no bytes copied). Local disks:
         an atomic rename. Other stores: a server-side copy and delete.
         """
-        upload = PendingUpload.from_handle(staging_url)
+        upload = PendingUpload.from_handle(handle)
         if upload is not None:
-            dst = self.path(OutputPaths.shard(start, end, _suffix(upload.key)))
-            bucket, key, _ = self.fs.split_path(dst)
-            if key != upload.key:
-                raise PublishFailed(f"upload for {upload.key!r} committed as {key!r}")
-            companion = upload.companion
-            if companion is not None:
-                errors_path = self.path(OutputPaths.errors_shard(start, end))
-                _, errors_key, _ = self.fs.split_path(errors_path)
-                if companion.key != errors_key:
-                    raise PublishFailed(f"errors upload {companion.key!r} committed as {key!r}")
-                self._complete(bucket, companion)
+            if not self._uploads_rows(upload, start, end):
+                raise PublishFailed(f"upload for {upload.key!r} committed as [{start}, {end})")
+            bucket, _, _ = self.fs.split_path(self.root)
+            if upload.companion is not None:
+                self._complete(bucket, upload.companion)
             self._complete(bucket, upload)
-            return dst
-        dst = self.path(OutputPaths.shard(start, end, _suffix(staging_url)))
-        _, src = filesystem(staging_url, self.storage_options)
+            return self.path(OutputPaths.shard(start, end, _suffix(upload.key)))
+        dst = self.path(OutputPaths.shard(start, end, _suffix(handle)))
+        src = self.path(OutputPaths.staging(handle))
         errors = errors_name(src)
         if src.endswith(".jsonl") and self.fs.exists(errors):
             target = self.path(OutputPaths.errors_shard(start, end))
@@ -352,18 +308,24 @@ class OutputStore:
         except (ValueError, KeyError, TypeError):
             return False  # not an upload handle hetbatch wrote
         if upload is not None:
-            shard = OutputPaths.shard(start, end, _suffix(upload.key))
-            _, key, _ = self.fs.split_path(self.path(shard))
-            return self.s3 and upload.key == key
+            return self.s3 and self._uploads_rows(upload, start, end)
         try:
             return bool(self.fs.exists(self.path(OutputPaths.staging(handle))))
         except (OSError, ValueError):
             return False
 
-    def discard(self, staging_url: str) -> None:
-        upload = PendingUpload.from_handle(staging_url)
+    def _uploads_rows(self, upload: PendingUpload, start: int, end: int) -> bool:
+        """Whether an upload (and its errors file's) goes to rows [start, end)'s final keys."""
+        names = [(upload, OutputPaths.shard(start, end, _suffix(upload.key)))]
+        if upload.companion is not None:
+            names.append((upload.companion, OutputPaths.errors_shard(start, end)))
+        return all(part.key == self.fs.split_path(self.path(name))[1] for part, name in names)
+
+    def discard(self, handle: str) -> None:
+        """Drop a staged shard the scheduler refused (and its errors file)."""
+        upload = PendingUpload.from_handle(handle)
         if upload is None:
-            _, src = filesystem(staging_url, self.storage_options)
+            src = self.path(OutputPaths.staging(handle))
             for path in (src, errors_name(src)) if src.endswith(".jsonl") else (src,):
                 if self.fs.exists(path):
                     self.fs.rm(path)
@@ -415,16 +377,15 @@ class OutputStore:
             }
 
     def mark_success(self) -> None:
-        """Write `_SUCCESS` once every accepted commit is published and recorded."""
+        """Write `_SUCCESS`; the caller has published and recorded every accepted commit."""
         with self._lock:
-            self._settled.wait_for(lambda: self._in_flight == 0)
             failures = list(self._failures)
         if failures:
             raise PublishFailed(
                 f"{len(failures)} committed units failed to publish (first: {failures[0]}); "
                 "run the job again to redo them"
             )
-        self.fs.pipe_file(self.path(SUCCESS), b"")
+        self.fs.pipe_file(self.path(OutputPaths.SUCCESS), b"")
         if self.s3:
             with contextlib.suppress(OSError):
                 self._abort_uploads()

@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fsspec.core import url_to_fs
-
 from hetbatch.coordinator.messages import request
 from hetbatch.io.paths import OutputPaths
 
@@ -87,9 +85,9 @@ def file_locator(url: str) -> Locator:
     A resubmitted coordinator may listen elsewhere; reading the file again on every reconnect
     follows it. A finished job (its `_SUCCESS` beside `_hetbatch/`) ends the search.
     """
-    fs, path = url_to_fs(url)
     output = OutputPaths.of(url, OutputPaths.COORDINATOR)
-    root, success = output.root, output.path(OutputPaths.SUCCESS)
+    fs, root = output.fs, output.root
+    path, success = output.path(OutputPaths.COORDINATOR), output.path(OutputPaths.SUCCESS)
 
     def locate() -> tuple[str, int, str]:
         fs.invalidate_cache()

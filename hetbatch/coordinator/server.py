@@ -151,7 +151,6 @@ class Coordinator:
         self._commits: queue.SimpleQueue[tuple[m.Commit, _Connection] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._handlers: dict[type[m.Request], Callable[[Any, _Connection], dict[str, Any]]] = {
-            m.JobRequest: self._op_job,
             m.StatusRequest: self._op_status,
             m.Hello: self._op_hello,
             m.LeaseRequest: self._op_lease,
@@ -301,9 +300,6 @@ class Coordinator:
             self._job_frame = encode_message({"job": self.job})
         return self._job_frame
 
-    def _op_job(self, msg: m.JobRequest, conn: _Connection) -> dict[str, Any]:
-        return {"job": self.job}
-
     def _op_hello(self, msg: m.Hello, conn: _Connection) -> dict[str, Any]:
         now = self.clock()
         self.scheduler.join(msg.instance, msg.weight, now, msg.concurrency)
@@ -439,7 +435,6 @@ class Coordinator:
 
     def _commit_batch(self, batch: list[tuple[m.Commit, _Connection]]) -> None:
         """Verdicts under the lock, one commit at a time; the output folder outside it."""
-        staged = [self.store.staging_url(msg.staging) for msg, _ in batch]
         present = [self.store.is_staged(msg.staging, msg.start, msg.end) for msg, _ in batch]
         with self.lock:
             verdicts = [
@@ -450,10 +445,10 @@ class Coordinator:
         replies: list[dict[str, Any]] = []
         records: list[CommitRecord] = []
         # Publish every accepted shard before discarding any: a discard never races a publish.
-        for (msg, _), url, verdict, note in zip(batch, staged, verdicts, notes, strict=True):
+        for (msg, _), verdict, note in zip(batch, verdicts, notes, strict=True):
             if verdict is CommitStatus.ACCEPTED:
                 try:
-                    self.store.publish(url, msg.start, msg.end)
+                    self.store.publish(msg.staging, msg.start, msg.end)
                 except Exception as exc:
                     log.exception("rows [%s, %s) accepted but not published", msg.start, msg.end)
                     self.store.note_failed(msg.start, msg.end, exc)
@@ -465,11 +460,12 @@ class Coordinator:
                 if verdict is None
                 else m.commit_reply(verdict.value)
             )
-        for url, verdict in zip(staged, verdicts, strict=True):
+        for (msg, _), verdict in zip(batch, verdicts, strict=True):
             if verdict is not None and verdict is not CommitStatus.ACCEPTED:
                 with contextlib.suppress(OSError):
-                    self.store.discard(url)
-        self._record(records)
+                    self.store.discard(msg.staging)
+        if records:
+            self.store.append_many(records)
         for (_, conn), reply in zip(batch, replies, strict=True):
             self._answer(conn, reply)
         if self.failure is not None:
@@ -504,17 +500,6 @@ class Coordinator:
         if exceeded is not None and self.failure is None:
             self.failure = exceeded.message()
             log.info("stopping the job: %s", self.failure)
-
-    def _record(self, records: list[CommitRecord]) -> None:
-        """Make a batch of ledger lines durable: in one write where the store can."""
-        if not records:
-            return
-        append_many = getattr(self.store, "append_many", None)
-        if append_many is not None:
-            append_many(records)
-            return
-        for record in records:
-            self.store.append(record)
 
     def _answer(self, conn: _Connection, reply: dict[str, Any]) -> None:
         loop = self._loop

@@ -55,6 +55,51 @@ def _scheme(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 
 
+def list_input_files(
+    fs: fsspec.AbstractFileSystem, path: str, original: str, suffixes: tuple[str, ...], kind: str
+) -> dict[str, int]:
+    """Input files and their sizes from one listing (sizes come with it: no request per file).
+
+    A glob takes every file it matches; a folder, its files ending in `suffixes` outside
+    hidden or `_` folders; a file, itself. `kind` names the files in the error for none.
+    """
+    try:
+        if any(ch in path for ch in "*?["):
+            found = fs.glob(path, detail=True)
+            files = {p: i for p, i in found.items() if i.get("type") != "directory"}
+        else:
+            found = fs.find(path, detail=True)
+            files = {
+                p: i
+                for p, i in found.items()
+                if p.rstrip("/") == path.rstrip("/")
+                or (
+                    p.endswith(suffixes)
+                    and not any(part.startswith(("_", ".")) for part in p[len(path) :].split("/"))
+                )
+            }
+    except FileNotFoundError:
+        files = {}
+    except Exception as exc:  # credentials, network, permissions: the driver's own words
+        raise UserError(f"{original}: cannot list the input: {one_line(exc)}") from None
+    if not files:
+        if not fs.exists(path):
+            raise UserError(f"{original}: input path does not exist")
+        raise UserError(f"{original}: no {kind} files found")
+    sizes = {p: files[p].get("size") for p in sorted(files)}
+    return {p: int(size if size is not None else fs.size(p)) for p, size in sizes.items()}
+
+
+def protocol_of(fs: fsspec.AbstractFileSystem) -> str:
+    """The filesystem's protocol name (the first, where a driver has several)."""
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+def shown_path(protocol: str, path: str) -> str:
+    """An input file as the user would write it: a bare path on this machine's disk."""
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
 def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "s3" in protocols or "s3a" in protocols

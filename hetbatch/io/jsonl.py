@@ -21,7 +21,14 @@ import fsspec
 import pyarrow as pa
 
 from hetbatch.errors import UserError
-from hetbatch.io.fs import filesystem, filesystem_of, one_line
+from hetbatch.io.fs import (
+    filesystem,
+    filesystem_of,
+    list_input_files,
+    one_line,
+    protocol_of,
+    shown_path,
+)
 
 FORMAT = "openai-batch"
 SCAN_BLOCK_BYTES = 8 << 20
@@ -67,13 +74,13 @@ class JsonlDataset:
         return cuts
 
     def shown(self, f: JsonlFile) -> str:
-        return f.path if self.protocol in ("file", "local") else f"{self.protocol}://{f.path}"
+        return shown_path(self.protocol, f.path)
 
 
 def open_jsonl(url: str, storage_options: dict[str, Any] | None = None) -> JsonlDataset:
     """List the input's JSONL files and scan each once for its lines (files in parallel)."""
     fs, path = filesystem(url, storage_options)
-    sizes = _list_files(fs, path, url)
+    sizes = list_input_files(fs, path, url, (".jsonl", ".json"), ".jsonl")
     with ThreadPoolExecutor(min(8, len(sizes))) as pool:
         scans = list(pool.map(lambda p: _scan(fs, p, url), sizes))
     total_checkpoints = sum(len(offsets) for _, offsets in scans)
@@ -84,35 +91,8 @@ def open_jsonl(url: str, storage_options: dict[str, Any] | None = None) -> Jsonl
         first_row += rows
     if first_row == 0:
         raise UserError(f"{url}: the input holds no lines")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return JsonlDataset(protocol, tuple(files), SCAN_STRIDE * thin, dict(storage_options or {}))
-
-
-def _list_files(fs: fsspec.AbstractFileSystem, path: str, original: str) -> dict[str, int]:
-    try:
-        if any(ch in path for ch in "*?["):
-            found = fs.glob(path, detail=True)
-            files = {p: i for p, i in found.items() if i.get("type") != "directory"}
-        else:
-            found = fs.find(path, detail=True)
-            files = {
-                p: i
-                for p, i in found.items()
-                if p.rstrip("/") == path.rstrip("/")
-                or (
-                    p.endswith((".jsonl", ".json"))
-                    and not any(part.startswith(("_", ".")) for part in p[len(path) :].split("/"))
-                )
-            }
-    except FileNotFoundError:
-        files = {}
-    except Exception as exc:  # credentials, network, permissions: the driver's own words
-        raise UserError(f"{original}: cannot list the input: {one_line(exc)}") from None
-    if not files:
-        if not fs.exists(path):
-            raise UserError(f"{original}: input path does not exist")
-        raise UserError(f"{original}: no .jsonl files found")
-    return {p: int(files[p].get("size") or fs.size(p)) for p in sorted(files)}
+    options = dict(storage_options or {})
+    return JsonlDataset(protocol_of(fs), tuple(files), SCAN_STRIDE * thin, options)
 
 
 def _scan(fs: fsspec.AbstractFileSystem, path: str, url: str) -> tuple[int, list[int]]:

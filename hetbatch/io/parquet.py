@@ -20,7 +20,14 @@ import pyarrow.parquet as pq
 
 from hetbatch.errors import UserError
 from hetbatch.io import jsonl
-from hetbatch.io.fs import filesystem, filesystem_of, one_line
+from hetbatch.io.fs import (
+    filesystem,
+    filesystem_of,
+    list_input_files,
+    one_line,
+    protocol_of,
+    shown_path,
+)
 
 # Bytes read from the end of each input file in the first pass: the footer of a typical file
 # fits, so one ranged read per file is the whole cost; a larger footer costs one more.
@@ -75,45 +82,7 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return "file" in protocols or "local" in protocols
 
 
-def _full_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if is_local(fs) else fs.unstrip_protocol(path)
-
-
-def _list_files(fs: fsspec.AbstractFileSystem, path: str, original: str) -> dict[str, int]:
-    """Input files and their sizes from one listing (sizes come with it: no request per file)."""
-    try:
-        if any(ch in path for ch in "*?["):
-            found = fs.glob(path, detail=True)
-            files = {p: i for p, i in found.items() if i.get("type") != "directory"}
-        else:
-            found = fs.find(path, detail=True)
-            files = {
-                p: i
-                for p, i in found.items()
-                if p.rstrip("/") == path.rstrip("/")
-                or (
-                    p.endswith((".parquet", ".parq", ".pq"))
-                    and not any(part.startswith(("_", ".")) for part in p[len(path) :].split("/"))
-                )
-            }
-    except FileNotFoundError:
-        files = {}
-    except UserError:
-        raise
-    except Exception as exc:  # credentials, network, permissions: the driver's own words
-        raise UserError(f"{original}: cannot list the input: {one_line(exc)}") from None
-    if not files:
-        if not fs.exists(path):
-            raise UserError(f"{original}: input path does not exist")
-        raise UserError(f"{original}: no Parquet files found")
-    sizes = {}
-    for p in sorted(files):
-        size = files[p].get("size")
-        sizes[p] = int(size if size is not None else fs.size(p))
-    return sizes
-
-
-_OPENED: dict[tuple[str, str], tuple[InputDataset, list[tuple[str, pq.FileMetaData]]]] = {}
+_OPENED: dict[tuple[str, str, str], tuple[Any, list[tuple[str, pq.FileMetaData]]]] = {}
 FooterInspector = Callable[[str, pq.FileMetaData], None]
 
 
@@ -126,46 +95,41 @@ def open_dataset(
 ) -> Any:
     """Read the footers of every input file (in parallel) and check the schema once, up front.
 
-    The dataset is listed once and each footer read once per process: planning and preparing
-    a run share the result. `inspect` sees each file's footer (shown path, metadata), e.g. for
-    column statistics.
+    The dataset is listed once and each footer read once per process (JSONL requests scanned
+    once): planning and preparing a run share the result. `inspect` sees each file's footer
+    (shown path, metadata), e.g. for column statistics.
     """
-    if input_format == jsonl.FORMAT:
-        return _open_jsonl(url, storage_options or {})
-    key = (url, json.dumps(storage_options or {}, sort_keys=True))
+    options = storage_options or {}
+    key = (input_format, url, json.dumps(options, sort_keys=True))
     if key not in _OPENED:
-        _OPENED[key] = _open_dataset(url, storage_options or {})
+        if input_format == jsonl.FORMAT:
+            _OPENED[key] = (jsonl.open_jsonl(url, options), [])
+        else:
+            _OPENED[key] = _open_dataset(url, options)
     dataset, footers = _OPENED[key]
-    _check_columns(_full_path_of(dataset, 0), dataset.schema, needed_columns)
+    if isinstance(dataset, jsonl.JsonlDataset):
+        return dataset
+    shown = shown_path(dataset.protocol, dataset.files[0].path)
+    _check_columns(shown, dataset.schema, needed_columns)
     if inspect is not None:
         for shown, meta in footers:
             inspect(shown, meta)
     return dataset
 
 
-_OPENED_JSONL: dict[tuple[str, str], jsonl.JsonlDataset] = {}
-
-
-def _open_jsonl(url: str, storage_options: dict[str, Any]) -> jsonl.JsonlDataset:
-    """JSONL requests: scanned once per process, like footers read once."""
-    key = (url, json.dumps(storage_options, sort_keys=True))
-    if key not in _OPENED_JSONL:
-        _OPENED_JSONL[key] = jsonl.open_jsonl(url, storage_options)
-    return _OPENED_JSONL[key]
-
-
 def _open_dataset(
     url: str, storage_options: dict[str, Any]
 ) -> tuple[InputDataset, list[tuple[str, pq.FileMetaData]]]:
     fs, path = filesystem(url, storage_options)
-    sizes = _list_files(fs, path, url)
+    sizes = list_input_files(fs, path, url, (".parquet", ".parq", ".pq"), "Parquet")
+    protocol = protocol_of(fs)
     footers = read_footers(fs, sizes)
     kept: list[tuple[str, pq.FileMetaData]] = []
     files: list[InputFile] = []
     schema: pa.Schema | None = None
     first_row = 0
     for file_path, size in sizes.items():
-        shown = _full_path(fs, file_path)
+        shown = shown_path(protocol, file_path)
         try:
             meta = footers[file_path]
             if isinstance(meta, Exception):
@@ -186,7 +150,6 @@ def _open_dataset(
     assert schema is not None
     if first_row == 0:
         raise UserError(f"{url}: the input dataset has no rows")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return InputDataset(protocol, tuple(files), schema, dict(storage_options)), kept
 
 
@@ -235,11 +198,6 @@ def _parse_footer(tail: bytes | Exception) -> pq.FileMetaData | Exception:
         return pq.read_metadata(pa.BufferReader(tail))
     except (pa.ArrowInvalid, OSError) as exc:
         return exc
-
-
-def _full_path_of(dataset: InputDataset, i: int) -> str:
-    path = dataset.files[i].path
-    return path if dataset.protocol in ("file", "local") else f"{dataset.protocol}://{path}"
 
 
 def _check_columns(path: str, schema: pa.Schema, needed: Sequence[str]) -> None:

@@ -24,14 +24,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hetbatch.io.fs import filesystem, is_s3
-from hetbatch.io.parquet import parquet_compression, shard_name, write_table
+from hetbatch.io.fs import is_s3
+from hetbatch.io.parquet import parquet_compression
 from hetbatch.io.paths import OutputPaths
 
 UPLOAD_PREFIX = "upload-"
@@ -84,18 +84,10 @@ def stage_shard(
     compression: str,
 ) -> str:
     """Stage one unit's output; returns the handle the coordinator publishes or discards."""
-    fs, root = filesystem(output_url.rstrip("/"), storage_options)
-    if not is_s3(fs):
-        write_table(
-            OutputPaths(output_url, storage_options).url_of(OutputPaths.staging(name)),
-            table,
-            compression,
-            storage_options,
-        )
-        return name
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression=parquet_compression(compression))
-    return upload_unfinished(fs, f"{root}/{shard_name(start, end)}", buffer.getvalue())
+    paths = OutputPaths(output_url, storage_options)
+    return _stage(paths, name, OutputPaths.shard(start, end), buffer.getvalue())
 
 
 def stage_jsonl(
@@ -108,24 +100,31 @@ def stage_jsonl(
     errors: bytes,
 ) -> str:
     """Stage one unit's JSONL shard and, when some rows failed, its errors file."""
-    fs, root = filesystem(output_url.rstrip("/"), storage_options)
     paths = OutputPaths(output_url, storage_options)
-    if not is_s3(fs):
-        for staged, content in ((errors_name(name), errors), (name, data)):
-            if staged == name or content:
-                path = paths.path(OutputPaths.staging(staged))
-                fs.makedirs(fs._parent(path), exist_ok=True)
-                fs.pipe_file(path, content)
-        return name
-    companion = None
-    if errors:
-        errors_key = f"{root}/{OutputPaths.errors_shard(start, end)}"
-        companion = PendingUpload.from_handle(upload_unfinished(fs, errors_key, errors))
-    handle = PendingUpload.from_handle(
-        upload_unfinished(fs, f"{root}/{shard_name(start, end, '.jsonl')}", data)
-    )
-    assert handle is not None
-    return PendingUpload(handle.key, handle.upload_id, handle.etags, companion).to_handle()
+    shard = OutputPaths.shard(start, end, ".jsonl")
+    errors_shard = OutputPaths.errors_shard(start, end)
+    return _stage(paths, name, shard, data, (errors_shard, errors) if errors else None)
+
+
+def _stage(
+    paths: OutputPaths, name: str, shard: str, data: bytes, errors: tuple[str, bytes] | None = None
+) -> str:
+    """Stage `data` as `name` (and `errors` beside it, written first): files in the staging
+    folder, or on S3 uncompleted uploads to the shard's final name and its errors file's."""
+    fs = paths.fs
+    if is_s3(fs):
+        upload = upload_unfinished(fs, paths.path(shard), data)
+        if errors is not None:
+            errors_shard, errors_data = errors
+            companion = upload_unfinished(fs, paths.path(errors_shard), errors_data)
+            upload = replace(upload, companion=companion)
+        return upload.to_handle()
+    staged = [(name, data)] if errors is None else [(errors_name(name), errors[1]), (name, data)]
+    for file_name, content in staged:
+        path = paths.path(OutputPaths.staging(file_name))
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe_file(path, content)
+    return name
 
 
 def errors_name(staged: str) -> str:
@@ -133,7 +132,7 @@ def errors_name(staged: str) -> str:
     return staged.removesuffix(".jsonl") + ".errors.jsonl"
 
 
-def upload_unfinished(fs: Any, path: str, data: bytes) -> str:
+def upload_unfinished(fs: Any, path: str, data: bytes) -> PendingUpload:
     """Upload `data` to `path` as a multipart upload and leave it uncompleted (invisible)."""
     bucket, key, _ = fs.split_path(path)
     upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
@@ -148,4 +147,4 @@ def upload_unfinished(fs: Any, path: str, data: bytes) -> str:
             Body=data[offset : offset + PART_BYTES],
         )
         etags.append(reply["ETag"])
-    return PendingUpload(key, upload_id, tuple(etags)).to_handle()
+    return PendingUpload(key, upload_id, tuple(etags))

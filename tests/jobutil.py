@@ -28,11 +28,15 @@ TINY_ENGINE_ARGS = {
 }
 
 
-def make_input(path: Path, rows: int, row_group_size: int = 500, words: int = 20) -> Path:
+def input_table(rows: int, words: int = 20) -> pa.Table:
+    """Rows r000000, r000001, ... with prompts of 1 to `words` words and a topic to keep."""
     ids = [f"r{i:06d}" for i in range(rows)]
     prompts = [" ".join(["word"] * (1 + i % words)) + f" {i}" for i in range(rows)]
-    table = pa.table({"id": ids, "prompt": prompts, "topic": [f"t{i % 7}" for i in range(rows)]})
-    pq.write_table(table, path, row_group_size=row_group_size)
+    return pa.table({"id": ids, "prompt": prompts, "topic": [f"t{i % 7}" for i in range(rows)]})
+
+
+def make_input(path: Path, rows: int, row_group_size: int = 500, words: int = 20) -> Path:
+    pq.write_table(input_table(rows, words), path, row_group_size=row_group_size)
     return path
 
 

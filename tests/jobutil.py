@@ -89,6 +89,20 @@ def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     )
 
 
+def start_run(job_file: Path, out: Path, commits: int, *flags: str,
+              timeout: float = 60) -> subprocess.Popen:
+    """`hetbatch run JOB_FILE`, returned once `commits` units are in OUT's ledger; a run that
+    does not get there in time is stopped (not left running) and its stderr shown."""
+    proc = start_cli("run", str(job_file), *flags)
+    try:
+        wait_for(lambda: len(ledger(out)) >= commits, timeout, f"{commits} committed unit(s)")
+    except AssertionError as exc:
+        proc.terminate()  # the run stops its workers
+        _stdout, stderr = proc.communicate(timeout=60)
+        raise AssertionError(f"{exc}; the run's stderr:\n{stderr[-3000:]}") from None
+    return proc
+
+
 def read_output(out: Path) -> pl.DataFrame:
     return pl.read_parquet(str(out / "*.parquet"))
 

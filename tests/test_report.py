@@ -23,8 +23,7 @@ from tests.jobutil import (
     run_cli,
     sim_job,
     sim_pool,
-    start_cli,
-    wait_for,
+    start_run,
     write_job,
 )
 from tests.s3server import S3Server
@@ -137,8 +136,7 @@ def test_redealt_units_after_a_killed_worker(tmp_path) -> None:
         tmp_path, 8000, [sim_pool("a", 4_000), sim_pool("b", 4_000)],
         launch={"max_worker_restarts": 0}, scheduler={"max_unit_rows": 300},
     )
-    proc = start_cli("run", str(job_file))
-    wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
+    proc = start_run(job_file, out, 2)
     victim_pid = busy_worker(proc.pid, out)
     os.kill(victim_pid, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
@@ -151,9 +149,8 @@ def test_redealt_units_after_a_killed_worker(tmp_path) -> None:
 
 def test_report_of_a_running_job_then_simulated_beside_it(tmp_path) -> None:
     job_file, out = _sim_run(tmp_path, 8_000, [sim_pool("a", 3_000), sim_pool("b", 6_000)])
-    proc = start_cli("run", str(job_file))
+    proc = start_run(job_file, out, 3)
     try:
-        wait_for(lambda: len(ledger(out)) >= 3, 60, "first commits")
         made = run_cli("report", f"file://{out}", "-o", str(tmp_path / "live.html"))
         assert made.returncode == 0, made.stderr
         live = PageFigures((tmp_path / "live.html").read_text())

@@ -48,26 +48,6 @@ def raise_fd_limit() -> int:
 # -- the coordinator process ----------------------------------------------------------------------
 
 
-def batch_ledger_store() -> type:
-    """OutputStore with a batch append: the lines of a batch in one write and one fsync.
-
-    Stands in for the store's own group commit, to show what the coordinator's batching of
-    commits gains once the ledger can take a batch at once."""
-    from hetbatch.coordinator.ledger import CommitRecord, OutputStore
-    from hetbatch.io.paths import OutputPaths
-
-    class Store(OutputStore):
-        def append_many(self, records: list[CommitRecord]) -> None:
-            self._records.extend(records)
-            path = self.path(OutputPaths.LEDGER)
-            with open(path, "a") as fh:
-                fh.write("".join(r.to_json() + "\n" for r in records))
-                fh.flush()
-                os.fsync(fh.fileno())
-
-    return Store
-
-
 def serve(args: argparse.Namespace) -> None:
     """Run the real coordinator until stdin closes; then print what it saw."""
     raise_fd_limit()
@@ -76,8 +56,7 @@ def serve(args: argparse.Namespace) -> None:
     from hetbatch.coordinator.server import Coordinator
     from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 
-    BatchLedgerStore = batch_ledger_store()
-    store = (BatchLedgerStore if args.group_ledger else OutputStore)(args.out)
+    store = OutputStore(args.out)
     store.recover()
     config = SchedulerConfig(max_unit_rows=1000, lease_timeout_s=args.lease_timeout_s)
     coordinator = Coordinator(Scheduler(10**12, config), store, {"spec": {}}, token=TOKEN)
@@ -312,8 +291,7 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="coordload-") as tmp:
         out = Path(tmp) / "out"
         coord = subprocess.Popen(
-            [*me, "serve", "--out", str(out), "--lease-timeout-s", str(args.lease_timeout_s),
-             *(["--group-ledger"] if args.group_ledger else [])],
+            [*me, "serve", "--out", str(out), "--lease-timeout-s", str(args.lease_timeout_s)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
         assert coord.stdin and coord.stdout
@@ -369,8 +347,7 @@ def summarise(
     lost = final["leases_lapsed"] + sum(r["revoked"] + r["stale"] for r in reports)
     print(f"coordinator load: {args.instances:,} instances over {args.procs} load processes, "
           f"heartbeat every {args.heartbeat_s:g} s, unit {args.unit_s:g} s, "
-          f"lease timeout {args.lease_timeout_s:g} s, measured over {args.duration:g} s, "
-          f"ledger {'one fsync per batch' if args.group_ledger else 'one fsync per line'} "
+          f"lease timeout {args.lease_timeout_s:g} s, measured over {args.duration:g} s "
           f"(loads: {os.getloadavg()[0]:.2f})")
     print(f"  instances connected at the end   {connected:>10,}   target {TARGETS['instances']:,}")
     print(f"  messages/s sustained             {messages:>10,.0f}   target >= "
@@ -407,10 +384,6 @@ def main() -> None:
     parser.add_argument("--ramp-s", type=float, default=20.0)
     parser.add_argument("--settle-s", type=float, default=5.0)
     parser.add_argument("--lease-timeout-s", type=float, default=10.0)
-    parser.add_argument(
-        "--group-ledger", action="store_true",
-        help="give the store a batch append (one fsync per batch of commits)",
-    )
     parser.add_argument("--out")
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)

@@ -35,7 +35,7 @@ class Rendered:
 
 def chromium() -> str:
     path = shutil.which("chromium")
-    assert path, "Chromium is missing: run .ci/install-browser-tools.sh"
+    assert path, "Chromium is missing: run .ci/install-test-packages.sh"
     return path
 
 

@@ -28,11 +28,15 @@ TINY_ENGINE_ARGS = {
 }
 
 
-def make_input(path: Path, rows: int, row_group_size: int = 500, words: int = 20) -> Path:
+def input_table(rows: int, words: int = 20) -> pa.Table:
+    """Rows r000000, r000001, ... with prompts of 1 to `words` words and a topic to keep."""
     ids = [f"r{i:06d}" for i in range(rows)]
     prompts = [" ".join(["word"] * (1 + i % words)) + f" {i}" for i in range(rows)]
-    table = pa.table({"id": ids, "prompt": prompts, "topic": [f"t{i % 7}" for i in range(rows)]})
-    pq.write_table(table, path, row_group_size=row_group_size)
+    return pa.table({"id": ids, "prompt": prompts, "topic": [f"t{i % 7}" for i in range(rows)]})
+
+
+def make_input(path: Path, rows: int, row_group_size: int = 500, words: int = 20) -> Path:
+    pq.write_table(input_table(rows, words), path, row_group_size=row_group_size)
     return path
 
 
@@ -83,6 +87,20 @@ def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [*HETBATCH, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd
     )
+
+
+def start_run(job_file: Path, out: Path, commits: int, *flags: str,
+              timeout: float = 60) -> subprocess.Popen:
+    """`hetbatch run JOB_FILE`, returned once `commits` units are in OUT's ledger; a run that
+    does not get there in time is stopped (not left running) and its stderr shown."""
+    proc = start_cli("run", str(job_file), *flags)
+    try:
+        wait_for(lambda: len(ledger(out)) >= commits, timeout, f"{commits} committed unit(s)")
+    except AssertionError as exc:
+        proc.terminate()  # the run stops its workers
+        _stdout, stderr = proc.communicate(timeout=60)
+        raise AssertionError(f"{exc}; the run's stderr:\n{stderr[-3000:]}") from None
+    return proc
 
 
 def read_output(out: Path) -> pl.DataFrame:

@@ -27,6 +27,7 @@ from tests.jobutil import (
     sim_job,
     sim_pool,
     start_cli,
+    start_run,
     wait_for,
     worker_pids,
     write_job,
@@ -42,8 +43,7 @@ def test_sigterm_gives_leases_back_at_once(tmp_path: Path) -> None:
         scheduler={"max_unit_rows": 300, "lease_timeout_s": 300},
     )
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress")
-    wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 2, "--no-progress")
     victim = ledger(out)[-1]["instance"]
     os.kill(busy_worker(proc.pid, out), signal.SIGTERM)
     stopped_at = time.time()
@@ -73,8 +73,7 @@ def test_hung_engine_gives_leases_back_and_is_restarted(tmp_path: Path) -> None:
         engine={"hang_timeout_s": 2},
     )
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress")
-    wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 2, "--no-progress")
     hang.touch()
     _stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
@@ -229,8 +228,7 @@ def test_a_stopped_vllm_worker_is_killed_and_restarted(tmp_path: Path, tiny_mode
         scheduler={"max_unit_rows": 128, "lease_timeout_s": 300},
     )
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress")
-    wait_for(lambda: len(ledger(out)) >= 1, 120, "a first commit")
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 1, "--no-progress", timeout=120)
     stopped = busy_worker(proc.pid, out)
     os.kill(stopped, signal.SIGSTOP)
     _stdout, stderr = proc.communicate(timeout=240)
@@ -253,8 +251,7 @@ def test_a_worker_stopped_at_once_is_killed_and_restarted(tmp_path: Path) -> Non
         scheduler={"max_unit_rows": 300, "lease_timeout_s": 300},
     )
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress")
-    wait_for(lambda: len(ledger(out)) >= 1, 60, "a first commit")
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 1, "--no-progress")
     victim = ledger(out)[-1]["instance"]  # it is working, so it holds leases
     os.kill(worker_pids(proc.pid)[victim], signal.SIGSTOP)
     _stdout, stderr = proc.communicate(timeout=120)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from hetbatch.io import jsonl
-from tests.jobutil import ledger, run_cli, start_cli, wait_for, write_job
+from tests.jobutil import run_cli, start_run, write_job
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
@@ -152,8 +152,7 @@ def test_resume_after_sigkill_keeps_shards_and_errors(tmp_path) -> None:
     job["cluster"]["pools"][1]["sim"]["tokens_per_s"] = 8000
     job_file = write_job(tmp_path / "job.yaml", job)
     out = tmp_path / "out"
-    proc = start_cli("run", str(job_file))
-    wait_for(lambda: len(ledger(out)) >= 4, 60, "a few committed units")
+    proc = start_run(job_file, out, 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "_SUCCESS").exists()

@@ -7,7 +7,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.jobutil import ledger, make_input, sim_job, sim_pool, start_cli, wait_for, write_job
+from tests.jobutil import make_input, sim_job, sim_pool, start_run, write_job
 
 
 def _free_port() -> int:
@@ -32,9 +32,8 @@ def test_metrics_endpoint_during_a_run(tmp_path) -> None:
                   [sim_pool("fast", 8_000), sim_pool("slow", 3_000)],
                   coordinator={"metrics_port": port})
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 4)
     try:
-        wait_for(lambda: len(ledger(out)) >= 4, 60, "a few commits")
         m = _scrape(port)
     finally:
         _, stderr = proc.communicate(timeout=120)
@@ -46,11 +45,11 @@ def test_metrics_endpoint_during_a_run(tmp_path) -> None:
     assert set(per_rows) == {"fast-0-0", "slow-0-0"} and sum(per_rows.values()) == done
     pools = {s.labels["instance"]: s.labels["pool"] for s in m["hetbatch_rows"]}
     assert pools == {"fast-0-0": "fast", "slow-0-0": "slow"}
-    assert all(v == 1 for v in _by_instance(m["hetbatch_instance_connected"]).values())
+    assert _by_instance(m["hetbatch_instance_connected"]) == {"fast-0-0": 1, "slow-0-0": 1}
     assert sum(_by_instance(m["hetbatch_completion_tokens"]).values()) == 8 * done
     assert m["hetbatch_queue_rows"][0].value + m["hetbatch_leased_rows"][0].value <= rows - done
     assert m["hetbatch_eta_seconds"][0].value > 0
-    assert m["hetbatch_steals"][0].value >= 0 and m["hetbatch_lease_expiries"][0].value == 0
+    assert "hetbatch_steals" in m and m["hetbatch_lease_expiries"][0].value == 0  # steals vary
     # The engines' own figures, passed on by the workers with their heartbeats.
     running = _by_instance(m["hetbatch_engine_running_requests"])
     waiting = _by_instance(m["hetbatch_engine_waiting_requests"])

@@ -7,13 +7,8 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
-import fsspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,10 +23,10 @@ from tests.jobutil import (
     run_cli,
     sim_job,
     sim_pool,
-    start_cli,
-    wait_for,
+    start_run,
     write_job,
 )
+from tests.s3server import S3Server
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "prompts.parquet"
 CHARTS = ("gantt", "throughput", "time-use", "lengths")
@@ -141,8 +136,7 @@ def test_redealt_units_after_a_killed_worker(tmp_path) -> None:
         tmp_path, 8000, [sim_pool("a", 4_000), sim_pool("b", 4_000)],
         launch={"max_worker_restarts": 0}, scheduler={"max_unit_rows": 300},
     )
-    proc = start_cli("run", str(job_file))
-    wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
+    proc = start_run(job_file, out, 2)
     victim_pid = busy_worker(proc.pid, out)
     os.kill(victim_pid, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
@@ -155,9 +149,8 @@ def test_redealt_units_after_a_killed_worker(tmp_path) -> None:
 
 def test_report_of_a_running_job_then_simulated_beside_it(tmp_path) -> None:
     job_file, out = _sim_run(tmp_path, 8_000, [sim_pool("a", 3_000), sim_pool("b", 6_000)])
-    proc = start_cli("run", str(job_file))
+    proc = start_run(job_file, out, 3)
     try:
-        wait_for(lambda: len(ledger(out)) >= 3, 60, "first commits")
         made = run_cli("report", f"file://{out}", "-o", str(tmp_path / "live.html"))
         assert made.returncode == 0, made.stderr
         live = PageFigures((tmp_path / "live.html").read_text())
@@ -224,43 +217,14 @@ def test_report_refuses_bad_input_in_one_line(tmp_path) -> None:
     assert "Traceback" not in bad.stderr + empty.stderr
 
 
-@pytest.fixture
-def s3_server(monkeypatch):
-    """A real S3-compatible server (moto) on loopback, for this test's processes."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            return True
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, 30, "the S3 server")
-        for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
-                           "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        yield endpoint
-    finally:
-        server.kill()
-        server.wait()
-
-
-def test_report_of_a_job_on_an_object_store(tmp_path, s3_server) -> None:
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("jobs")
+def test_report_of_a_job_on_an_object_store(tmp_path, s3_env: S3Server) -> None:
+    url = f"s3://{s3_env.new_bucket()}/out"
     job = sim_job(tmp_path, make_input(tmp_path / "in.parquet", 3000),
                   [sim_pool("a", 8_000), sim_pool("b", 4_000)],
-                  output={"path": "s3://jobs/out"})
+                  output={"path": url})
     result = run_cli("run", str(write_job(tmp_path / "job.yaml", job)))
     assert result.returncode == 0, result.stderr
-    made = run_cli("report", "s3://jobs/out", "-o", str(tmp_path / "r.html"))
+    made = run_cli("report", url, "-o", str(tmp_path / "r.html"))
     assert made.returncode == 0, made.stderr
     figures = PageFigures((tmp_path / "r.html").read_text())
     assert int(figures.top["rows"]) == 3000 and figures.svgs >= len(CHARTS)

@@ -18,7 +18,7 @@ from tests.jobutil import (
     run_cli,
     sim_job,
     sim_pool,
-    start_cli,
+    start_run,
     wait_for,
     write_job,
 )
@@ -57,8 +57,7 @@ def test_resume_after_sigkill_redoes_nothing(tmp_path) -> None:
     )
     job_file = write_job(tmp_path / "job.yaml", job)
     out = tmp_path / "out"
-    proc = start_cli("run", str(job_file))
-    wait_for(lambda: len(ledger(out)) >= 4, 60, "a few committed units")
+    proc = start_run(job_file, out, 4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = ledger(out)
@@ -87,8 +86,7 @@ def test_killed_worker_unit_is_redealt(tmp_path) -> None:
         scheduler={"max_unit_rows": 300},
     )
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
-    wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 2)
     victim = busy_worker(proc.pid, out)
     os.kill(victim, signal.SIGKILL)
     _stdout, stderr = proc.communicate(timeout=120)
@@ -107,8 +105,7 @@ def test_lapsed_lease_is_redealt_and_late_work_discarded(tmp_path) -> None:
         scheduler={"lease_timeout_s": 1.5, "max_unit_rows": 300},
     )
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
-    wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 2)
     frozen = busy_worker(proc.pid, out)
     os.kill(frozen, signal.SIGSTOP)  # alive, connected, but silent: only the lease can tell
     try:

@@ -7,6 +7,7 @@ import io
 import itertools
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from hetbatch.io.shards import stage_shard
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 from tests.jobutil import (
     TINY_ENGINE_ARGS,
+    input_table,
     make_input,
     run_cli,
     sim_job,
@@ -51,17 +53,11 @@ def put_table(server: S3Server, path: str, table: pa.Table, row_group_size: int 
 
 def put_input(server: S3Server, bucket: str, rows: int, files: int) -> str:
     """`rows` rows of tests.jobutil's input, cut into `files` Parquet objects."""
-    table = _input_table(rows)
+    table = input_table(rows)
     step = -(-rows // files)
     for i in range(files):
         put_table(server, f"{bucket}/in/part-{i:03d}.parquet", table.slice(i * step, step))
     return f"s3://{bucket}/in/"
-
-
-def _input_table(rows: int) -> pa.Table:
-    ids = [f"r{i:06d}" for i in range(rows)]
-    prompts = [" ".join(["word"] * (1 + i % 20)) + f" {i}" for i in range(rows)]
-    return pa.table({"id": ids, "prompt": prompts, "topic": [f"t{i % 7}" for i in range(rows)]})
 
 
 def polars_options(server: S3Server) -> dict[str, str]:
@@ -113,10 +109,14 @@ def committed(server: S3Server, url: str) -> list[CommitRecord]:
     return OutputStore(url, server.storage_options).read_ledger()
 
 
+def committed_rows(server: S3Server, url: str) -> int:
+    return sum(r.end - r.start for r in committed(server, url))
+
+
 def wait_for_rows(server: S3Server, url: str, rows: int, timeout: float) -> None:
     """Poll the ledger gently (reading it lists and reads every segment)."""
     deadline = time.monotonic() + timeout
-    while sum(r.end - r.start for r in committed(server, url)) < rows:
+    while committed_rows(server, url) < rows:
         assert time.monotonic() < deadline, f"timed out waiting for {rows} committed rows"
         time.sleep(0.5)
 
@@ -269,9 +269,17 @@ def test_ledger_segments_from_concurrent_appends_compact_on_resume(s3_server) ->
 # -- whole jobs ----------------------------------------------------------------------------------
 
 
-def _busy_worker(proc_pid: int, server: S3Server, url: str) -> int:
+def _kill_a_worker_then_the_run(
+    proc: subprocess.Popen, server: S3Server, url: str, first: int, more: int, timeout: float
+) -> None:
+    """Once `first` rows are committed, SIGKILL the worker that committed last (it holds
+    leases); once `more` rows more are, SIGKILL the whole run midway."""
+    wait_for_rows(server, url, first, timeout)
     last = max(committed(server, url), key=lambda r: r.at)
-    return worker_pids(proc_pid)[last.instance]
+    os.kill(worker_pids(proc.pid)[last.instance], signal.SIGKILL)
+    wait_for_rows(server, url, committed_rows(server, url) + more, timeout)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def test_sim_job_on_s3_survives_a_killed_worker_and_sigkill(tmp_path, s3_server) -> None:
@@ -292,12 +300,7 @@ def test_sim_job_on_s3_survives_a_killed_worker_and_sigkill(tmp_path, s3_server)
     job["output"] = {"path": url, "storage_options": options}
     job_file = write_job(tmp_path / "job.yaml", job)
     proc = start_cli("run", str(job_file))
-    wait_for_rows(s3_server, url, 800, 120)
-    os.kill(_busy_worker(proc.pid, s3_server, url), signal.SIGKILL)
-    seen = sum(r.end - r.start for r in committed(s3_server, url))
-    wait_for_rows(s3_server, url, seen + 800, 120)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_a_worker_then_the_run(proc, s3_server, url, 800, 800, 120)
     fs = s3_server.filesystem()
     assert not fs.exists(f"{bucket}/out/_SUCCESS")
     midway = read_with_polars(s3_server, url)  # what a reader sees mid-job: rows at most once
@@ -335,14 +338,8 @@ def test_vllm_demo_sized_job_on_s3(tmp_path, tiny_model, s3_env: S3Server) -> No
     }
     job_file = write_job(tmp_path / "job.yaml", job)
     proc = start_cli("run", str(job_file))
-    wait_for_rows(s3_env, url, 300, 300)
-    os.kill(_busy_worker(proc.pid, s3_env, url), signal.SIGKILL)
-    seen = sum(r.end - r.start for r in committed(s3_env, url))
-    wait_for_rows(s3_env, url, seen + 500, 300)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sum(r.end - r.start for r in committed(s3_env, url))
-    assert done < rows, "the run finished before it could be killed"
+    _kill_a_worker_then_the_run(proc, s3_env, url, 300, 500, 300)
+    assert committed_rows(s3_env, url) < rows, "the run finished before it could be killed"
     result = run_cli("run", str(job_file), timeout=600)
     assert result.returncode == 0, result.stderr
     assert "resuming with" in result.stdout

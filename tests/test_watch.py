@@ -20,7 +20,7 @@ from tests.jobutil import (
     make_input,
     sim_job,
     sim_pool,
-    start_cli,
+    start_run,
     wait_for,
     write_job,
 )
@@ -75,9 +75,8 @@ def test_watch_shows_a_silent_instance_and_quits_on_ctrl_c(tmp_path) -> None:
         launch={"max_worker_restarts": 0}, scheduler={"max_unit_rows": 300},
     )
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 2)
     try:
-        wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
         with terminal(_watch(out)) as term:
             wait_for(lambda: "running" in term.screen() and "a-0-0" in term.screen()
                      and "b-0-0" in term.screen(), 30, "the live view")
@@ -102,8 +101,7 @@ def test_watch_ends_with_the_job(tmp_path) -> None:
     job = sim_job(tmp_path, make_input(tmp_path / "in.parquet", 3_000),
                   [sim_pool("a", 8_000), sim_pool("b", 4_000)])
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
-    wait_for(lambda: len(ledger(out)) >= 1, 60, "first commits")
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 1)
     with terminal(_watch(out)) as term:
         proc.communicate(timeout=120)
         assert proc.returncode == 0

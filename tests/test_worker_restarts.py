@@ -14,8 +14,7 @@ from tests.jobutil import (
     make_input,
     sim_job,
     sim_pool,
-    start_cli,
-    wait_for,
+    start_run,
     worker_pids,
     write_job,
 )
@@ -31,8 +30,7 @@ def test_killed_worker_is_restarted_and_the_job_completes(tmp_path: Path) -> Non
         scheduler={"max_unit_rows": 300},
     )
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)))
-    wait_for(lambda: len(ledger(out)) >= 2, 60, "first commits")
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 2)
     victim_id = ledger(out)[-1]["instance"]
     os.kill(busy_worker(proc.pid, out), signal.SIGKILL)
     _stdout, stderr = proc.communicate(timeout=120)
@@ -52,8 +50,7 @@ def test_run_fails_when_every_worker_died(tmp_path: Path) -> None:
         scheduler={"max_unit_rows": 300},
     )
     out = tmp_path / "out"
-    proc = start_cli("run", str(write_job(tmp_path / "job.yaml", job)), "--no-progress")
-    wait_for(lambda: len(ledger(out)) >= 1, 60, "a first commit")
+    proc = start_run(write_job(tmp_path / "job.yaml", job), out, 1, "--no-progress")
     for pid in worker_pids(proc.pid).values():
         os.kill(pid, signal.SIGKILL)
     _stdout, stderr = proc.communicate(timeout=60)

@@ -6,7 +6,7 @@ nothing under /etc/slurm or /etc/munge is used and several clusters can run side
 Clients find the cluster through ``SLURM_CONF`` (see :attr:`LoopbackSlurm.env`).
 
 Needs root (mknod for the fake GPUs, slurmd running jobs as their users) and Debian's
-``munge slurmctld slurmd slurm-client`` (``.ci/install-slurm.sh``).
+``munge slurmctld slurmd slurm-client`` (``.ci/install-test-packages.sh``).
 
 CLI::
 
@@ -377,7 +377,7 @@ class LoopbackSlurm:
         missing = missing_binaries()
         if missing:
             raise SlurmClusterError(
-                f"not installed: {', '.join(missing)} (run .ci/install-slurm.sh as root)"
+                f"not installed: {', '.join(missing)} (run .ci/install-test-packages.sh as root)"
             )
         if self.running_daemons():
             raise SlurmClusterError(
@@ -556,7 +556,7 @@ class LoopbackSlurm:
     def _bin(name: str) -> str:
         path = find_binary(name)
         if path is None:
-            raise SlurmClusterError(f"{name} is not installed (run .ci/install-slurm.sh)")
+            raise SlurmClusterError(f"{name} is not installed (run .ci/install-test-packages.sh)")
         return path
 
     @staticmethod

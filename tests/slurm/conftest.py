@@ -64,7 +64,8 @@ def _require_slurm() -> None:
     missing = testcluster.missing_binaries()
     if not missing:
         return
-    reason = f"Slurm is not installed (missing {', '.join(missing)}); run .ci/install-slurm.sh"
+    reason = (f"Slurm is not installed (missing {', '.join(missing)}); "
+              "run .ci/install-test-packages.sh")
     if _in_ci():
         pytest.fail(f"CI is set but {reason}", pytrace=False)
     pytest.skip(reason)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install Debian's Slurm and munge for the loopback test cluster.
+# Install the Debian packages the tests drive as a person would: Slurm and munge for the loopback
+# test cluster, Chromium (a real headless browser opens the HTML report) and tmux (a real
+# terminal for `status --watch`).
 #
 # Idempotent: exits at once when every package is already installed, so CI can call it on
 # every run. Needs root (CI and developer machines run as root). No service is started here:
@@ -7,7 +9,7 @@
 # socket, so the /etc/munge/munge.key made by the package is not used.
 set -euo pipefail
 
-packages=(munge slurmctld slurmd slurm-client)
+packages=(munge slurmctld slurmd slurm-client chromium tmux)
 
 missing=()
 for pkg in "${packages[@]}"; do
@@ -18,18 +20,18 @@ for pkg in "${packages[@]}"; do
 done
 
 if [ "${#missing[@]}" -eq 0 ]; then
-    echo "install-slurm: already installed (${packages[*]})"
+    echo "install-test-packages: already installed (${packages[*]})"
     exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-    echo "install-slurm: must run as root to install: ${missing[*]}" >&2
+    echo "install-test-packages: must run as root to install: ${missing[*]}" >&2
     exit 1
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-echo "install-slurm: installing ${missing[*]}"
+echo "install-test-packages: installing ${missing[*]}"
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 
-echo "install-slurm: done"
+echo "install-test-packages: done"

@@ -108,3 +108,18 @@ def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
 def one_line(exc: BaseException) -> str:
     """A driver's error message on one line (botocore's span several)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class FileSequence:
+    """What an input dataset of `files` (each with `path`, `first_row`, `num_rows`, `size`, in
+    global row order) answers alike whatever the file format."""
+
+    files: tuple[Any, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return self.files[-1].first_row + self.files[-1].num_rows if self.files else 0
+
+    def fingerprint(self) -> list[dict]:
+        """What identifies this input, so that a resume can refuse a changed dataset."""
+        return [{"path": f.path, "rows": f.num_rows, "size": f.size} for f in self.files]

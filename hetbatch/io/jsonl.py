@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from hetbatch.errors import UserError
 from hetbatch.io.fs import (
+    FileSequence,
     filesystem,
     filesystem_of,
     list_input_files,
@@ -50,7 +51,7 @@ class JsonlFile:
 
 
 @dataclass(frozen=True)
-class JsonlDataset:
+class JsonlDataset(FileSequence):
     """The input as line counts and checkpoints: files in a fixed order with global row offsets."""
 
     protocol: str
@@ -58,13 +59,6 @@ class JsonlDataset:
     stride: int
     storage_options: dict[str, Any] = field(default_factory=dict, compare=False)
     schema: pa.Schema = field(default=SCHEMA, compare=False)
-
-    @property
-    def num_rows(self) -> int:
-        return self.files[-1].first_row + self.files[-1].num_rows if self.files else 0
-
-    def fingerprint(self) -> list[dict]:
-        return [{"path": f.path, "rows": f.num_rows, "size": f.size} for f in self.files]
 
     def row_group_boundaries(self) -> list[int]:
         """File starts and checkpoints: units cut there start reading without skipping."""

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from hetbatch.errors import UserError
 from hetbatch.io import jsonl
 from hetbatch.io.fs import (
+    FileSequence,
     filesystem,
     filesystem_of,
     list_input_files,
@@ -49,21 +50,13 @@ class InputFile:
 
 
 @dataclass(frozen=True)
-class InputDataset:
+class InputDataset(FileSequence):
     """The input as metadata only: files in a fixed order with global row offsets."""
 
     protocol: str
     files: tuple[InputFile, ...]
     schema: pa.Schema
     storage_options: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
-
-    @property
-    def num_rows(self) -> int:
-        return self.files[-1].first_row + self.files[-1].num_rows if self.files else 0
-
-    def fingerprint(self) -> list[dict]:
-        """What identifies this input, so that a resume can refuse a changed dataset."""
-        return [{"path": f.path, "rows": f.num_rows, "size": f.size} for f in self.files]
 
     def row_group_boundaries(self) -> list[int]:
         """Global row indices where a row group starts: preferred cut points for units."""

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +162,51 @@ def assert_ledger_covers(out: Path, rows: int) -> None:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _children() -> list[int]:
+    pids: list[int] = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def _living(pid: int) -> str | None:
+    """The name of process `pid`, or None when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name, state = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2]
+    return None if state == "Z" else name
+
+
+@contextlib.contextmanager
+def leftover_processes() -> Iterator[Callable[[float], list[str]]]:
+    """Make this process the subreaper of all it starts (Linux), so that a process a run leaves
+    behind comes back here instead of to init. Yields `left(wait_s)`: the names of the processes
+    still alive here after waiting up to `wait_s` for them to go. They are killed on exit."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+    def left(wait_s: float) -> list[str]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            names = [n for n in map(_living, _children()) if n is not None]
+            if not names or time.monotonic() > deadline:
+                return names
+            time.sleep(0.2)
+
+    try:
+        yield left
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
+        for pid in _children():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)

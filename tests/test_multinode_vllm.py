@@ -1,6 +1,6 @@
 """An instance of two processes standing in for two nodes (TP=2 over vLLM's multiprocessing
 backend with `nnodes=2`), on the real vLLM engine (CPU) with the tiny model: its greedy output
-is the output of one process."""
+is the output of one process, and no process of it outlives the run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.jobutil import TINY_ENGINE_ARGS, make_input, read_output, run_cli, write_job
+from tests.jobutil import (
+    TINY_ENGINE_ARGS,
+    leftover_processes,
+    make_input,
+    read_output,
+    run_cli,
+    write_job,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -25,8 +32,10 @@ def _greedy_run(tmp: Path, model: Path, src: Path, pool: dict) -> pl.DataFrame:
         "cluster": {"pools": [{"name": "cpu", "accelerator": "cpu", **pool}]},
     }
     tmp.mkdir()
-    done = run_cli("run", str(write_job(tmp / "job.yaml", job)), "--no-progress", timeout=600)
-    assert done.returncode == 0, done.stderr
+    with leftover_processes() as left:
+        done = run_cli("run", str(write_job(tmp / "job.yaml", job)), "--no-progress", timeout=600)
+        assert done.returncode == 0, done.stderr
+        assert left(wait_s=20) == []  # nothing of the instance outlives the run, on any node
     return read_output(tmp / "out").sort("id")
 
 

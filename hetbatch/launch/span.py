@@ -15,6 +15,7 @@ follower outlives its head.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import selectors
 import signal
@@ -101,7 +102,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start(argv: list[str]) -> subprocess.Popen:
+    """A child in a process group of its own, so that stopping it stops what it started too
+    (vLLM's worker processes do not follow their parent out)."""
+    return subprocess.Popen(argv, preexec_fn=die_with_parent, start_new_session=True)
+
+
 def _stop(child: subprocess.Popen) -> None:
+    """Ask the child to stop (it stops what it started), give it 10 s, then kill its whole
+    process group: what it left behind goes with it."""
     if child.poll() is None:
         child.terminate()
         try:
@@ -109,6 +118,8 @@ def _stop(child: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
+        os.killpg(child.pid, signal.SIGKILL)  # a group outlives its leader: sweep the rest
 
 
 def _say(line: str) -> None:
@@ -121,7 +132,7 @@ def run_head(link_port: int, followers: int, worker_argv: list[str]) -> int:
     server.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(server, selectors.EVENT_READ)
-    child = subprocess.Popen(worker_argv, preexec_fn=die_with_parent)
+    child = _start(worker_argv)
     signal.signal(signal.SIGTERM, lambda *_: (_stop(child), sys.exit(143)))
     joined = 0
     try:
@@ -157,11 +168,9 @@ def _connect(link: str, wait_s: float) -> socket.socket:
 def run_follower(link: str, output: str, instance_id: str, rank: int, wait_s: float) -> int:
     """Join the head's link, then serve this node's share of the engine until the head goes."""
     conn = _connect(link, wait_s)
-    child = subprocess.Popen(
-        [sys.executable, "-m", "hetbatch.launch.span", "engine", "--output", output,
-         "--instance", instance_id, "--rank", str(rank)],
-        preexec_fn=die_with_parent,  # a killed follower takes its share of the engine along
-    )
+    # A killed follower takes its share of the engine along (the child dies with its parent).
+    child = _start([sys.executable, "-m", "hetbatch.launch.span", "engine", "--output", output,
+                    "--instance", instance_id, "--rank", str(rank)])
     signal.signal(signal.SIGTERM, lambda *_: (_stop(child), sys.exit(143)))
     conn.settimeout(0.2)
     try:
@@ -209,6 +218,8 @@ def run_engine_share(output: str, instance_id: str, rank: int) -> int:
         usage_context=UsageContext.LLM_CLASS, headless=True
     )
     executor = MultiprocExecutor(config, monitor_workers=False)
+    # Stopped by the follower: shut vLLM's worker processes down with their shared memory.
+    signal.signal(signal.SIGTERM, lambda *_: (executor.shutdown(), sys.exit(143)))
     executor.start_worker_monitor(inline=True)
     return 0
 

@@ -136,10 +136,14 @@ class NodeRunner:
     def terminate(self, signum: int, frame: FrameType | None) -> None:
         """Slurm cancels or preempts the job, or its time is up: stop the workers (they give
         their leases back), and when the time limit ended a requeueable job before the rows
-        did, requeue it so that its workers come back."""
-        if not self.store.is_complete():  # first: Slurm's SIGKILL follows within KillWait
-            requeue_if_out_of_time(os.environ.get("SLURM_JOB_ID"))
+        did, requeue it so that its workers come back. The requeue comes first (Slurm's SIGKILL
+        follows within KillWait), the line saying so last: after the workers' own last lines."""
+        job_id = os.environ.get("SLURM_JOB_ID")
+        requeued = not self.store.is_complete() and requeue_if_out_of_time(job_id)
         self.workers.stop(grace_s=0)
+        if requeued:
+            print(f"time limit reached: job {job_id} requeued, its workers will come back",
+                  flush=True)
         sys.exit(128 + signum)
 
 
@@ -162,8 +166,6 @@ def requeue_if_out_of_time(job_id: str | None) -> bool:
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
-    if requeued.returncode == 0:
-        print(f"time limit reached: job {job_id} requeued, its workers will come back", flush=True)
     return requeued.returncode == 0
 
 

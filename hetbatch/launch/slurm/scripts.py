@@ -27,6 +27,11 @@ class Script:
     pool: str | None = None
 
 
+# Jobs Slurm may run again (requeued on a node failure, or by a pool job out of time): a run's
+# output goes on after the earlier run's instead of replacing it (Slurm truncates by default).
+REQUEUEABLE = ["--requeue", "--open-mode=append"]
+
+
 def _template(name: str) -> Template:
     """A template from the installed package (package data, so any install has them)."""
     return Template((resources.files("hetbatch.launch.slurm") / "templates" / name).read_text())
@@ -74,7 +79,7 @@ def coordinator_options(job: JobSpec, log_dir: str) -> list[str]:
         "--nodes=1",
         "--ntasks=1",
         f"--cpus-per-task={s.cpus_per_task or 1}",
-        "--requeue",
+        *REQUEUEABLE,
         *_options(s),
     ]
 
@@ -93,7 +98,7 @@ def pool_options(job: JobSpec, pool: PoolSpec, log_dir: str, hetjob: bool = Fals
     if array:
         lines.append(f"--array=0-{pool.nodes - 1}")
     if not hetjob:
-        lines.append("--requeue")
+        lines += REQUEUEABLE
     return lines + _options(pool.slurm, job.slurm)
 
 
@@ -119,7 +124,7 @@ def span_options(job: JobSpec, pool: PoolSpec, span: int, log_dir: str) -> list[
         *_gres(pool),
         *_cpus(pool),
         *array,
-        "--requeue",
+        *REQUEUEABLE,
         *_options(pool.slurm, job.slurm),
     ]
 
@@ -204,7 +209,7 @@ def render_hetjob(job: JobSpec, log_dir: str) -> Script:
             "submit without --hetjob"
         )
     lines = _header(
-        [f"--job-name={job.slurm.job_name}", f"--output={log_dir}/%x-%j.out", "--requeue"],
+        [f"--job-name={job.slurm.job_name}", f"--output={log_dir}/%x-%j.out", *REQUEUEABLE],
         job.slurm.extra,
     )
     steps = [f"{python} -m hetbatch coordinate {output} &", "pids=($!)"]

@@ -3,7 +3,8 @@
 The input: `--rows` rows over `--prompts` system prompts of about 300 tokens each, plus a short
 question, in random order. Three runs in one go, all on the same engine arguments (the tiny
 model, vLLM's automatic prefix caching on, a KV cache of `--kv-mib`):
-  - bare vLLM: one `LLM.generate` call on the rows in input order, one engine on one core;
+  - bare vLLM: one `LLM.generate` call on the rows in input order, one engine on one core,
+    with the per-row seeds hetbatch gives (as `bench/overhead.py` does);
   - hetbatch without prefix order (`scheduler.prefix_groups: false`);
   - hetbatch with it (`prefix_groups: true`).
 hetbatch runs `--instances` instances, one pinned core each. Throughput is rows per second of
@@ -39,11 +40,14 @@ BARE = r'''
 import json, sys, time
 import pyarrow.parquet as pq
 from vllm import LLM, SamplingParams
+from hetbatch.prompts import row_seed
 job = json.loads(sys.argv[1])
 prompts = pq.read_table(job["input"]["path"], columns=["prompt"]).column("prompt").to_pylist()
+ids = pq.read_table(job["input"]["path"], columns=["id"]).column("id").to_pylist()
+params = [SamplingParams(**job["sampling"], seed=row_seed(job["seed"], k)) for k in ids]
 llm = LLM(job["model"]["path"], **job["model"]["engine_args"])
 t0 = time.monotonic()
-outs = llm.generate(prompts, SamplingParams(**job["sampling"]), use_tqdm=False)
+outs = llm.generate(prompts, params, use_tqdm=False)
 gen_s = time.monotonic() - t0
 tokens = sum(len(o.outputs[0].token_ids) for o in outs)
 cached = sum(o.num_cached_tokens or 0 for o in outs)
@@ -96,6 +100,7 @@ def job_for(tmp: Path, model: Path, args: argparse.Namespace, prefix_groups: boo
         }},
         "input": {"path": str(tmp / "in.parquet"), "prompt_column": "prompt", "id_column": "id"},
         "sampling": {"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True},
+        "seed": 0,
         "output": {"path": str(tmp / f"out-{prefix_groups}")},
         "scheduler": {"max_unit_rows": args.unit_rows, "prefix_groups": prefix_groups},
         "cluster": {"pools": [{"name": "cpu", "accelerator": "cpu",

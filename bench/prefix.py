@@ -11,7 +11,7 @@ hetbatch runs `--instances` instances, one pinned core each. Throughput is rows 
 generation: from engine ready to the last result (bare), from the first lease to the last
 commit (hetbatch). Target: hetbatch with prefix order at least 1.3x hetbatch without it.
 
-    python bench/prefix.py [--rows 5000] [--prompts 25] [--kv-mib 8] [--instances 1]
+    python bench/prefix.py [--rows 5000] [--prompts 25] [--kv-mib 64] [--instances 1]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=25)
     parser.add_argument("--prefix-tokens", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--kv-mib", type=int, default=8)
+    parser.add_argument("--kv-mib", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--unit-rows", type=int, default=500)
     parser.add_argument("--instances", type=int, default=1)

@@ -146,7 +146,8 @@ def test_units_hold_prefix_groups_and_rows_join_back_to_the_input(tmp_path) -> N
     assert joined.height == rows and (joined["prompt"] == joined["prompt_in"]).all()
     for shard in (tmp_path / "out").glob("part-*.parquet"):
         groups = pq.read_table(shard, columns=["group"]).column("group").to_pylist()
-        assert _group_runs(groups) <= 3, shard.name  # a 200-row unit spans one or two groups
+        # Each group's rows in one run (two when the unit spans a window boundary).
+        assert _group_runs(groups) <= len(set(groups)) + 1, shard.name
     assert df["instance"].n_unique() == 2
 
 
@@ -246,6 +247,6 @@ def test_vllm_prefix_order_gives_the_same_completions(tmp_path, tiny_model) -> N
     assert grouped["generated_text"].to_list() == plain["generated_text"].to_list()
     assert grouped["prompt_tokens"].to_list() == plain["prompt_tokens"].to_list()
     assert grouped["group"].to_list() == table.column("group").to_pylist()
-    shard = sorted((tmp_path / "grouped").glob("part-*.parquet"))[0]
-    groups = pq.read_table(shard, columns=["group"]).column("group").to_pylist()
-    assert _group_runs(groups) <= 2
+    for shard in (tmp_path / "grouped").glob("part-*.parquet"):
+        groups = pq.read_table(shard, columns=["group"]).column("group").to_pylist()
+        assert _group_runs(groups) <= len(set(groups)) + 1, shard.name

@@ -171,6 +171,7 @@ def test_auto_turns_prefix_order_on_only_for_shared_prefixes(tmp_path) -> None:
     for name, expected in (("shared", 1000), ("plain", None)):
         job = sim_job(tmp_path / name, tmp_path / f"{name}.parquet", [sim_pool("a", 20_000)],
                       scheduler={"prefix_window_rows": 1000})
+        job["input"]["keep_columns"] = []
         result = run_cli("run", "--no-progress", str(write_job(tmp_path / f"{name}.yaml", job)))
         assert result.returncode == 0, result.stderr
         recorded = pl.read_json(tmp_path / name / "out" / "_hetbatch" / "job.json")

@@ -176,6 +176,7 @@ def test_auto_turns_prefix_order_on_only_for_shared_prefixes(tmp_path) -> None:
         assert result.returncode == 0, result.stderr
         recorded = pl.read_json(tmp_path / name / "out" / "_hetbatch" / "job.json")
         assert recorded["prefix_window_rows"].to_list() == [expected]
+        assert ("prefix order in windows of 1,000 rows" in result.stdout) == bool(expected)
         assert_exactly_once(tmp_path / name / "out", 2000)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,14 +60,23 @@ def row_sampling(job: JobSpec, row: RowPrompt) -> dict[str, Any]:
 
 
 def build_prompts(
-    job: JobSpec, table: pa.Table, first_row: int, chat: Callable[[list[dict[str, str]]], str]
+    job: JobSpec,
+    table: pa.Table,
+    first_row: int,
+    chat: Callable[[list[dict[str, str]]], str],
+    input_rows: Sequence[int] | None = None,
 ) -> list[RowPrompt]:
-    """Turn input rows into prompts: template, chat template, and per-row input errors."""
+    """Turn input rows into prompts: template, chat template, and per-row input errors.
+    Rows are keyed by id, else by input row index: `first_row` on, or `input_rows` when the
+    table's rows are not consecutive input rows (prefix order)."""
     if job.input.format == "openai-batch":
         return request_prompts(job, table, chat)
     cols = table.to_pydict()
     n = table.num_rows
-    keys = cols[job.input.id_column] if job.input.id_column else range(first_row, first_row + n)
+    keys = (
+        cols[job.input.id_column] if job.input.id_column
+        else input_rows if input_rows is not None else range(first_row, first_row + n)
+    )
     fields = template_fields(job.prompt_template or "")
     job_sampling = (
         {"structured_outputs": job.structured_output.constraint()} if job.structured_output else {}

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hetbatch.error_budget import BudgetConfig
 from hetbatch.errors import UserError
@@ -301,6 +308,21 @@ class SchedulerSpec(_Strict):
     )
     lease_timeout_s: float = Field(default=SchedulerConfig.lease_timeout_s, gt=0)
     heartbeat_s: float = Field(default=1.0, gt=0)
+    prefix_groups: bool | Literal["auto"] = Field(
+        default="auto",
+        description="deal rows that share a prompt prefix together, to the same instance: "
+        "true, false, or auto (on when a sample of the input shows long shared prefixes)",
+    )
+    prefix_window_rows: int = Field(
+        default=16384, ge=1, description="rows grouped by prefix within windows of this many"
+    )
+
+    @field_validator("prefix_groups", mode="before")
+    @classmethod
+    def _prefix_groups_value(cls, value: Any) -> Any:
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError(f"expected true, false or auto, not {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _unit_bounds(self) -> SchedulerSpec:

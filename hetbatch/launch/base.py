@@ -5,6 +5,7 @@ the workers run (`launch`), and where the instances come from (`layout`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -24,6 +25,7 @@ from hetbatch.input_checks import check_input, id_statistics
 from hetbatch.io.fs import filesystem
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
 from hetbatch.io.paths import OutputPaths
+from hetbatch.io.prefix_order import PrefixOrder, resolve_window
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.prompts import input_columns
 from hetbatch.report import summary_lines
@@ -74,6 +76,7 @@ class PreparedRun:
     committed_rows: int
     already_complete: bool
     dry_run: bool = False  # prepared without writing anything: only to show what would run
+    prefix_window_rows: int | None = None  # rows dealt in prefix order (windows this long)
 
     @property
     def total_rows(self) -> int:
@@ -125,6 +128,12 @@ class Launcher(ABC):
         check_input(job, dataset.schema, id_stats)
         store = OutputStore(job.output.path, job.output.storage_options)
         record = self._job_record(dataset)
+        resuming = not self.overwrite and store.exists()
+        if resuming:
+            record["prefix_window_rows"] = self._recorded_prefix_order(store)
+        else:
+            record["prefix_window_rows"] = resolve_window(job, dataset)
+        window = record["prefix_window_rows"]
         if self.overwrite:
             if not dry_run:
                 store.wipe()
@@ -140,7 +149,8 @@ class Launcher(ABC):
             fresh = self.overwrite or not store.exists()
             complete = not fresh and store.is_complete()
             committed = 0 if fresh else sum(r.end - r.start for r in store.read_ledger())
-            return PreparedRun(job, dataset, store, instances, committed, complete, dry_run=True)
+            return PreparedRun(job, dataset, store, instances, committed, complete, dry_run=True,
+                               prefix_window_rows=window)
         complete = store.exists() and store.is_complete()
         committed = 0 if complete else sum(r.end - r.start for r in store.recover())
         if complete:
@@ -150,7 +160,25 @@ class Launcher(ABC):
             store.write_json(OutputPaths.LAYOUT, [i.__dict__ for i in instances])
             if plan is not None:
                 store.write_json(OutputPaths.PLAN, plan.to_dict())
-        return PreparedRun(job, dataset, store, instances, committed, complete)
+        return PreparedRun(job, dataset, store, instances, committed, complete,
+                           prefix_window_rows=window)
+
+    def _recorded_prefix_order(self, store: OutputStore) -> int | None:
+        """A resumed job keeps the row order its output was started in: its ranges mean
+        those rows. A job file that now asks for another order is refused."""
+        recorded = store.read_json(OutputPaths.JOB).get("prefix_window_rows")
+        setting = self.job.scheduler.prefix_groups
+        if setting == "auto":
+            return recorded
+        wanted = self.job.scheduler.prefix_window_rows if setting else None
+        if wanted != recorded:
+            started = f"prefix_window_rows {recorded}" if recorded else "input order"
+            raise UserError(
+                f"{self.job.output.path}: holds output dealt in {started}, not as "
+                "scheduler.prefix_groups/prefix_window_rows now ask; use --overwrite to start "
+                "over, or another output path"
+            )
+        return recorded
 
     def _plan(self) -> ClusterPlan | None:
         """Size the pools that do not pin their layout; the plan's estimates seed capacity."""
@@ -198,9 +226,14 @@ class Launcher(ABC):
         cfg = job.scheduler
         scheduler = Scheduler(
             run.dataset.num_rows,
-            SchedulerConfig.from_spec(cfg),
+            dataclasses.replace(
+                SchedulerConfig.from_spec(cfg), follow_on=run.prefix_window_rows is not None
+            ),
             committed=[(r.start, r.end) for r in run.store.records],
-            boundaries=run.dataset.row_group_boundaries(),
+            boundaries=(
+                run.dataset.row_group_boundaries() if run.prefix_window_rows is None
+                else PrefixOrder(run.prefix_window_rows, run.total_rows).boundaries()
+            ),
         )
         coordinator = Coordinator(
             scheduler,
@@ -247,6 +280,7 @@ class Launcher(ABC):
         return {
             "spec": run.job.to_dict(),
             "dataset": dataset_to_dict(run.dataset),
+            "prefix_window_rows": run.prefix_window_rows,
             "instances": {
                 i.instance_id: {
                     "id": i.instance_id,

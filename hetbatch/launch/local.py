@@ -75,9 +75,11 @@ class LocalLauncher(Launcher):
             for p in run.job.cluster.pools
         )
         resumed = f", resuming with {run.committed_rows:,} done" if run.committed_rows else ""
+        window = run.prefix_window_rows
+        order = f", prefix order in windows of {window:,} rows" if window else ""
         return (
             f"plan: {len(run.instances)} instances ({pools}), engine {_engine_name(run)}, "
-            f"{run.total_rows:,} rows{resumed}"
+            f"{run.total_rows:,} rows{order}{resumed}"
         )
 
     def _watch(

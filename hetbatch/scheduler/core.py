@@ -50,6 +50,10 @@ class SchedulerConfig:
     retry_s: float = PACING.wait_s
     waiting_asks_per_s: float = 400.0
     max_retry_s: float = 30.0
+    # Prefix order: an instance's next unit follows on from its last one (the rows after it
+    # share its prefixes, which its engine holds), and an instance that cannot follow on
+    # starts a lane of its own instead of taking the rows just after another's.
+    follow_on: bool = False
 
     @classmethod
     def from_spec(cls, spec: SchedulerSpec) -> SchedulerConfig:
@@ -171,6 +175,8 @@ class Scheduler:
         self._ranked: list[str] = []  # alive instances by finish time, refreshed now and then
         self._ranked_at = -math.inf
         self._waiting: set[str] = set()  # alive instances whose last request got nothing
+        self._cursor: dict[str, int] = {}  # follow_on: where each instance's last unit ended
+        self._cursor_count: dict[int, int] = {}  # instances whose cursor is at a position
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -248,7 +254,7 @@ class Scheduler:
         if not self.pending:
             self._plan_steal(instance_id, now)
             return self._nothing_free(state)
-        start, end = self._cut_unit(self.unit_size(instance_id))
+        start, end = self._cut_unit(self.unit_size(instance_id), self._unit_start(instance_id))
         return self._issue(instance_id, start, end, now)
 
     def unit_size(self, instance_id: str) -> int:
@@ -258,8 +264,9 @@ class Scheduler:
         size = math.ceil(self.pending.total * share / cfg.factor)
         return max(cfg.min_unit_rows, min(cfg.max_unit_rows, size))
 
-    def _cut_unit(self, size: int) -> tuple[int, int]:
-        start, end = self.pending.first()
+    def _cut_unit(self, size: int, at: int | None = None) -> tuple[int, int]:
+        """A unit of about `size` rows from the first pending row, or from pending row `at`."""
+        start, end = self.pending.first() if at is None else (at, self.pending.end_of(at))
         cut = self._align(start + size, start, end)
         if end - cut < self.config.min_unit_rows:
             cut = end
@@ -285,10 +292,54 @@ class Scheduler:
         state = self.instances[instance_id]
         state.leases.append(lease.lease_id)
         self._add_queued(state, lease.rows)
+        if self.config.follow_on:
+            self._move_cursor(instance_id, end)
         self._waiting.discard(instance_id)
         if state.last_commit_at is None:
             state.last_commit_at = now
         return lease
+
+    # -- following on (prefix order) ----------------------------------------------------------
+
+    def _unit_start(self, instance_id: str) -> int | None:
+        """Where an instance's next unit starts: None (the first pending row) unless
+        `follow_on`; then right after its last unit while those rows wait, else a lane
+        start (`_lane_start`)."""
+        if not self.config.follow_on:
+            return None
+        cursor = self._cursor.get(instance_id)
+        if cursor is not None and self.pending.contains(cursor, cursor + 1):
+            return cursor
+        return self._lane_start()
+
+    def _lane_start(self) -> int:
+        """The first pending stretch that no instance is about to follow on into; when every
+        stretch has one, the middle of the longest (at a window boundary near it), so that
+        two instances do not take turns at the same rows' prefixes. Looks at a bounded
+        number of stretches: O(1) per decision however fragmented the queue."""
+        best: tuple[int, int] | None = None
+        for start, end in itertools.islice(self.pending, _CANDIDATES * 8):
+            if not self._cursor_count.get(start):
+                return start
+            if best is None or end - start > best[1] - best[0]:
+                best = (start, end)
+        assert best is not None
+        start, end = best
+        if end - start < 2 * self.config.min_unit_rows:
+            return start
+        mid = (start + end) // 2
+        return self._align(mid, start + self.config.min_unit_rows, end)
+
+    def _move_cursor(self, instance_id: str, position: int) -> None:
+        old = self._cursor.get(instance_id)
+        if old is not None:
+            left = self._cursor_count[old] - 1
+            if left:
+                self._cursor_count[old] = left
+            else:
+                del self._cursor_count[old]
+        self._cursor[instance_id] = position
+        self._cursor_count[position] = self._cursor_count.get(position, 0) + 1
 
     # -- stealing -----------------------------------------------------------------------------
 

@@ -74,6 +74,12 @@ class RangeSet:
         self._starts[i:j] = keep_s
         self._ends[i:j] = keep_e
 
+    def end_of(self, position: int) -> int:
+        """The end of the range that holds `position` (which must be in the set)."""
+        i = bisect.bisect_right(self._starts, position) - 1
+        assert i >= 0 and position < self._ends[i], f"{position} is not in the set"
+        return self._ends[i]
+
     def contains(self, start: int, end: int) -> bool:
         """Whether all of [start, end) is in the set."""
         i = bisect.bisect_right(self._starts, start) - 1

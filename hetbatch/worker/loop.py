@@ -31,6 +31,7 @@ from hetbatch.error_budget import most_common_error
 from hetbatch.input_checks import unit_id_problems
 from hetbatch.io.parquet import read_rows
 from hetbatch.io.paths import OutputPaths
+from hetbatch.io.prefix_order import OrderedReader, PrefixOrder
 from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_sampling
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.spec import JobSpec
@@ -55,6 +56,7 @@ class Unit:
     results: dict[int, dict[str, Any]] = field(default_factory=dict)
     next_row: int = 0  # index of the next row to hand to the engine
     started_at: float | None = None
+    input_rows: list[int] | None = None  # the rows' input indices, in prefix order
 
     @property
     def submitted(self) -> int:
@@ -80,6 +82,7 @@ class Worker:
         heartbeat_s: float = 1.0,
         stop: threading.Event | None = None,
         hang_timeout_s: float = 300.0,
+        prefix_order: PrefixOrder | None = None,
     ) -> None:
         self.client = client
         self.instance_id = instance_id
@@ -89,6 +92,10 @@ class Worker:
         self.heartbeat_s = heartbeat_s
         self.schema = schema
         self.columns = input_columns(job)
+        self.ordered = (
+            None if prefix_order is None
+            else OrderedReader(job, dataset, prefix_order, self.columns)
+        )
         self.units: list[Unit] = []
         self.in_flight: dict[str, tuple[Unit, int]] = {}
         self.window = PACING.window(engine.max_concurrency)
@@ -209,17 +216,24 @@ class Worker:
     def _unsubmitted(self) -> int:
         return sum(u.rows - u.next_row for u in self.units)
 
-    def _load(self, start: int, end: int) -> tuple[pa.Table, list[RowPrompt]]:
-        """Read a unit's rows and make them ready for the engine (off the engine's thread)."""
-        table = read_rows(self.dataset, start, end, self.columns)
-        prompts = build_prompts(self.job, table, start, self.engine.apply_chat_template)
+    def _load(self, start: int, end: int) -> tuple[pa.Table, list[RowPrompt], list[int] | None]:
+        """Read a unit's rows and make them ready for the engine (off the engine's thread).
+        In prefix order the unit's positions map to input rows given back with them."""
+        input_rows = None
+        if self.ordered is not None:
+            table, input_rows = self.ordered.read(start, end)
+        else:
+            table = read_rows(self.dataset, start, end, self.columns)
+        prompts = build_prompts(
+            self.job, table, start, self.engine.apply_chat_template, input_rows
+        )
         for special in (True, False):
             runnable = [p for p in prompts if p.error is None and p.add_special_tokens == special]
             if runnable:
                 ids = self.engine.encode_batch([p.prompt for p in runnable], special)
                 for p, token_ids in zip(runnable, ids or (), strict=False):
                     p.token_ids = token_ids
-        return table, prompts
+        return table, prompts, input_rows
 
     def _maybe_heartbeat(self) -> None:
         now = time.monotonic()
@@ -250,6 +264,8 @@ class Worker:
         if unit.table is not None:
             unit.table = unit.table.slice(0, cut - unit.start)
             unit.prompts = unit.prompts[: cut - unit.start]
+            if unit.input_rows is not None:
+                unit.input_rows = unit.input_rows[: cut - unit.start]
         self.client.call("release", instance=self.instance_id, lease=lease_id, cut=cut)
         if cut == unit.start:
             self.units.remove(unit)
@@ -272,7 +288,7 @@ class Worker:
             return True
         if unit.loaded is None or not unit.loaded.done():
             return False
-        unit.table, unit.prompts = unit.loaded.result()
+        unit.table, unit.prompts, unit.input_rows = unit.loaded.result()
         unit.started_at = time.monotonic()
         return True
 
@@ -331,6 +347,7 @@ class Worker:
             staged = stage_unit(
                 self.job, self.schema, unit.table, unit.start, unit.end, results,
                 unit.prompts[: unit.rows], self.instance_id, name,
+                None if unit.input_rows is None else unit.input_rows[: unit.rows],
             )
         except Exception as exc:  # disk full, permission lost, an object store's error
             self._write_failed(unit, name, exc)

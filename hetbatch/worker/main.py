@@ -31,6 +31,7 @@ from hetbatch.engines.base import Engine
 from hetbatch.engines.factory import build_engine, prepare_environment
 from hetbatch.io.parquet import InputDataset, dataset_from_dict
 from hetbatch.io.paths import OutputPaths
+from hetbatch.io.prefix_order import PrefixOrder
 from hetbatch.spec import JobSpec, parse_job
 from hetbatch.worker.loop import Worker
 from hetbatch.worker.output import output_schema
@@ -61,12 +62,16 @@ def run_worker(
     if locate is not None:
         client.retry_s = max(client.retry_s, job.slurm.reconnect_s)
     dataset = dataset_from_dict(job_data["dataset"])
+    window = job_data.get("prefix_window_rows")
+    prefix_order = None if window is None else PrefixOrder(window, dataset.num_rows)
     prepare_environment(job, instance["accelerator"])
     engine = _start_engine(job, instance)
     stop = _stop_on_sigterm()
     try:
         # Join only once the engine is up, so that no lease waits on a loading model.
-        while (ending := _work(client, hello, job, dataset, engine, stop)) == "restarted":
+        while (ending := _work(
+            client, hello, job, dataset, engine, stop, prefix_order
+        )) == "restarted":
             log.warning("coordinator restarted: in-flight units dropped, joining the new one")
         if ending == "stopped":
             raise Stopped()  # it said bye already
@@ -123,6 +128,7 @@ def _work(
     dataset: InputDataset,
     engine: Engine,
     stop: threading.Event,
+    prefix_order: PrefixOrder | None = None,
 ) -> str:
     """Work until the job is "done", or the worker is "stopped", or the coordinator
     "restarted" (its leases are then void)."""
@@ -137,6 +143,7 @@ def _work(
         heartbeat_s=job.scheduler.heartbeat_s,
         stop=stop,
         hang_timeout_s=job.engine.hang_timeout_s,
+        prefix_order=prefix_order,
     )
     try:
         hello["concurrency"] = engine.max_concurrency

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jsonschema
@@ -161,16 +162,19 @@ def stage_unit(
     prompts: list[RowPrompt],
     instance: str,
     name: str,
+    input_rows: Sequence[int] | None = None,
 ) -> str:
     """Write one unit's output to staging in the job's output format; returns the handle the
-    coordinator publishes. `name` is the staged file's name without its suffix."""
+    coordinator publishes. `name` is the staged file's name without its suffix; `input_rows`
+    are the rows' input indices when they are not `start` on (prefix order)."""
+    rows = input_rows if input_rows is not None else range(start, end)
     output = job.output
     if output.format == "openai-batch":
-        lines, errors = openai_lines(job, table, prompts, results, start)
+        lines, errors = openai_lines(job, table, prompts, results, rows)
         return stage_jsonl(
             output.path, output.storage_options, f"{name}.jsonl", start, end, lines, errors
         )
-    shard = build_output(job, schema, table, start, results, instance)
+    shard = build_output(job, schema, table, rows, results, instance)
     return stage_shard(
         output.path, output.storage_options, f"{name}.parquet", start, end, shard,
         output.compression,
@@ -182,7 +186,7 @@ def openai_lines(
     table: pa.Table,
     prompts: list[RowPrompt],
     results: list[dict[str, Any]],
-    start: int,
+    rows: Sequence[int],
 ) -> tuple[bytes, bytes]:
     """A unit's rows as OpenAI batch output lines: every row, and the failed ones again.
     A request's custom_id is its own (null for a line that gives none); other input rows are
@@ -196,7 +200,7 @@ def openai_lines(
     lines, errors = [], []
     for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
         url = p.url or default_url
-        line = dumps(output_line(ids[i], url, job.model.path, r, start + i, created))
+        line = dumps(output_line(ids[i], url, job.model.path, r, rows[i], created))
         lines.append(line)
         if r.get("error") is not None:
             errors.append(line)
@@ -218,7 +222,7 @@ def build_output(
     job: JobSpec,
     schema: pa.Schema,
     table: pa.Table,
-    first_row: int,
+    rows: Sequence[int],
     results: list[dict[str, Any]],
     instance: str,
 ) -> pa.Table:
@@ -229,7 +233,7 @@ def build_output(
     if key:
         columns[key] = table.column(key)
     else:
-        columns["row_id"] = pa.array(range(first_row, first_row + n), pa.int64())
+        columns["row_id"] = pa.array(rows, pa.int64())
     for c in job.input.keep_columns:
         if c != key:
             columns[c] = table.column(c)

@@ -141,7 +141,7 @@ def vllm_command(rows: int, keep: str | None) -> None:
 
     results = {}
     for mode in ("off", "on"):
-        job = write_replan_job(root / mode, rows, replan=mode == "on")
+        job = write_replan_job(root / mode, rows, model, replan=mode == "on")
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "hetbatch", "run", str(job), "--no-progress",
                                "--calibration", str(root / mode / "stale.calibration.json")],

@@ -66,7 +66,7 @@ def _truth(model, req: PoolRequest, coef: Coefficients, workload: Workload) -> d
 
 
 def run_sim(hours: float, replan_on: bool, seed: int = 0):
-    _, workload, plan, truth, ctx = sim_setup()
+    _, _, plan, truth, ctx = sim_setup()
     insts = []
     for p in plan.pools:
         speed, seqs = truth[p.pool][p.config]
@@ -132,8 +132,10 @@ def sim_command(hours: float) -> None:
 
 @main.command("vllm")
 @click.option("--rows", type=int, default=6000, show_default=True)
+@click.option("--model", default="data/tiny-model", show_default=True,
+              help="The tiny model (data/build_tiny_model.py builds it).")
 @click.option("--keep", type=click.Path(file_okay=False), help="Keep the runs' outputs here.")
-def vllm_command(rows: int, keep: str | None) -> None:
+def vllm_command(rows: int, model: str, keep: str | None) -> None:
     """Real vLLM on the CPU: a pool planned at max_num_seqs 8, re-planning off and on."""
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="hetbatch-replan-"))
     root.mkdir(parents=True, exist_ok=True)

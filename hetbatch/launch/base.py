@@ -157,8 +157,8 @@ class Launcher(ABC):
         """Size the pools that do not pin their layout; the plan's estimates seed capacity."""
         if not needs_plan(self.job):
             return None
-        from hetbatch.planning import job_plan_inputs, load_calibration, replanner_for
         from hetbatch.planner.search import plan_cluster
+        from hetbatch.planning import job_plan_inputs, load_calibration, replanner_for
 
         calibration = load_calibration(self.calibration) if self.calibration else None
         inputs = job_plan_inputs(self.job, calibration)

@@ -29,6 +29,11 @@ from hetbatch.planner.search import candidates_for_pool, choose, deployment, eng
 from hetbatch.planner.types import DeployConfig, PoolPlan, PoolRequest, Workload
 
 
+# A re-fit whose coefficients miss the live figure by more than this is not acted on (one
+# figure cannot always pin the roofline's choice between compute and bandwidth).
+FIT_TOLERANCE = 0.1
+
+
 @dataclass(frozen=True)
 class ReplanPolicy:
     """When a pool is re-planned.
@@ -148,6 +153,9 @@ def decide_replan(
     if seen.output_tokens_per_s <= 0 or not off_plan(planned, seen.output_tokens_per_s, policy):
         return None
     coef = refit(ctx, current.pool, cfg, batch, shape, seen.output_tokens_per_s)
+    reproduced = predicted_rate(ctx, current.pool, cfg, coef, batch, *shape)
+    if abs(reproduced / seen.output_tokens_per_s - 1.0) > FIT_TOLERANCE:
+        return None  # coefficients that do not explain the figure cannot choose a layout
     same = [c for c in candidates_for_pool(ctx.model, ctx.pools[current.pool], ctx.accelerator(
         current.pool), coef, ctx.workload, ctx.objective) if _same_instances(c.config, cfg)]
     if not same:

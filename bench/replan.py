@@ -154,19 +154,38 @@ def vllm_command(rows: int, model: str, keep: str | None) -> None:
         results[mode] = (wall, root / mode / "out", proc.stderr)
     for mode, (wall, out, stderr) in results.items():
         metrics = json.loads((out / "_hetbatch" / "metrics.json").read_text())
-        ledger = [json.loads(x) for x in (out / "_hetbatch" / "ledger.jsonl").read_text().split()]
-        span = max(r["at"] for r in ledger) - min(r["leased_at"] for r in ledger)
-        tokens = sum(r["completion_tokens"] for r in ledger)
-        print(f"re-planning {mode}: {sum(r['end'] - r['start'] for r in ledger):,} rows, "
-              f"{tokens / span:,.0f} output tok/s over the processing window {span:.1f} s "
-              f"(wall {wall:.1f} s)")
-        for line in stderr.splitlines():
-            if "re-plan" in line or "restart" in line:
-                print(f"  {line}")
-        replans = metrics.get("replans", [])
-        for r in replans:
-            print(f"  {r['pool']}: measured {r['measured']:,.0f} tok/s per instance before, "
-                  f"{r.get('measured_after', 0):,.0f} after ({r['old']} -> {r['new']})")
+        records = [json.loads(x) for x in (out / "_hetbatch" / "ledger.jsonl").read_text().split()]
+        done = sum(r["end"] - r["start"] for r in records)
+        print(f"re-planning {mode}: {done:,} of {rows:,} rows, {_rate(records):,.0f} output tok/s "
+              f"per instance over the run, {_window_rate(records):,.0f} in all "
+              f"(wall {wall:.1f} s incl. start-up)")
+        for replan in metrics.get("replans", []):
+            at = metrics["started_at"] + replan["at_s"]
+            before = [r for r in records if r["at"] <= at]
+            after = [r for r in records if r["leased_at"] > at]
+            print(f"  re-plan at {replan['at_s']:.1f} s: {replan['old']} -> {replan['new']}")
+            print(f"  per instance: {_rate(before):,.0f} output tok/s before, "
+                  f"{_rate(after):,.0f} after ({_rate(after) / max(_rate(before), 1e-9):.2f}x); "
+                  f"predicted before {replan['predicted']:,.0f}, re-fit expects "
+                  f"{replan['expected']:,.0f}")
+        if mode == "on":
+            print(f"  warnings: {sum('re-plan' in x for x in stderr.splitlines())} re-plan line(s)")
+
+
+def _rate(records: list[dict]) -> float:
+    """Output tokens/s per instance over each instance's span of these units, averaged."""
+    rates = []
+    for name in {r["instance"] for r in records}:
+        mine = [r for r in records if r["instance"] == name]
+        span = max(r["at"] for r in mine) - min(r["leased_at"] for r in mine)
+        rates.append(sum(r["completion_tokens"] for r in mine) / max(span, 1e-6))
+    return sum(rates) / len(rates) if rates else 0.0
+
+
+def _window_rate(records: list[dict]) -> float:
+    """Output tokens/s of the whole job over its processing window (first lease, last commit)."""
+    span = max(r["at"] for r in records) - min(r["leased_at"] for r in records)
+    return sum(r["completion_tokens"] for r in records) / max(span, 1e-6)
 
 
 if __name__ == "__main__":

@@ -407,7 +407,6 @@ class Coordinator:
         self._leased_wall[lease.lease_id] = (time.time(), stolen, redealt)
 
     def _op_bye(self, msg: m.Bye, conn: _Connection) -> dict[str, Any]:
-        self._restarting.discard(msg.instance)
         self._disconnect(msg.instance)
         conn.instance = None
         return m.OK_REPLY
@@ -416,6 +415,7 @@ class Coordinator:
         return {"progress": self.progress().__dict__}
 
     def _disconnect(self, instance: str) -> None:
+        self._restarting.discard(instance)  # a worker told to restart has left
         for lease in self.scheduler.leave(instance, self.clock()):
             self._returned_rows.add(lease.start, lease.end)
             self.events["left_holding"] += 1

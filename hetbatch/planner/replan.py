@@ -28,7 +28,6 @@ from hetbatch.planner.profile import ModelProfile
 from hetbatch.planner.search import candidates_for_pool, choose, deployment, engine_args
 from hetbatch.planner.types import DeployConfig, PoolPlan, PoolRequest, Workload
 
-
 # A re-fit whose coefficients miss the live figure by more than this is not acted on (one
 # figure cannot always pin the roofline's choice between compute and bandwidth).
 FIT_TOLERANCE = 0.1

@@ -78,6 +78,25 @@ def plan_job(
                         catalog=inputs.catalog, calibration=inputs.calibration, top_k=top_k)
 
 
+def replanner_for(job: JobSpec, inputs: JobPlanInputs, plan: ClusterPlan) -> Any:
+    """The `Replanner` of a job that asks for re-planning (`replan.enabled`): the pools the
+    planner sized (not those that pin their layout, nor instances spanning nodes), each against
+    the coefficients its plan was made with."""
+    from hetbatch.planner.replan import PlanContext, Replanner, ReplanPolicy
+
+    catalog = inputs.catalog or DEFAULT_CATALOG
+    pinned = {p.name for p in job.cluster.pools if p.tensor_parallel_size is not None}
+    plans = {p.pool: p for p in plan.pools
+             if p.pool not in pinned and p.config.pipeline_parallel_size == 1}
+    coefs = {p.pool: coefficients_or_default(catalog.get(p.accelerator), inputs.calibration)
+             for p in plan.pools}
+    ctx = PlanContext(inputs.model, {p.name: p for p in inputs.pools}, inputs.workload,
+                      catalog=inputs.catalog, coefficients=coefs)
+    r = job.replan
+    policy = ReplanPolicy(r.threshold, r.margin, r.min_units, r.min_active_s)
+    return Replanner(ctx, plans, policy)
+
+
 def job_plan_inputs(
     job: JobSpec, calibration: Calibration | None = None, sample_rows: int = 2000
 ) -> JobPlanInputs:

@@ -345,6 +345,22 @@ class EngineSpec(_Strict):
     )
 
 
+class ReplanSpec(_Strict):
+    """Re-planning a pool mid-job when its measured speed is far from its plan."""
+
+    enabled: bool = False
+    threshold: float = Field(
+        default=0.25, gt=0, description="measured/predicted tokens/s off by more than this "
+        "share re-fits the pool's coefficients",
+    )
+    margin: float = Field(
+        default=0.15, ge=0, description="a new configuration must promise this much more",
+    )
+    min_units: int = Field(default=3, ge=1, description="units an instance commits first")
+    min_active_s: float = Field(default=10.0, ge=0, description="seconds it works first")
+    check_s: float = Field(default=5.0, gt=0, description="how often the pools are checked")
+
+
 class CoordinatorSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
@@ -382,6 +398,7 @@ class JobSpec(_Strict):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     coordinator: CoordinatorSpec = Field(default_factory=CoordinatorSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    replan: ReplanSpec = Field(default_factory=ReplanSpec)
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
     accelerators: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -405,6 +422,8 @@ class JobSpec(_Strict):
             )
         if self.task != "generate":
             _check_pooling(self)
+        if self.replan.enabled:
+            _check_replan(self)
         return self
 
     @property
@@ -458,6 +477,16 @@ def _check_openai_batch(job: JobSpec) -> None:
             raise ValueError("row_overrides do not apply to openai-batch input: bodies override")
     if "openai-batch" in (job.input.format, job.output.format) and job.task != "generate":
         raise ValueError(f"task {job.task} does not apply to openai-batch input or output")
+
+
+def _check_replan(job: JobSpec) -> None:
+    """Re-planning changes what the planner chose: it needs a pool the planner sizes."""
+    if job.engine.kind != "vllm":
+        raise ValueError("replan.enabled needs engine kind vllm (the simulated engine has no plan)")
+    if all(p.tensor_parallel_size is not None for p in job.cluster.pools):
+        raise ValueError(
+            "replan.enabled needs a pool the planner sizes; every pool pins tensor_parallel_size"
+        )
 
 
 def _check_pooling(job: JobSpec) -> None:

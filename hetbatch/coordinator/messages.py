@@ -338,9 +338,14 @@ def done_reply(done: bool = True) -> dict[str, Any]:
 
 
 def heartbeat_reply(
-    releases: list[tuple[int, int]], revoked: list[int], done: bool
+    releases: list[tuple[int, int]], revoked: list[int], done: bool, restart: bool = False
 ) -> dict[str, Any]:
-    return {"releases": [list(r) for r in releases], "revoked": revoked, "done": done}
+    """`restart`: finish the units held, take no more, and leave to be restarted in a new
+    layout (the pool was re-planned)."""
+    reply = {"releases": [list(r) for r in releases], "revoked": revoked, "done": done}
+    if restart:
+        reply["restart"] = True
+    return reply
 
 
 def commit_reply(status: str) -> dict[str, Any]:

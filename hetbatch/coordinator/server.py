@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hetbatch.coordinator import messages as m
 from hetbatch.coordinator.ledger import CommitRecord, OutputStore, PublishFailed
@@ -41,12 +41,18 @@ from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.scheduler.ranges import RangeSet
 
+if TYPE_CHECKING:
+    from hetbatch.planner.replan import InstanceFigures, Replan, Replanner
+
 log = logging.getLogger("hetbatch.coordinator")
 
 MIN_WRITE_FAILURES = 3  # shard writes failing in a row (and on every instance) stop the job
 STALL_S = 0.25  # a tick this late means the coordinator, not the workers, was slow
 LISTEN_BACKLOG = 4096  # thousands of workers may connect at the same moment
 MAX_COMMIT_BATCH = 512
+# What a re-plan changes in a running pool: what each engine runs with, not its devices.
+_RELAYOUT_ARGS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
+                  "kv_cache_dtype")
 MAX_UNSENT_BYTES = 16 << 20  # a peer that stops reading its replies is dropped
 _HEADER = struct.Struct(">I")
 
@@ -65,6 +71,8 @@ class InstanceMetrics:
     last_commit_at: float | None = None
     connected: bool = False
     engine: tuple[int, int, float] | None = None  # running, waiting, KV-cache use, as reported
+    running_sum: float = 0.0  # requests running in its engine, summed over heartbeats
+    running_n: int = 0
 
     def to_dict(self, t0: float = 0.0) -> dict[str, Any]:
         span = (self.last_commit_at or 0) - (self.first_lease_at or 0)
@@ -118,6 +126,8 @@ class Coordinator:
         clock: Callable[[], float] = time.monotonic,
         on_done: Callable[[], None] | None = None,
         error_budget: ErrorBudget | None = None,
+        replanner: Replanner | None = None,
+        replan_check_s: float = 5.0,
     ) -> None:
         self.scheduler = scheduler
         self.store = store
@@ -146,6 +156,10 @@ class Coordinator:
         self._rows_done_at_start = scheduler.committed.total
         self._sock = _listen(host, port)
         self._job_frame: bytes | None = None
+        self.replanner = replanner
+        self.replan_check_s = replan_check_s
+        self.replans: list[dict[str, Any]] = []
+        self._restarting: set[str] = set()  # instances told to drain and restart
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connections: set[_Connection] = set()
         self._commits: queue.SimpleQueue[tuple[m.Commit, _Connection] | None] = queue.SimpleQueue()
@@ -168,8 +182,10 @@ class Coordinator:
 
     def start(self) -> None:
         ready = threading.Event()
-        for target, name in ((lambda: self._serve(ready), "coord-loop"), (self._commit_forever,
-                                                                         "coord-commit")):
+        loops = [(lambda: self._serve(ready), "coord-loop"), (self._commit_forever, "coord-commit")]
+        if self.replanner is not None:
+            loops.append((self._replan_forever, "coord-replan"))
+        for target, name in loops:
             t = threading.Thread(target=target, daemon=True, name=name)
             t.start()
             self._threads.append(t)
@@ -323,10 +339,15 @@ class Coordinator:
 
     def _op_heartbeat(self, msg: m.Heartbeat, conn: _Connection) -> dict[str, Any]:
         if msg.engine is not None and msg.instance in self.metrics:
-            self.metrics[msg.instance].engine = msg.engine
+            metrics = self.metrics[msg.instance]
+            metrics.engine = msg.engine
+            if msg.engine[0]:  # an idle engine (start, drain) says nothing of its batch
+                metrics.running_sum += msg.engine[0]
+                metrics.running_n += 1
         reply = self.scheduler.heartbeat(msg.instance, msg.progress, self.clock())
         return m.heartbeat_reply(
-            [(r.lease_id, r.cut) for r in reply.releases], reply.revoked, self.finished.is_set()
+            [(r.lease_id, r.cut) for r in reply.releases], reply.revoked, self.finished.is_set(),
+            restart=msg.instance in self._restarting,
         )
 
     def _op_release(self, msg: m.Release, conn: _Connection) -> dict[str, Any]:
@@ -394,6 +415,7 @@ class Coordinator:
         return {"progress": self.progress().__dict__}
 
     def _disconnect(self, instance: str) -> None:
+        self._restarting.discard(instance)  # a worker told to restart has left
         for lease in self.scheduler.leave(instance, self.clock()):
             self._returned_rows.add(lease.start, lease.end)
             self.events["left_holding"] += 1
@@ -507,6 +529,52 @@ class Coordinator:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(conn.release_hold, reply)
 
+    # -- re-planning ----------------------------------------------------------------------------
+
+    def _replan_forever(self) -> None:
+        """Every `replan_check_s`: the instances' figures taken under the lock, the pure
+        decision made outside it, a re-planned pool's workers told to restart under it."""
+        assert self.replanner is not None
+        while not self.finished.wait(self.replan_check_s):
+            with self.lock:
+                figures = self._figures()
+            try:
+                decisions = self.replanner.check(figures)
+            except Exception:
+                log.exception("re-planning failed; the pools keep their layout")
+                return
+            for decision in decisions:
+                with self.lock:
+                    self._relayout(decision)
+
+    def _figures(self) -> list[InstanceFigures]:
+        from hetbatch.planner.replan import InstanceFigures
+
+        return [
+            InstanceFigures(
+                v.pool, v.units, (v.last_commit_at or 0.0) - (v.first_lease_at or 0.0),
+                v.completion_tokens, v.rows, v.prompt_tokens,
+                concurrency=v.running_sum / v.running_n if v.running_n else None,
+            )
+            for v in self.metrics.values() if v.connected
+        ]
+
+    def _relayout(self, decision: Replan) -> None:
+        """New engine settings for the pool's instances (the job workers fetch on start);
+        its workers are told at their next heartbeat to finish their units and restart."""
+        changed = {k: v for k, v in decision.engine_args.items() if k in _RELAYOUT_ARGS}
+        for name, spec in self.job.get("instances", {}).items():
+            if spec.get("pool") != decision.pool:
+                continue
+            spec["engine_args"] = {**spec["engine_args"], **changed}
+            spec["weight"] = decision.expected
+            if self.metrics.get(name) is not None and self.metrics[name].connected:
+                self._restarting.add(name)
+        self._job_frame = None
+        self.replans.append({**decision.to_dict(), "at_s": round(self.clock() - self.started_at,
+                                                                   3)})
+        log.warning("re-plan: %s", decision.describe())
+
     # -- bookkeeping ----------------------------------------------------------------------------
 
     def _count(self, instance: str, rows: int, stats: m.CommitStats, now: float) -> None:
@@ -559,6 +627,8 @@ class Coordinator:
                 **dict(self.id_problems),
                 "instances": instances,
             }
+            if self.replans:
+                metrics["replans"] = list(self.replans)
         pools = self.job.get("spec", {}).get("cluster", {}).get("pools", [])
         cost = cost_summary(pools, instances, wall_s)
         if cost is not None:

@@ -93,6 +93,7 @@ class Launcher(ABC):
         self.overwrite = overwrite
         self.calibration = calibration
         self.token = secrets.token_urlsafe(24)
+        self.replanner: Any = None  # set by `_plan` when the job asks for re-planning
 
     def execute(self, dry_run: bool = False) -> int:
         """Check and resume the job, then launch it; a complete job is only reported."""
@@ -184,10 +185,16 @@ class Launcher(ABC):
         """Size the pools that do not pin their layout; the plan's estimates seed capacity."""
         if not needs_plan(self.job):
             return None
-        from hetbatch.planning import load_calibration, plan_job
+        from hetbatch.planner.search import plan_cluster
+        from hetbatch.planning import job_plan_inputs, load_calibration, replanner_for
 
         calibration = load_calibration(self.calibration) if self.calibration else None
-        return plan_job(self.job, calibration)
+        inputs = job_plan_inputs(self.job, calibration)
+        plan = plan_cluster(inputs.model, inputs.pools, inputs.workload, catalog=inputs.catalog,
+                            calibration=inputs.calibration)
+        if self.job.replan.enabled:
+            self.replanner = replanner_for(self.job, inputs, plan)
+        return plan
 
     def _job_record(self, dataset: InputDataset) -> dict[str, Any]:
         spec = self.job.to_dict()
@@ -246,6 +253,8 @@ class Launcher(ABC):
                 BudgetConfig(max_error_rate=job.max_error_rate),
                 rows_to_run=run.total_rows - run.committed_rows,
             ),
+            replanner=self.replanner,
+            replan_check_s=job.replan.check_s,
         )
         coordinator.start()
         if job.coordinator.metrics_port is not None:

@@ -20,7 +20,7 @@ from typing import IO
 from tqdm import tqdm
 
 from hetbatch.layout import InstanceSpec, device_env
-from hetbatch.worker.loop import HUNG_EXIT, LIVENESS_ENV
+from hetbatch.worker.loop import HUNG_EXIT, LIVENESS_ENV, RELAYOUT_EXIT
 from hetbatch.worker.main import STOPPED_EXIT
 
 
@@ -128,6 +128,9 @@ class WorkerSupervisor:
             how = _ending(code)
             if code == 0 or job_done():
                 w.state = WorkerState.DONE
+            elif code == RELAYOUT_EXIT:  # asked for, not a failure: the budget is untouched
+                _say(f"worker {name} finished its units; restarting in the re-planned layout")
+                self._spawn(w)
             elif w.restarts < self.max_restarts:
                 w.restarts += 1
                 _say(f"worker {name} {how}; restarting ({w.restarts}/{self.max_restarts})")

@@ -90,6 +90,16 @@ def plan_cluster(
     return _assemble(model, results, units, workload, objective, deadline_s, top_k)
 
 
+def candidates_for_pool(
+    model: ModelProfile, req: PoolRequest, acc: Accelerator, coef: Coefficients,
+    workload: Workload, objective: str = "throughput",
+) -> tuple[Candidate, ...]:
+    """Every feasible configuration of one pool under `coef`, best first (for re-planning a
+    pool mid-job with coefficients fitted to what it really does)."""
+    return _search_pool(model, _Pool(req, acc, coef, req.price_per_device_hour), workload,
+                        objective).feasible
+
+
 def _check_inputs(
     pools: Sequence[PoolRequest], workload: Workload, objective: str, deadline_s: float | None
 ) -> None:

@@ -22,14 +22,19 @@ import copy
 import heapq
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler
 from hetbatch.scheduler.pacing import PACING, Pacing
 from hetbatch.sim.workload import RowWork
 
-JOIN, REQUEST, COMMIT, HEARTBEAT, LOSE, TICK = range(6)
+if TYPE_CHECKING:
+    from hetbatch.planner.replan import Replan, Replanner
+    from hetbatch.planner.types import DeployConfig
+
+JOIN, REQUEST, COMMIT, HEARTBEAT, LOSE, TICK, REPLAN = range(7)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,22 @@ class SimConfig:
     loss: str = "leave"  # "leave": the connection drops; "timeout": only lease expiry notices
     record: bool = True
     max_time: float = 1e9
+
+
+@dataclass
+class SimReplan:
+    """Re-planning in the simulator: the `Replanner` the coordinator runs, asked every
+    `check_s` with the instances' figures (work counted as output tokens). A re-planned pool's
+    instances take no new units, give back those not started, finish the rest, are down for
+    `restart_s` (an engine start-up) and come back at `speed_of(pool, config)`: the simulated
+    truth of the new configuration, as (tokens/s, max_num_seqs)."""
+
+    replanner: Replanner
+    speed_of: Callable[[str, DeployConfig], tuple[float, int]]
+    check_s: float = 5.0
+    restart_s: float = 20.0
+    input_len: float = 0.0  # mean prompt tokens per row, for the figures
+    events: list[tuple[float, Replan]] = field(default_factory=list)
 
 
 def poll_interval(step_seconds: Iterable[float]) -> float:
@@ -150,6 +171,11 @@ class _Inst:
     n_units: int = 0
     request_token: int = 0
     next_lease_at: float = 0.0  # told to wait until then, it does not ask before
+    life: int = 0  # bumped by a restart: events of an earlier life are ignored
+    tokens: float = 0.0  # work of its accepted units
+    first_lease_at: float | None = None
+    last_commit_at: float | None = None
+    relayout: tuple[float, int] | None = None  # draining to restart at (speed, max_num_seqs)
 
 
 def fluid_lower_bound(instances: list[SimInstance], work: float) -> float:
@@ -179,6 +205,7 @@ class Simulation:
         work: RowWork,
         config: SimConfig | None = None,
         trace: list[tuple[str, tuple, object]] | None = None,
+        replan: SimReplan | None = None,
     ) -> None:
         if work.rows != scheduler.total_rows:
             raise ValueError("the workload and the scheduler disagree on the number of rows")
@@ -197,6 +224,7 @@ class Simulation:
         self.sched_s = 0.0
         self.assignments: list[Assignment] = []
         self.trace = trace  # every scheduler call (name, args, result), to replay elsewhere
+        self.replan = replan
 
     # -- the event loop -----------------------------------------------------------------------
 
@@ -221,9 +249,12 @@ class Simulation:
             if spec.lost_at is not None:
                 self._push(spec.lost_at, LOSE, k)
         self._push(self.cfg.pacing.expire_tick_s, TICK, -1)
+        if self.replan is not None:
+            self._push(self.replan.check_s, REPLAN, -1)
         handlers = {
             JOIN: self._on_join, REQUEST: self._on_request, COMMIT: self._on_commit,
             HEARTBEAT: self._on_heartbeat, LOSE: self._on_lose, TICK: self._on_tick,
+            REPLAN: self._on_replan,
         }
         while self.heap and not self.s.done:
             t, _, kind, idx, token = heapq.heappop(self.heap)
@@ -240,7 +271,7 @@ class Simulation:
         self._call(self.s.join, inst.spec.instance_id, inst.spec.planned_weight, self.now,
                    inst.spec.max_num_seqs)
         self._want_lease(k, self.now)
-        self._push(self.now + self.cfg.heartbeat_s, HEARTBEAT, k)
+        self._push(self.now + self.cfg.heartbeat_s, HEARTBEAT, k, inst.life)
 
     def _on_lose(self, k: int, _: int) -> None:
         inst = self.insts[k]
@@ -276,7 +307,7 @@ class Simulation:
 
     def _on_request(self, k: int, token: int) -> None:
         inst = self.insts[k]
-        if not inst.alive or inst.finished or token != inst.request_token:
+        if not inst.alive or inst.finished or token != inst.request_token or inst.relayout:
             return
         if len(inst.units) >= self.cfg.pacing.max_units:
             return  # asked again when a unit commits
@@ -285,6 +316,8 @@ class Simulation:
             return
         result = self._call(self.s.request, inst.spec.instance_id, self.now)
         if isinstance(result, Lease):
+            if inst.first_lease_at is None:
+                inst.first_lease_at = self.now
             unit = _Unit(result.lease_id, result.start, result.end, self.now)
             inst.units.append(unit)
             self._schedule(k, len(inst.units) - 1)
@@ -334,12 +367,15 @@ class Simulation:
         if status is CommitStatus.ACCEPTED:
             inst.rows += unit.end - unit.start
             inst.n_units += 1
+            inst.tokens += self.work.cost(unit.start, unit.end)
+            inst.last_commit_at = self.now
             if self.cfg.record:
                 self.assignments.append(
                     Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end)
                 )
         inst.next_lease_at = self.now  # as the worker: a commit ends a wait, its queue changed
-        self._want_lease(k, self.now)
+        if not self._restart_if_drained(k):
+            self._want_lease(k, self.now)
 
     # -- heartbeats ---------------------------------------------------------------------------
 
@@ -353,9 +389,9 @@ class Simulation:
         processed = int(frac * rows)
         return u.start + min(rows, processed + inst.spec.max_num_seqs), processed
 
-    def _on_heartbeat(self, k: int, _: int) -> None:
+    def _on_heartbeat(self, k: int, life: int) -> None:
         inst = self.insts[k]
-        if not inst.alive or inst.finished:
+        if not inst.alive or inst.finished or life != inst.life:
             return
         now, batch = self.now, inst.spec.max_num_seqs
         progress = {}
@@ -371,7 +407,8 @@ class Simulation:
             self._drop(k, lid)
         for rel in reply.releases:
             self._release(k, rel.lease_id, rel.cut)
-        self._push(self.now + self.cfg.heartbeat_s, HEARTBEAT, k)
+        self._push(self.now + self.cfg.heartbeat_s, HEARTBEAT, k, inst.life)
+        self._restart_if_drained(k)
 
     def _index(self, inst: _Inst, lease_id: int) -> int | None:
         return next((i for i, u in enumerate(inst.units) if u.lease_id == lease_id), None)
@@ -403,6 +440,54 @@ class Simulation:
             u.end = cut
         self._schedule(k, i)
 
+    # -- re-planning ---------------------------------------------------------------------------
+
+    def _on_replan(self, _: int, __: int) -> None:
+        from hetbatch.planner.replan import InstanceFigures
+
+        assert self.replan is not None
+        figures = [
+            InstanceFigures(
+                i.spec.pool, i.n_units, (i.last_commit_at or 0.0) - (i.first_lease_at or 0.0),
+                round(i.tokens), i.rows, round(i.rows * self.replan.input_len),
+                concurrency=i.spec.max_num_seqs,
+            )
+            for i in self.insts if i.alive and i.relayout is None
+        ]
+        for decision in self.replan.replanner.check(figures):
+            self.replan.events.append((self.now, decision))
+            target = self.replan.speed_of(decision.pool, decision.new)
+            for k, inst in enumerate(self.insts):
+                if inst.alive and inst.spec.pool == decision.pool:
+                    self._drain(k, target)
+        if any(i.alive for i in self.insts):
+            self._push(self.now + self.replan.check_s, REPLAN, -1)
+
+    def _drain(self, k: int, target: tuple[float, int]) -> None:
+        """Take no new units, give back the ones not started, restart once the rest are in."""
+        inst = self.insts[k]
+        inst.relayout = target
+        for u in [u for u in inst.units if u.t_start > self.now]:
+            self._call(self.s.release, inst.spec.instance_id, u.lease_id, u.start, self.now)
+            inst.units.remove(u)
+        self._restart_if_drained(k)
+
+    def _restart_if_drained(self, k: int) -> bool:
+        """A draining instance with no unit left leaves and comes back in its new layout."""
+        inst = self.insts[k]
+        if inst.relayout is None or inst.units or not inst.alive:
+            return False
+        assert self.replan is not None
+        speed, seqs = inst.relayout
+        self._call(self.s.leave, inst.spec.instance_id, self.now)
+        inst.alive, inst.relayout = False, None
+        self.alive_count -= 1
+        inst.life += 1
+        inst.spec = replace(inst.spec, speed=speed, max_num_seqs=seqs, step_s=None)
+        inst.step_s = seqs / speed
+        self._push(self.now + self.replan.restart_s, JOIN, k)
+        return True
+
     # -- results ------------------------------------------------------------------------------
 
     def _result(self) -> SimResult:
@@ -432,5 +517,6 @@ def simulate(
     instances: list[SimInstance],
     work: RowWork,
     config: SimConfig | None = None,
+    replan: SimReplan | None = None,
 ) -> SimResult:
-    return Simulation(scheduler, instances, work, config).run()
+    return Simulation(scheduler, instances, work, config, replan=replan).run()

@@ -41,6 +41,7 @@ log = logging.getLogger("hetbatch.worker")
 
 BYE_RETRY_S = 5.0  # how long a stopping worker tries to reach the coordinator
 HUNG_EXIT = 75  # the exit code of a worker whose engine hung: restart it
+RELAYOUT_EXIT = 76  # the exit code of a worker that drained to restart in a re-planned layout
 LIVENESS_ENV = "HETBATCH_LIVENESS_FILE"  # touched every second while the worker loop lives
 
 @dataclass
@@ -109,6 +110,7 @@ class Worker:
         self.stop = stop or threading.Event()
         self.hang_timeout_s = hang_timeout_s
         self._step_since: float | None = None  # when the engine step under way began
+        self.restart = False  # told to finish its units and restart in a re-planned layout
 
     # -- main loop ----------------------------------------------------------------------------
 
@@ -250,6 +252,19 @@ class Worker:
             self._drop(lease_id)
         for lease_id, cut in reply.get("releases", []):
             self._release(lease_id, cut)
+        if reply.get("restart") and not self.restart:
+            self._drain()
+
+    def _drain(self) -> None:
+        """The pool was re-planned: take no more units, give back those not begun, and let
+        the loop end once the rest are committed (the worker then restarts, new settings)."""
+        self.restart = True
+        self._done = True
+        unbegun = [u for u in self.units if u.next_row == 0]
+        for unit in unbegun:
+            self._release(unit.lease_id, unit.start)
+        log.info("re-planned: finishing %d unit(s), %d given back, then restarting",
+                 len(self.units), len(unbegun))
 
     def _release(self, lease_id: int, cut: int) -> None:
         """Give back the unstarted tail of a unit; never rows already in the engine."""

@@ -33,7 +33,7 @@ from hetbatch.io.parquet import InputDataset, dataset_from_dict
 from hetbatch.io.paths import OutputPaths
 from hetbatch.io.prefix_order import PrefixOrder
 from hetbatch.spec import JobSpec, parse_job
-from hetbatch.worker.loop import Worker
+from hetbatch.worker.loop import RELAYOUT_EXIT, Worker
 from hetbatch.worker.output import output_schema
 
 TOKEN_ENV = "HETBATCH_TOKEN"
@@ -42,6 +42,10 @@ STOPPED_EXIT = 128 + signal.SIGTERM  # the exit code of a worker that left on SI
 
 class Stopped(Exception):
     """The worker was told to stop (SIGTERM) and gave its leases back."""
+
+
+class Relayout(Exception):
+    """The worker's pool was re-planned: it finished its units and leaves to be restarted."""
 
 log = logging.getLogger("hetbatch.worker")
 
@@ -76,6 +80,8 @@ def run_worker(
         if ending == "stopped":
             raise Stopped()  # it said bye already
         client.call("bye", instance=instance_id)
+        if ending == "relayout":
+            raise Relayout()
     finally:
         engine.close()
         client.close()
@@ -148,7 +154,9 @@ def _work(
     try:
         hello["concurrency"] = engine.max_concurrency
         client.call("hello", **hello)
-        return "done" if worker.run() else "stopped"
+        if not worker.run():
+            return "stopped"
+        return "relayout" if worker.restart else "done"
     except CoordinatorRestarted:
         engine.abort(list(worker.in_flight))
         client.acknowledge_restart()
@@ -195,5 +203,8 @@ def main(
         log.info("the job is complete")
     except Stopped:
         sys.exit(STOPPED_EXIT)
+    except Relayout:
+        log.info("restarting in the re-planned layout")
+        sys.exit(RELAYOUT_EXIT)
     except CoordinatorUnavailable as exc:
         sys.exit(f"hetbatch worker {instance_id}: {exc}")

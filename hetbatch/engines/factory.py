@@ -9,14 +9,41 @@ from hetbatch.engines.base import Engine
 from hetbatch.engines.simulated import SimEngine
 from hetbatch.spec import JobSpec, SimEngineSpec
 
+# Where vLLM's engine core runs, measured with bench/overhead.py on the CPU (the tiny model):
+# in its own process (vLLM's default) it starts about 12 s later, since a spawned interpreter
+# imports vLLM and torch again, and generates about a quarter faster, since vLLM's front end
+# (tokenizing, detokenizing, handling outputs) then works beside the engine's steps instead of
+# between them. A job whose generation outlasts the break-even repays the slower start.
+OWN_PROCESS_EXTRA_START_S = 12.0
+OWN_PROCESS_SPEEDUP = 1.25
+BREAK_EVEN_S = OWN_PROCESS_EXTRA_START_S * OWN_PROCESS_SPEEDUP / (OWN_PROCESS_SPEEDUP - 1)
+# An instance's rate is not known before it runs: this is the tiny model's on one core, about
+# the fastest a real instance runs per request slot; slower engines reach the break-even on
+# fewer tokens, so this leans toward the engine core's own process.
+ASSUMED_TOKENS_PER_S = 10_000.0
+BREAK_EVEN_TOKENS = BREAK_EVEN_S * ASSUMED_TOKENS_PER_S
 
-def prepare_environment(job: JobSpec, accelerator: str) -> None:
-    """Settings vLLM reads at import time; set before the engine module is imported."""
+
+def engine_in_own_process(job: JobSpec, rows_per_instance: float) -> bool:
+    """vLLM's engine core in its own process (True) or in the worker's: the job's own choice,
+    else by the output tokens an instance will generate against the break-even."""
+    if job.engine.multiprocessing is not None:
+        return job.engine.multiprocessing
+    tokens = rows_per_instance * job.samples_per_row * int(job.sampling.get("max_tokens", 16))
+    return job.task == "generate" and tokens >= BREAK_EVEN_TOKENS
+
+
+def prepare_environment(
+    job: JobSpec, accelerator: str, own_process: bool | None = None
+) -> None:
+    """Settings vLLM reads at import time; set before the engine module is imported.
+    `own_process`: where the launcher chose to run the engine core (None: the accelerator's
+    default, in-process on a CPU)."""
     if job.engine.kind != "vllm":
         return
     multiprocessing = job.engine.multiprocessing
     if multiprocessing is None:
-        multiprocessing = accelerator.lower() != "cpu"
+        multiprocessing = own_process if own_process is not None else accelerator.lower() != "cpu"
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if multiprocessing else "0")
     if os.path.isdir(job.model.path):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -243,7 +243,12 @@ class Launcher(ABC):
             print(line)
 
     def worker_job(self, run: PreparedRun) -> dict[str, Any]:
-        """What a worker receives on joining: the job, the input's metadata, the instances."""
+        """What a worker receives on joining: the job, the input's metadata, the instances
+        (each with where its engine core runs, chosen from its share of the rows left)."""
+        from hetbatch.engines.factory import engine_in_own_process
+
+        rows_left = run.total_rows - run.committed_rows
+        weights = sum(i.weight for i in run.instances) or 1.0
         return {
             "spec": run.job.to_dict(),
             "dataset": dataset_to_dict(run.dataset),
@@ -255,6 +260,9 @@ class Launcher(ABC):
                     "devices": list(i.devices),
                     "weight": i.weight,
                     "engine_args": i.engine_args,
+                    "own_process": engine_in_own_process(
+                        run.job, rows_left * i.weight / weights
+                    ),
                 }
                 for i in run.instances
             },

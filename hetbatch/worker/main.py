@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -61,12 +62,18 @@ def run_worker(
     if locate is not None:
         client.retry_s = max(client.retry_s, job.slurm.reconnect_s)
     dataset = dataset_from_dict(job_data["dataset"])
-    prepare_environment(job, instance["accelerator"])
+    prepare_environment(job, instance["accelerator"], instance.get("own_process"))
+    cpus = os.sched_getaffinity(0)  # before an in-process engine pins this thread
+    started = time.monotonic()
     engine = _start_engine(job, instance)
+    if job.engine.kind == "vllm":
+        where = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1"
+        log.info("engine ready in %.1f s (engine core in %s process)",
+                 time.monotonic() - started, "its own" if where else "this")
     stop = _stop_on_sigterm()
     try:
         # Join only once the engine is up, so that no lease waits on a loading model.
-        while (ending := _work(client, hello, job, dataset, engine, stop)) == "restarted":
+        while (ending := _work(client, hello, job, dataset, engine, stop, cpus)) == "restarted":
             log.warning("coordinator restarted: in-flight units dropped, joining the new one")
         if ending == "stopped":
             raise Stopped()  # it said bye already
@@ -123,6 +130,7 @@ def _work(
     dataset: InputDataset,
     engine: Engine,
     stop: threading.Event,
+    helper_cpus: set[int] | None = None,
 ) -> str:
     """Work until the job is "done", or the worker is "stopped", or the coordinator
     "restarted" (its leases are then void)."""
@@ -137,6 +145,7 @@ def _work(
         heartbeat_s=job.scheduler.heartbeat_s,
         stop=stop,
         hang_timeout_s=job.engine.hang_timeout_s,
+        helper_cpus=helper_cpus,
     )
     try:
         hello["concurrency"] = engine.max_concurrency

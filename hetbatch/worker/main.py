@@ -29,7 +29,7 @@ from hetbatch.coordinator.protocol import (
     file_locator,
 )
 from hetbatch.engines.base import Engine
-from hetbatch.engines.factory import build_engine, prepare_environment
+from hetbatch.engines.factory import build_engine, preload_engine, prepare_environment
 from hetbatch.io.parquet import InputDataset, dataset_from_dict
 from hetbatch.io.paths import OutputPaths
 from hetbatch.spec import JobSpec, parse_job
@@ -54,6 +54,7 @@ def run_worker(
     locate: Locator | None = None,
     wait_s: float = 30.0,
 ) -> None:
+    preload_engine()  # overlaps the wait for the coordinator
     client = Client(host, port, token, retry_s=wait_s, locate=locate)
     job_data = client.call("job")["job"]
     instance = job_data["instances"][instance_id]

@@ -81,8 +81,9 @@ if __name__ == "__main__":
     outs = llm.generate(prompts, SamplingParams(**job.sampling), use_tqdm=False)
     done = time.time()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    print(json.dumps({"rows": len(outs), "tokens": tokens, "ready": ready, "done": done}),
-          flush=True)
+    # vLLM logs to stdout too: the result is the line marked as such.
+    print("RESULT", json.dumps({"rows": len(outs), "tokens": tokens, "ready": ready,
+                                "done": done}), flush=True)
 '''
 
 
@@ -124,7 +125,8 @@ def run_bare(job: Path, rows: int, envs: list[dict[str, str]]) -> dict:
     wall = time.time() - t0
     if any(p.returncode for p in procs):
         raise RuntimeError(f"bare vLLM failed: exit codes {[p.returncode for p in procs]}")
-    results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    results = [json.loads(next(line.removeprefix("RESULT ") for line in o.splitlines()
+                               if line.startswith("RESULT "))) for o in outs]
     return {
         "rows": sum(r["rows"] for r in results),
         "tokens": sum(r["tokens"] for r in results),

@@ -11,18 +11,20 @@ from hetbatch.engines.base import Engine
 from hetbatch.engines.simulated import SimEngine
 from hetbatch.spec import JobSpec, SimEngineSpec
 
-# Where vLLM's engine core runs, measured with bench/overhead.py on the CPU (the tiny model):
-# in its own process (vLLM's default) it starts about 12 s later, since a spawned interpreter
-# imports vLLM and torch again, and generates about a quarter faster, since vLLM's front end
-# (tokenizing, detokenizing, handling outputs) then works beside the engine's steps instead of
-# between them. A job whose generation outlasts the break-even repays the slower start.
-OWN_PROCESS_EXTRA_START_S = 12.0
-OWN_PROCESS_SPEEDUP = 1.25
+# Where vLLM's engine core runs, measured with bench/overhead.py on the CPU (the tiny model,
+# one instance on a 2-core machine): in its own process (vLLM's default) it starts about 13 s
+# later, since a spawned interpreter imports vLLM and torch again, and generates about 1.35
+# times as fast, since vLLM's front end (tokenizing, detokenizing, handling outputs) then works
+# on another core beside the engine's steps instead of between them. A job whose in-process
+# generation outlasts the break-even repays the slower start.
+OWN_PROCESS_EXTRA_START_S = 13.0
+OWN_PROCESS_SPEEDUP = 1.35
 BREAK_EVEN_S = OWN_PROCESS_EXTRA_START_S * OWN_PROCESS_SPEEDUP / (OWN_PROCESS_SPEEDUP - 1)
-# An instance's rate is not known before it runs: this is the tiny model's on one core, about
-# the fastest a real instance runs per request slot; slower engines reach the break-even on
-# fewer tokens, so this leans toward the engine core's own process.
-ASSUMED_TOKENS_PER_S = 10_000.0
+# An instance's rate is not known before it runs: this is about the tiny model's in-process
+# rate on one core of the machine measured. A faster engine errs toward its own process, and
+# loses at most the 13 s start-up; a slower one errs toward the worker's, and loses up to a
+# quarter of a generation shorter than BREAK_EVEN_TOKENS at its rate.
+ASSUMED_TOKENS_PER_S = 5_000.0
 BREAK_EVEN_TOKENS = BREAK_EVEN_S * ASSUMED_TOKENS_PER_S
 
 

@@ -94,7 +94,9 @@ def build_engine(job: JobSpec, instance: dict[str, Any]) -> Engine:
         )
     from hetbatch.engines.vllm_engine import VllmEngine
 
-    return VllmEngine(job.model.path, vllm_args(job, instance), name=instance["id"], task=job.task)
+    # The engine's figures are only served as Prometheus metrics: kept only when served.
+    return VllmEngine(job.model.path, vllm_args(job, instance), name=instance["id"], task=job.task,
+                      report_load=job.coordinator.metrics_port is not None)
 
 
 def vllm_args(job: JobSpec, instance: dict[str, Any]) -> dict[str, Any]:

@@ -80,18 +80,24 @@ class VllmEngine:
         engine_args: dict[str, Any],
         name: str = "vllm",
         task: str = "generate",
+        report_load: bool = True,
     ) -> None:
         """`task` other than "generate" (embed, classify) runs the model with vLLM's pooling
-        runner, converting a generative checkpoint when it is one."""
+        runner, converting a generative checkpoint when it is one. Without `report_load` the
+        engine keeps no statistics (as `LLM` does): vLLM's own loggers, one of them Prometheus
+        histograms fed every step, then cost its thread nothing, and `load()` stays None."""
         from vllm import EngineArgs, LLMEngine
 
         self.name = name
         self.task = task
         if task != "generate":
             engine_args = {"runner": "pooling", "convert": task, **engine_args}
+        if not report_load:
+            engine_args = {"disable_log_stats": True, **engine_args}
         self._load: EngineLoad | None = None
         self._engine: LLMEngine | None = LLMEngine.from_engine_args(
-            EngineArgs(model=model, **engine_args), stat_loggers=[self._load_logger()]
+            EngineArgs(model=model, **engine_args),
+            stat_loggers=[self._load_logger()] if report_load else None,
         )
         self._tokenizer = self._engine.get_tokenizer()
         self._max_model_len: int = self._engine.model_config.max_model_len

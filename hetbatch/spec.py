@@ -335,7 +335,9 @@ class EngineSpec(_Strict):
     kind: Literal["vllm", "sim"] = "vllm"
     sim: SimEngineSpec = Field(default_factory=SimEngineSpec)
     multiprocessing: bool | None = Field(
-        default=None, description="vLLM engine core in its own process; default: off on cpu"
+        default=None,
+        description="vLLM engine core in its own process; default: chosen per job, in its own "
+        "process when an instance's share of the output tokens repays the slower start",
     )
     hang_timeout_s: float = Field(
         default=300.0,

@@ -285,7 +285,17 @@ class Launcher(ABC):
             print(line)
 
     def worker_job(self, run: PreparedRun) -> dict[str, Any]:
-        """What a worker receives on joining: the job, the input's metadata, the instances."""
+        """What a worker receives on joining: the job, the input's metadata, the instances
+        (each with where its engine core runs, chosen from its share of the rows left and
+        whether its node keeps a core free of engines; CPU nodes are taken to be like this one)."""
+        from hetbatch.engines.factory import engine_in_own_process
+
+        rows_left = run.total_rows - run.committed_rows
+        weights = sum(i.weight for i in run.instances) or 1.0
+        cores = len(os.sched_getaffinity(0))
+        engine_cores: dict[tuple[str, int], set[int]] = {}
+        for i in run.instances:
+            engine_cores.setdefault((i.pool, i.node), set()).update(i.devices)
         return {
             "spec": run.job.to_dict(),
             "dataset": dataset_to_dict(run.dataset),
@@ -298,6 +308,10 @@ class Launcher(ABC):
                     "devices": list(i.devices),
                     "weight": i.weight,
                     "engine_args": i.engine_args,
+                    "own_process": engine_in_own_process(
+                        run.job, rows_left * i.weight / weights,
+                        spare_core=not i.is_cpu or len(engine_cores[(i.pool, i.node)]) < cores,
+                    ),
                 }
                 for i in run.instances
             },

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hetbatch.coordinator.server import Coordinator
+from hetbatch.engines.factory import preload_env
 from hetbatch.engines.vllm_engine import vllm_version
 from hetbatch.launch.base import Launcher, PreparedRun, log_dir
 from hetbatch.launch.span import free_port, span_processes
@@ -38,7 +39,7 @@ class LocalLauncher(Launcher):
         workers = WorkerSupervisor(
             run.instances,
             ["--coordinator", f"{host}:{port}"],
-            {**os.environ, TOKEN_ENV: self.token},
+            {**preload_env(self.job), **os.environ, TOKEN_ENV: self.token},
             self.job.launch.max_worker_restarts,
             logs,
             unresponsive_s=self.job.engine.hang_timeout_s,

@@ -44,6 +44,13 @@ HUNG_EXIT = 75  # the exit code of a worker whose engine hung: restart it
 RELAYOUT_EXIT = 76  # the exit code of a worker that drained to restart in a re-planned layout
 LIVENESS_ENV = "HETBATCH_LIVENESS_FILE"  # touched every second while the worker loop lives
 
+
+def _run_on(cpus: set[int]) -> None:
+    """Let the calling thread run on `cpus` (Linux sets affinity per thread)."""
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, cpus)
+
+
 @dataclass
 class Unit:
     """One leased row range as the worker sees it."""
@@ -84,7 +91,9 @@ class Worker:
         stop: threading.Event | None = None,
         hang_timeout_s: float = 300.0,
         prefix_order: PrefixOrder | None = None,
+        helper_cpus: set[int] | None = None,
     ) -> None:
+        """`helper_cpus`: the cores the worker's own threads may run on (None: as they are)."""
         self.client = client
         self.instance_id = instance_id
         self.job = job
@@ -100,8 +109,17 @@ class Worker:
         self.units: list[Unit] = []
         self.in_flight: dict[str, tuple[Unit, int]] = {}
         self.window = PACING.window(engine.max_concurrency)
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="read")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        # The worker's own threads run on every core the process was given, not only on the
+        # engine's: an in-process CPU engine pins the thread that built it (and so any thread
+        # it starts) to its cores.
+        free = {"initializer": _run_on, "initargs": (helper_cpus,)} if helper_cpus else {}
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="read", **free)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="write", **free)
+        # Lease and heartbeat requests wait on the coordinator (and on a commit holding the
+        # connection): they go out from their own thread, never from the engine's.
+        self._calls = ThreadPoolExecutor(1, thread_name_prefix="coordinator", **free)
+        self._lease_call: Future | None = None
+        self._heartbeat_call: Future | None = None
         self._writes: list[Future] = []
         self._done = False
         self._next_lease_at = 0.0
@@ -143,6 +161,7 @@ class Worker:
         finally:
             ended.set()
             self._reader.shutdown(wait=False, cancel_futures=True)
+            self._calls.shutdown(wait=False, cancel_futures=True)
             self._writer.shutdown(wait=True)
 
     def _watch(self, ended: threading.Event) -> None:
@@ -199,12 +218,22 @@ class Worker:
         )
 
     def _maybe_lease(self) -> None:
+        """Ask for a unit when the queue runs low; take the answer on a later turn."""
+        call = self._lease_call
+        if call is not None:
+            if call.done():
+                self._lease_call = None
+                self._take_lease(call.result())
+            return
         now = time.monotonic()
         if self._done or len(self.units) >= PACING.max_units or now < self._next_lease_at:
             return
         if self.units and self._unsubmitted() > self.window:
             return  # enough queued: ask later, so that the deal reflects the latest rates
-        reply = self.client.call("lease", instance=self.instance_id)
+        self._lease_call = self._calls.submit(self.client.call, "lease", instance=self.instance_id)
+
+    def _take_lease(self, reply: dict[str, Any]) -> None:
+        now = time.monotonic()
         if "lease" in reply:
             lease = reply["lease"]
             unit = Unit(lease["id"], lease["start"], lease["end"])
@@ -238,6 +267,13 @@ class Worker:
         return table, prompts, input_rows
 
     def _maybe_heartbeat(self) -> None:
+        """Send progress every `heartbeat_s`; act on the answer on a later turn."""
+        call = self._heartbeat_call
+        if call is not None:
+            if call.done():
+                self._heartbeat_call = None
+                self._take_heartbeat_reply(call.result())
+            return
         now = time.monotonic()
         if now < self._next_heartbeat_at:
             return
@@ -245,9 +281,12 @@ class Worker:
         progress = {str(u.lease_id): [u.submitted, len(u.results)] for u in self.units}
         load = self.engine.load()
         engine = None if load is None else [load.running, load.waiting, load.kv_cache_usage]
-        reply = self.client.call(
-            "heartbeat", instance=self.instance_id, progress=progress, engine=engine
+        self._heartbeat_call = self._calls.submit(
+            self.client.call, "heartbeat", instance=self.instance_id, progress=progress,
+            engine=engine,
         )
+
+    def _take_heartbeat_reply(self, reply: dict[str, Any]) -> None:
         for lease_id in reply.get("revoked", []):
             self._drop(lease_id)
         for lease_id, cut in reply.get("releases", []):

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -28,7 +29,7 @@ from hetbatch.coordinator.protocol import (
     file_locator,
 )
 from hetbatch.engines.base import Engine
-from hetbatch.engines.factory import build_engine, prepare_environment
+from hetbatch.engines.factory import build_engine, preload_engine, prepare_environment
 from hetbatch.io.parquet import InputDataset, dataset_from_dict
 from hetbatch.io.paths import OutputPaths
 from hetbatch.io.prefix_order import PrefixOrder
@@ -58,6 +59,7 @@ def run_worker(
     locate: Locator | None = None,
     wait_s: float = 30.0,
 ) -> None:
+    preload_engine()  # overlaps the wait for the coordinator
     client = Client(host, port, token, retry_s=wait_s, locate=locate)
     job_data = client.call("job")["job"]
     instance = job_data["instances"][instance_id]
@@ -68,13 +70,19 @@ def run_worker(
     dataset = dataset_from_dict(job_data["dataset"])
     window = job_data.get("prefix_window_rows")
     prefix_order = None if window is None else PrefixOrder(window, dataset.num_rows)
-    prepare_environment(job, instance["accelerator"])
+    prepare_environment(job, instance["accelerator"], instance.get("own_process"))
+    cpus = os.sched_getaffinity(0)  # before an in-process engine pins this thread
+    started = time.monotonic()
     engine = _start_engine(job, instance)
+    if job.engine.kind == "vllm":
+        where = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1"
+        log.info("engine ready in %.1f s (engine core in %s process)",
+                 time.monotonic() - started, "its own" if where else "this")
     stop = _stop_on_sigterm()
     try:
         # Join only once the engine is up, so that no lease waits on a loading model.
         while (ending := _work(
-            client, hello, job, dataset, engine, stop, prefix_order
+            client, hello, job, dataset, engine, stop, prefix_order, cpus
         )) == "restarted":
             log.warning("coordinator restarted: in-flight units dropped, joining the new one")
         if ending == "stopped":
@@ -135,6 +143,7 @@ def _work(
     engine: Engine,
     stop: threading.Event,
     prefix_order: PrefixOrder | None = None,
+    helper_cpus: set[int] | None = None,
 ) -> str:
     """Work until the job is "done", or the worker is "stopped", or the coordinator
     "restarted" (its leases are then void)."""
@@ -150,6 +159,7 @@ def _work(
         stop=stop,
         hang_timeout_s=job.engine.hang_timeout_s,
         prefix_order=prefix_order,
+        helper_cpus=helper_cpus,
     )
     try:
         hello["concurrency"] = engine.max_concurrency

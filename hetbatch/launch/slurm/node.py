@@ -21,6 +21,7 @@ from dataclasses import replace
 from types import FrameType
 
 from hetbatch.coordinator.ledger import OutputStore
+from hetbatch.engines.factory import preload_env
 from hetbatch.errors import UserError
 from hetbatch.io.paths import OutputPaths
 from hetbatch.launch.base import read_layout
@@ -99,7 +100,8 @@ class NodeRunner:
                 "--wait-s",
                 str(job.slurm.reconnect_s),
             ],
-            slurm_env(),  # without LD_PRELOAD: the engine sets its own; an inherited one may fail
+            # without LD_PRELOAD: the engine sets its own; an inherited one may fail
+            {**preload_env(job), **slurm_env()},
             job.launch.max_worker_restarts,
             unresponsive_s=job.engine.hang_timeout_s,
         )

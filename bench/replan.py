@@ -139,6 +139,7 @@ def vllm_command(rows: int, model: str, keep: str | None) -> None:
     """Real vLLM on the CPU: a pool planned at max_num_seqs 8, re-planning off and on."""
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="hetbatch-replan-"))
     root.mkdir(parents=True, exist_ok=True)
+    from tests.replan_vllm import rate_per_instance as _rate
     from tests.replan_vllm import write_replan_job
 
     results = {}
@@ -171,15 +172,6 @@ def vllm_command(rows: int, model: str, keep: str | None) -> None:
         if mode == "on":
             print(f"  warnings: {sum('re-plan' in x for x in stderr.splitlines())} re-plan line(s)")
 
-
-def _rate(records: list[dict]) -> float:
-    """Output tokens/s per instance over each instance's span of these units, averaged."""
-    rates = []
-    for name in {r["instance"] for r in records}:
-        mine = [r for r in records if r["instance"] == name]
-        span = max(r["at"] for r in mine) - min(r["leased_at"] for r in mine)
-        rates.append(sum(r["completion_tokens"] for r in mine) / max(span, 1e-6))
-    return sum(rates) / len(rates) if rates else 0.0
 
 
 def _window_rate(records: list[dict]) -> float:

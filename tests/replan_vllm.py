@@ -51,3 +51,14 @@ def write_replan_job(
         "cluster": {"pools": [{"name": "cpu", "accelerator": "cpu", "devices_per_node": 2}]},
     }
     return write_job(root / "job.yaml", job)
+
+
+def rate_per_instance(records: list[dict]) -> float:
+    """Output tokens/s per instance over each instance's span of these ledger records,
+    averaged over instances (0 for none)."""
+    rates = []
+    for name in {r["instance"] for r in records}:
+        mine = [r for r in records if r["instance"] == name]
+        span = max(r["at"] for r in mine) - min(r["leased_at"] for r in mine)
+        rates.append(sum(r["completion_tokens"] for r in mine) / max(span, 1e-6))
+    return sum(rates) / len(rates) if rates else 0.0

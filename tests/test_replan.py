@@ -39,7 +39,7 @@ from tests.jobutil import (
     wait_for,
     write_job,
 )
-from tests.replan_vllm import STALE_CPU, write_replan_job
+from tests.replan_vllm import STALE_CPU, rate_per_instance, write_replan_job
 
 # L40S coefficients from somewhere else: twice its bandwidth and no cost per engine step. The
 # plan they make runs max_num_seqs 128 at about half the speed it promises.
@@ -203,21 +203,12 @@ def test_vllm_pool_planned_at_8_seqs_is_restarted_with_more_each_row_once(
     before = [r for r in ledger(out) if r["at"] <= at]
     after = [r for r in ledger(out) if r["leased_at"] > at]
     assert before and after
-    assert _rate(after) > 1.5 * _rate(before)
+    assert rate_per_instance(after) > 1.5 * rate_per_instance(before)
     for name in ("cpu-0-0", "cpu-0-1"):
         log = (out / "_hetbatch" / "logs" / f"{name}.log").read_text()
         assert log.count(f"started {name} on devices") == 2
         assert "re-planned: finishing " in log
 
-
-def _rate(records: list[dict]) -> float:
-    """Output tokens/s per instance over the records' span, averaged over instances."""
-    rates = []
-    for name in {r["instance"] for r in records}:
-        mine = [r for r in records if r["instance"] == name]
-        span = max(r["at"] for r in mine) - min(r["leased_at"] for r in mine)
-        rates.append(sum(r["completion_tokens"] for r in mine) / max(span, 1e-6))
-    return sum(rates) / len(rates)
 
 
 @pytest.mark.vllm

@@ -189,14 +189,20 @@ def _living(pid: int) -> str | None:
 def leftover_processes() -> Iterator[Callable[[float], list[str]]]:
     """Make this process the subreaper of all it starts (Linux), so that a process a run leaves
     behind comes back here instead of to init. Yields `left(wait_s)`: the names of the processes
-    still alive here after waiting up to `wait_s` for them to go. They are killed on exit."""
+    that came to be children here inside the block and are still alive after waiting up to
+    `wait_s` for them to go (children from before, such as a session's servers, do not count).
+    They are killed on exit."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    before = set(_children())
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+    def new_children() -> list[int]:
+        return [pid for pid in _children() if pid not in before]
 
     def left(wait_s: float) -> list[str]:
         deadline = time.monotonic() + wait_s
         while True:
-            names = [n for n in map(_living, _children()) if n is not None]
+            names = [n for n in map(_living, new_children()) if n is not None]
             if not names or time.monotonic() > deadline:
                 return names
             time.sleep(0.2)
@@ -205,7 +211,7 @@ def leftover_processes() -> Iterator[Callable[[float], list[str]]]:
         yield left
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
-        for pid in _children():
+        for pid in new_children():
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):

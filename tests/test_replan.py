@@ -210,7 +210,6 @@ def test_vllm_pool_planned_at_8_seqs_is_restarted_with_more_each_row_once(
         assert "re-planned: finishing " in log
 
 
-
 @pytest.mark.vllm
 def test_vllm_replanned_run_interrupted_resumes_each_row_once(
     tmp_path: Path, tiny_model: Path

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,10 +136,7 @@ def shares_long_prefixes(keys: Sequence[Sequence[str]]) -> bool:
     total = sum(len(k) for k in keys)
     if not total:
         return False
-    counts: dict[str, int] = {}
-    for chunk in leads:
-        for lead in chunk:
-            counts[lead] = counts.get(lead, 0) + 1
+    counts = Counter(lead for chunk in leads for lead in chunk)
     shared = sum(n for n in counts.values() if n > 1) / total
     pairs = sum(max(len(chunk) - 1, 0) for chunk in keys)
     together = sum(

@@ -18,6 +18,7 @@ import click
 import numpy as np
 
 from hetbatch.planner import PoolRequest, Workload, load_model_profile, plan_cluster
+from hetbatch.scheduler.bounds import RowBounds
 from hetbatch.scheduler.core import SchedulerConfig
 from hetbatch.scheduler.policies import POLICIES, make_scheduler
 from hetbatch.sim import LengthDist, RowWork, SimConfig, SimInstance, SimResult, simulate
@@ -34,6 +35,7 @@ class Scenario:
     instances: list[SimInstance]
     work: RowWork
     sim: SimConfig = field(default_factory=SimConfig)
+    bounds: RowBounds | None = None  # per-row work known up front (max_tokens per row)
 
 
 def planned_pools() -> dict[str, tuple[float, int]]:
@@ -83,6 +85,7 @@ def scenarios(seed: int, hours: float) -> list[Scenario]:
     half = _fluid(four, work_four) / 2
     heavy = replace(OUTPUT, tail_frac=0.005, tail_mult=20, maximum=None)
     tail = RowWork.sample(work_two.rows, rng, INPUT, heavy)
+    known, bounds = known_max_tokens(work_two.rows, rng, heavy)
     return [
         Scenario("a: 2 nodes, 3:1", two, work_two),
         Scenario("b: 4 types, 8 nodes", four, work_four),
@@ -90,7 +93,21 @@ def scenarios(seed: int, hours: float) -> list[Scenario]:
         Scenario("d: (b), 1/4 lost, 1 late", with_losses(four, half, half / 2), work_four,
                  SimConfig(loss="timeout")),
         Scenario("e: heavy-tailed outputs", two, tail),
+        Scenario("e2: (e), max_tokens per row", two, known, bounds=bounds),
     ]
+
+
+def known_max_tokens(
+    rows: int, rng: np.random.Generator, heavy: LengthDist
+) -> tuple[RowWork, RowBounds]:
+    """(e)'s rows with a per-row max_tokens the job knows: 8,192 for the long requests (one in
+    200, 5,120 tokens), 2,048 for the others, whose outputs it caps (about 1 in 4,000)."""
+    inputs = INPUT.sample(rng, rows)
+    body = replace(heavy, tail_frac=0.0).sample(rng, rows)
+    long = rng.random(rows) < heavy.tail_frac
+    max_tokens = np.where(long, 8192, 2048)
+    outputs = np.minimum(np.where(long, int(heavy.median * heavy.tail_mult), body), max_tokens)
+    return RowWork(inputs, outputs), RowBounds.from_rows(max_tokens)
 
 
 def _fluid(insts: list[SimInstance], work: RowWork) -> float:
@@ -98,7 +115,7 @@ def _fluid(insts: list[SimInstance], work: RowWork) -> float:
 
 
 def run_policy(policy: str, sc: Scenario) -> SimResult:
-    sched = make_scheduler(policy, sc.work.rows, SchedulerConfig())
+    sched = make_scheduler(policy, sc.work.rows, SchedulerConfig(), bounds=sc.bounds)
     return simulate(sched, sc.instances, sc.work, sc.sim)
 
 

@@ -24,6 +24,7 @@ from hetbatch.scheduler.pacing import PACING
 from hetbatch.scheduler.ranges import RangeSet
 
 if TYPE_CHECKING:
+    from hetbatch.scheduler.bounds import RowBounds
     from hetbatch.spec import SchedulerSpec
 
 # Instances the end game and stealing look at: the soonest and the latest to finish.
@@ -50,6 +51,10 @@ class SchedulerConfig:
     retry_s: float = PACING.wait_s
     waiting_asks_per_s: float = 400.0
     max_retry_s: float = 30.0
+    # With per-row bounds known, heavy rows go first once the light rows left would run for
+    # less than this many heavy-row latencies (a heavy row's latency is taken as the slowest
+    # mean engine latency, times its bound over the mean bound, times tail_latency_factor).
+    heavy_lead: float = 2.0
 
     @classmethod
     def from_spec(cls, spec: SchedulerSpec) -> SchedulerConfig:
@@ -144,8 +149,11 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         committed: Sequence[tuple[int, int]] = (),
         boundaries: Sequence[int] = (),
+        bounds: RowBounds | None = None,
     ) -> None:
         self.config = config or SchedulerConfig()
+        self.bounds = bounds if bounds is not None and bounds.any_heavy else None
+        self._heavy_first: RangeSet | None = None  # set once the end game deals heavy rows first
         self.total_rows = total_rows
         self.committed = RangeSet(committed)
         self.pending = RangeSet([(0, total_rows)])
@@ -171,6 +179,8 @@ class Scheduler:
         self._ranked: list[str] = []  # alive instances by finish time, refreshed now and then
         self._ranked_at = -math.inf
         self._waiting: set[str] = set()  # alive instances whose last request got nothing
+        self._heavy_checked_at = -math.inf
+        self._heavy_latency: tuple[float, float] | None = None  # fastest, slowest alive
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -248,7 +258,10 @@ class Scheduler:
         if not self.pending:
             self._plan_steal(instance_id, now)
             return self._nothing_free(state)
-        start, end = self._cut_unit(self.unit_size(instance_id))
+        free = self._next_free(self.bounds is None or self._takes_heavy(state, now))
+        if free is None:
+            return self._nothing_free(state)
+        start, end = self._cut_unit(self.unit_size(instance_id), free)
         return self._issue(instance_id, start, end, now)
 
     def unit_size(self, instance_id: str) -> int:
@@ -258,12 +271,14 @@ class Scheduler:
         size = math.ceil(self.pending.total * share / cfg.factor)
         return max(cfg.min_unit_rows, min(cfg.max_unit_rows, size))
 
-    def _cut_unit(self, size: int) -> tuple[int, int]:
-        start, end = self.pending.first()
+    def _cut_unit(self, size: int, free: tuple[int, int] | None = None) -> tuple[int, int]:
+        start, end = free or self.pending.first()
         cut = self._align(start + size, start, end)
         if end - cut < self.config.min_unit_rows:
             cut = end
         self.pending.remove(start, cut)
+        if self._heavy_first is not None:
+            self._heavy_first.remove(start, cut)
         return start, cut
 
     def _align(self, cut: int, start: int, end: int) -> int:
@@ -289,6 +304,55 @@ class Scheduler:
         if state.last_commit_at is None:
             state.last_commit_at = now
         return lease
+
+    # -- longest first ------------------------------------------------------------------------
+
+    def _next_free(self, heavy_ok: bool = True) -> tuple[int, int] | None:
+        """The pending range to cut the next unit from: once the end game deals heavy rows
+        first, heavy rows to an instance that may take them, other rows to the rest."""
+        heavy = self._heavy_first
+        if heavy is None:
+            return self.pending.first()
+        while heavy_ok and heavy:
+            a, b = heavy.first()
+            found = self.pending.first_within(a, b)
+            if found is not None:
+                return found
+            heavy.remove(a, b)
+        for a, b in self.pending:
+            found = heavy.first_gap(a, b)
+            if found is not None:
+                return found
+        return None
+
+    def _takes_heavy(self, state: InstanceState, now: float) -> bool:
+        """Whether a heavy row may go to this instance: it would finish it before the job's
+        expected end, or no instance would finish it sooner. Starts the end game's heavy-first
+        dealing when the light rows left would no longer outlast a heavy row."""
+        cfg, bounds = self.config, self.bounds
+        if now - self._heavy_checked_at >= cfg.rank_interval_s:
+            self._heavy_checked_at = now
+            latencies = [
+                s.concurrency / self.rate(i)
+                for i, s in self.instances.items()
+                if s.alive and s.concurrency is not None
+            ]
+            self._heavy_latency = (min(latencies), max(latencies)) if latencies else None
+        if self._heavy_latency is None:
+            return True
+        per_latency = bounds.max_bound / bounds.mean_bound * cfg.tail_latency_factor
+        if self._heavy_first is None:
+            light_s = bounds.light_rows(self.pending) / self._total_rate()
+            if light_s > cfg.heavy_lead * per_latency * self._heavy_latency[1]:
+                return True
+            self._heavy_first = bounds.heavy_ranges(self.pending)
+        if state.concurrency is None:
+            return True
+        mine = state.concurrency / self.rate(state.instance_id)
+        if mine <= self._heavy_latency[0]:
+            return True
+        job_left = (self.pending.total + self._leased_unfinished) / self._total_rate()
+        return state.queued / self.rate(state.instance_id) + per_latency * mine <= job_left
 
     # -- stealing -----------------------------------------------------------------------------
 

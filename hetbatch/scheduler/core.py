@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.scheduler.ranges import RangeSet
+from hetbatch.scheduler.routing import UNLIMITED, LongRows
 
 if TYPE_CHECKING:
     from hetbatch.scheduler.bounds import RowBounds
@@ -51,10 +52,11 @@ class SchedulerConfig:
     retry_s: float = PACING.wait_s
     waiting_asks_per_s: float = 400.0
     max_retry_s: float = 30.0
-    # With per-row bounds known, heavy rows go first once the light rows left would run for
-    # less than this many heavy-row latencies (a heavy row's latency is taken as the slowest
-    # mean engine latency, times its bound over the mean bound, times tail_latency_factor).
-    heavy_lead: float = 2.0
+    # With per-row bounds known, an instance takes rows of heavy blocks only while it would
+    # finish one this many times its estimated latency before the job's expected end (a heavy
+    # row's latency: the mean engine latency times the largest bound over the mean bound, times
+    # tail_latency_factor).
+    heavy_lead: float = 1.0
 
     @classmethod
     def from_spec(cls, spec: SchedulerSpec) -> SchedulerConfig:
@@ -79,6 +81,8 @@ class Lease:
     submitted: int = -1
     done: int = 0
     release_to: int | None = None
+    above: int = 0  # a span of long rows: only its rows needing more context than this
+    final: bool = False  # long rows no live instance holds: written as row errors
 
     def __post_init__(self) -> None:
         if self.submitted < 0:
@@ -106,6 +110,7 @@ class InstanceState:
     window_s: float = 0.0
     queued: int = 0  # unfinished rows of its leases
     last_heard_at: float = -math.inf  # its last request or heartbeat
+    context: int = UNLIMITED  # tokens its engine holds (max_model_len)
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,7 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.bounds = bounds if bounds is not None and bounds.any_heavy else None
         self._heavy_first: RangeSet | None = None  # set once the end game deals heavy rows first
+        self.long_rows = LongRows()  # spans of rows handed back for want of context
         self.total_rows = total_rows
         self.committed = RangeSet(committed)
         self.pending = RangeSet([(0, total_rows)])
@@ -180,20 +186,28 @@ class Scheduler:
         self._ranked_at = -math.inf
         self._waiting: set[str] = set()  # alive instances whose last request got nothing
         self._heavy_checked_at = -math.inf
-        self._heavy_latency: tuple[float, float] | None = None  # fastest, slowest alive
+        self._heavy_runs = RangeSet()  # runs of heavy blocks long enough to deal first
+        self._fastest_latency = 0.0  # mean engine latency of the fastest alive instance
 
     # -- membership ---------------------------------------------------------------------------
 
     def join(
-        self, instance_id: str, planned_weight: float, now: float, concurrency: int | None = None
+        self,
+        instance_id: str,
+        planned_weight: float,
+        now: float,
+        concurrency: int | None = None,
+        context: int | None = None,
     ) -> None:
-        """Register an instance (or re-register one that reconnects)."""
+        """Register an instance (or re-register one that reconnects); `context` is the tokens
+        (prompt plus output) its engine holds."""
         state = self.instances.get(instance_id)
         if state is None:
             state = InstanceState(instance_id, max(planned_weight, 1e-9), alive=False)
             self.instances[instance_id] = state
         self._set_alive(state, True)
         state.concurrency = concurrency or state.concurrency
+        state.context = context or state.context
 
     def _set_alive(self, state: InstanceState, alive: bool) -> None:
         """Whether an instance counts toward the cluster's capacity (kept in running sums)."""
@@ -220,7 +234,7 @@ class Scheduler:
 
     @property
     def done(self) -> bool:
-        return not self.pending and not self.leases
+        return not self.pending and not self.leases and not self.long_rows
 
     def request(self, instance_id: str, now: float) -> Lease | Wait:
         """Give `instance_id` its next unit, or say why not (wait and ask again, or done)."""
@@ -253,6 +267,8 @@ class Scheduler:
             return self._issue(instance_id, *reserved, now)
         state.last_heard_at = now
         self._set_alive(state, True)
+        if self.long_rows and (lease := self._deal_long_rows(state, now)) is not None:
+            return lease
         if self._too_late(instance_id, now):
             return self._nothing_free(state)
         if not self.pending:
@@ -278,7 +294,7 @@ class Scheduler:
             cut = end
         self.pending.remove(start, cut)
         if self._heavy_first is not None:
-            self._heavy_first.remove(start, cut)
+            self._heavy_runs.remove(start, cut)
         return start, cut
 
     def _align(self, cut: int, start: int, end: int) -> int:
@@ -308,51 +324,103 @@ class Scheduler:
     # -- longest first ------------------------------------------------------------------------
 
     def _next_free(self, heavy_ok: bool = True) -> tuple[int, int] | None:
-        """The pending range to cut the next unit from: once the end game deals heavy rows
-        first, heavy rows to an instance that may take them, other rows to the rest."""
+        """The pending range to cut the next unit from. Once the end game watches heavy rows,
+        an instance that would not finish one in time takes rows without any, from the back of
+        the queue (so that the others keep cutting whole units from the front); if none are
+        left, only the instance that finishes a heavy row soonest takes one."""
         heavy = self._heavy_first
         if heavy is None:
             return self.pending.first()
-        while heavy_ok and heavy:
-            a, b = heavy.first()
-            found = self.pending.first_within(a, b)
-            if found is not None:
-                return found
-            heavy.remove(a, b)
-        for a, b in self.pending:
-            found = heavy.first_gap(a, b)
-            if found is not None:
-                return found
+        if heavy_ok:
+            runs = self._heavy_runs
+            while runs:  # long runs of heavy blocks first: they make whole units
+                found = self.pending.first_within(*runs.first())
+                if found is not None:
+                    return found
+                runs.remove(*runs.first())
+            return self.pending.first()
+        for a, b in self.pending.reversed():
+            light = heavy.last_gap(a, b)
+            if light is not None:
+                return light
         return None
 
     def _takes_heavy(self, state: InstanceState, now: float) -> bool:
-        """Whether a heavy row may go to this instance: it would finish it before the job's
-        expected end, or no instance would finish it sooner. Starts the end game's heavy-first
-        dealing when the light rows left would no longer outlast a heavy row."""
+        """Whether rows of heavy blocks may go to this instance: it would finish a heavy row
+        before the job's expected end, or it finishes one soonest and no other rows are left.
+        The first refusal starts the end game's watch of heavy rows."""
         cfg, bounds = self.config, self.bounds
-        if now - self._heavy_checked_at >= cfg.rank_interval_s:
-            self._heavy_checked_at = now
-            latencies = [
-                s.concurrency / self.rate(i)
-                for i, s in self.instances.items()
-                if s.alive and s.concurrency is not None
-            ]
-            self._heavy_latency = (min(latencies), max(latencies)) if latencies else None
-        if self._heavy_latency is None:
-            return True
-        per_latency = bounds.max_bound / bounds.mean_bound * cfg.tail_latency_factor
-        if self._heavy_first is None:
-            light_s = bounds.light_rows(self.pending) / self._total_rate()
-            if light_s > cfg.heavy_lead * per_latency * self._heavy_latency[1]:
-                return True
-            self._heavy_first = bounds.heavy_ranges(self.pending)
         if state.concurrency is None:
             return True
-        mine = state.concurrency / self.rate(state.instance_id)
-        if mine <= self._heavy_latency[0]:
-            return True
+        if now - self._heavy_checked_at >= cfg.rank_interval_s:
+            self._heavy_checked_at = now
+            self._fastest_latency = min(
+                (s.concurrency / self.rate(i) for i, s in self.instances.items()
+                 if s.alive and s.concurrency is not None),
+                default=0.0,
+            )
+        rate = self.rate(state.instance_id)
+        heavy_s = cfg.heavy_lead * cfg.tail_latency_factor * bounds.max_bound / bounds.mean_bound
+        mine = state.concurrency / rate
         job_left = (self.pending.total + self._leased_unfinished) / self._total_rate()
-        return state.queued / self.rate(state.instance_id) + per_latency * mine <= job_left
+        if state.queued / rate + heavy_s * mine <= job_left:
+            return True
+        if self._heavy_first is None:
+            self._heavy_first = bounds.heavy_ranges(self.pending)
+            self._heavy_runs = RangeSet(
+                (a, b) for a, b in self._heavy_first if b - a >= cfg.max_unit_rows // 4
+            )
+        return mine <= 2 * self._fastest_latency and self._next_free(False) is None
+
+    # -- rows by context ----------------------------------------------------------------------
+
+    def _deal_long_rows(self, state: InstanceState, now: float) -> Lease | None:
+        """A span of long rows this instance's context holds, the longest first; at the end,
+        long rows no live instance holds, dealt as final (their worker writes row errors)."""
+        above = self.long_rows.largest_below(state.context)
+        final = False
+        if above is None:
+            top = self.long_rows.largest()
+            if self.pending or top < max(
+                (s.context for s in self.instances.values() if s.alive), default=0
+            ):
+                return None
+            above, final = top, True
+        span = self.long_rows.cut(above, self.config.max_unit_rows)
+        lease = self._issue(state.instance_id, span.start, span.end, now)
+        lease.above, lease.final = span.above, final
+        return lease
+
+    def _requeue(self, lease: Lease, start: int, end: int) -> None:
+        """Rows of a lease given back go where they came from: the queue, or their span."""
+        if lease.above:
+            self.long_rows.add(start, end, lease.above)
+        else:
+            self.pending.add(start, end)
+
+    def _commit_long_rows(
+        self, instance_id: str, lease: Lease | None, start: int, end: int, now: float,
+        handed_back: bool,
+    ) -> CommitStatus:
+        """A unit that handed rows back, or a span of long rows: only a live lease counts (a
+        late one's rows are dealt again), and a span's rows do not measure the speed."""
+        if lease is None or lease.instance != instance_id or (start, end) != (
+            lease.start, lease.end
+        ):
+            return CommitStatus.DUPLICATE if self.committed.contains(start, end) else (
+                CommitStatus.STALE
+            )
+        self.leases.pop(lease.lease_id)
+        del self._by_deadline[lease.lease_id]
+        state = self.instances[instance_id]
+        state.leases.remove(lease.lease_id)
+        self._add_queued(state, -lease.unfinished_rows)
+        if handed_back and not lease.final:
+            self.long_rows.add(start, end, state.context)
+        self.committed.add(start, end)
+        if not lease.above:
+            self._measure(instance_id, end - start, now)
+        return CommitStatus.ACCEPTED
 
     # -- stealing -----------------------------------------------------------------------------
 
@@ -443,7 +511,7 @@ class Scheduler:
         thief_left = self.finish_time(thief)
         for victim in victims:
             lease = self.leases[victim.leases[-1]]
-            if lease.release_to is not None:
+            if lease.release_to is not None or lease.above:
                 continue
             v_rate = self.rate(victim.instance_id)
             v_left = self.finish_time(victim.instance_id)
@@ -472,7 +540,7 @@ class Scheduler:
         if cut == lease.start:
             self._return_lease(lease_id)
             return
-        self.pending.add(cut, lease.end)
+        self._requeue(lease, cut, lease.end)
         before = lease.unfinished_rows
         lease.end = cut
         self._add_queued(self.instances[instance_id], lease.unfinished_rows - before)
@@ -550,7 +618,7 @@ class Scheduler:
         state = self.instances[lease.instance]
         state.leases.remove(lease_id)
         self._add_queued(state, -lease.unfinished_rows)
-        self.pending.add(lease.start, lease.end)
+        self._requeue(lease, lease.start, lease.end)
         return lease
 
     def _add_queued(self, state: InstanceState, rows: int) -> None:
@@ -560,15 +628,24 @@ class Scheduler:
     # -- commits ------------------------------------------------------------------------------
 
     def commit(
-        self, instance_id: str, lease_id: int, start: int, end: int, now: float
+        self,
+        instance_id: str,
+        lease_id: int,
+        start: int,
+        end: int,
+        now: float,
+        handed_back: bool = False,
     ) -> CommitStatus:
         """Accept a finished unit exactly once.
 
         A commit of a live lease is accepted. A late commit of a lapsed lease is accepted too if
         its rows are all still waiting in the queue (nobody else took them), so a slow worker's
         work is not thrown away; otherwise it is stale and its shard must be discarded.
+        `handed_back`: the unit's rows too long for this instance's context were not run.
         """
         lease = self.leases.get(lease_id)
+        if handed_back or (lease is not None and lease.above):
+            return self._commit_long_rows(instance_id, lease, start, end, now, handed_back)
         if (
             lease is not None
             and lease.instance == instance_id

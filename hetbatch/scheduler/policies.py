@@ -129,8 +129,11 @@ class StaticScheduler(Scheduler):
         self._orphan_queue(lease.instance)
         return lease
 
-    def commit(self, instance_id: str, lease_id: int, start: int, end: int, now: float):
-        status = super().commit(instance_id, lease_id, start, end, now)
+    def commit(
+        self, instance_id: str, lease_id: int, start: int, end: int, now: float,
+        handed_back: bool = False,
+    ):
+        status = super().commit(instance_id, lease_id, start, end, now, handed_back)
         self.orphans.remove(start, end)  # a late commit of a lapsed lease took them back
         return status
 

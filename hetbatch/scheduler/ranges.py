@@ -102,3 +102,18 @@ class RangeSet:
             start = self._ends[i]
             i += 1
         return None
+
+    def last_gap(self, start: int, end: int) -> tuple[int, int] | None:
+        """The last part of [start, end) that is not in the set, or None."""
+        j = bisect.bisect_left(self._starts, end) - 1
+        while start < end:
+            if j < 0 or self._ends[j] <= start:
+                return start, end
+            if self._ends[j] < end:
+                return self._ends[j], end
+            end = self._starts[j]
+            j -= 1
+        return None
+
+    def reversed(self) -> Iterator[tuple[int, int]]:
+        return iter(zip(reversed(self._starts), reversed(self._ends), strict=False))

@@ -25,6 +25,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler
 from hetbatch.scheduler.pacing import PACING, Pacing
 from hetbatch.sim.workload import RowWork
@@ -45,6 +47,7 @@ class SimInstance:
     lost_at: float | None = None
     pool: str = ""
     step_s: float | None = None  # decode step of the last requests; default max_num_seqs/speed
+    context: int | None = None  # tokens its engine holds (max_model_len); None: any row
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class Assignment:
     end: float
     row0: int
     row1: int
+    above: int = 0  # only its rows needing more context than this (a span of long rows)
+    final: bool = False  # rows its instance could not hold were written as errors
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,9 @@ class _Unit:
     t_end: float = 0.0
     done_at: float = 0.0
     version: int = 0
+    above: int = 0  # a span of long rows (Lease.above)
+    final: bool = False
+    handed_back: bool = False  # it holds rows too long for the instance, not run
 
 
 @dataclass
@@ -238,7 +246,7 @@ class Simulation:
         inst.alive, inst.free_at = True, self.now
         self.alive_count += 1
         self._call(self.s.join, inst.spec.instance_id, inst.spec.planned_weight, self.now,
-                   inst.spec.max_num_seqs)
+                   inst.spec.max_num_seqs, *_given(inst.spec.context))
         self._want_lease(k, self.now)
         self._push(self.now + self.cfg.heartbeat_s, HEARTBEAT, k)
 
@@ -285,7 +293,8 @@ class Simulation:
             return
         result = self._call(self.s.request, inst.spec.instance_id, self.now)
         if isinstance(result, Lease):
-            unit = _Unit(result.lease_id, result.start, result.end, self.now)
+            unit = _Unit(result.lease_id, result.start, result.end, self.now,
+                         above=result.above, final=result.final)
             inst.units.append(unit)
             self._schedule(k, len(inst.units) - 1)
             self._want_lease(k, self.now)
@@ -313,11 +322,25 @@ class Simulation:
             if not (u.version and u.t_start <= self.now):  # a running unit keeps its start
                 prev = inst.units[i - 1].t_end if i > 0 else inst.free_at
                 u.t_start = max(u.granted, prev)
-            u.t_end = u.t_start + self.work.cost(u.start, u.end) / inst.spec.speed
-            floor = u.t_start + self.work.drain_s(u.start, u.end, inst.spec.speed, inst.step_s)
+            if self.work.needs is None:
+                u.t_end = u.t_start + self.work.cost(u.start, u.end) / inst.spec.speed
+                floor = u.t_start + self.work.drain_s(u.start, u.end, inst.spec.speed, inst.step_s)
+            else:
+                run_s, drain_s = self._run_fitting(inst, u)
+                u.t_end, floor = u.t_start + run_s, u.t_start + drain_s
             u.done_at = max(u.t_end, floor, self.now)
             u.version += 1
             self._push(u.done_at, COMMIT, k, u.lease_id * 1024 + (u.version % 1024))
+
+    def _run_fitting(self, inst: _Inst, u: _Unit) -> tuple[float, float]:
+        """A unit of a job whose rows need more context than some instances hold: only the
+        rows this instance holds run (as its worker checks them), the others are handed back."""
+        context = inst.spec.context or (1 << 62)
+        mask = self.work.rows_run(u.start, u.end, u.above, context, u.final)
+        u.handed_back = not u.final and bool(
+            np.any(self.work.needs[u.start : u.end] > max(u.above, context))
+        )
+        return self.work.masked(u.start, u.end, mask, inst.spec.speed, inst.step_s)
 
     def _on_commit(self, k: int, token: int) -> None:
         inst = self.insts[k]
@@ -329,14 +352,16 @@ class Simulation:
         inst.free_at = max(inst.free_at, unit.t_end)
         inst.busy_s += unit.t_end - unit.t_start
         status = self._call(
-            self.s.commit, inst.spec.instance_id, lease_id, unit.start, unit.end, self.now
+            self.s.commit, inst.spec.instance_id, lease_id, unit.start, unit.end, self.now,
+            *_given(unit.handed_back),
         )
         if status is CommitStatus.ACCEPTED:
             inst.rows += unit.end - unit.start
             inst.n_units += 1
             if self.cfg.record:
                 self.assignments.append(
-                    Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end)
+                    Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end,
+                               unit.above, unit.final)
                 )
         inst.next_lease_at = self.now  # as the worker: a commit ends a wait, its queue changed
         self._want_lease(k, self.now)
@@ -425,6 +450,12 @@ class Simulation:
             scheduler_calls=self.calls,
             scheduler_s=self.sched_s,
         )
+
+
+def _given(value: object) -> tuple:
+    """An optional trailing argument, left out when unset: a trace of a job without it keeps
+    the same calls (the clock last) as before."""
+    return (value,) if value else ()
 
 
 def simulate(

@@ -34,7 +34,7 @@ def _tail_heavy_job(rows: int = 4000) -> tuple[RowWork, RowBounds]:
     max_tokens = np.full(rows, 64)
     heavy = np.arange(rows - rows // 10, rows, 40)
     outputs[heavy], max_tokens[heavy] = 1000, 1024
-    return RowWork(inputs, outputs), RowBounds.from_rows(max_tokens, block_rows=16)
+    return RowWork(inputs, outputs), RowBounds.from_rows(max_tokens, block_rows=64)
 
 
 def _run(work: RowWork, bounds: RowBounds | None, committed=(), **sim):
@@ -51,7 +51,7 @@ def test_heavy_rows_go_first_and_the_job_ends_sooner() -> None:
     assert known.makespan < 0.9 * blind.makespan
     # The rows that last entered hold no heavy row.
     last = max(known.assignments, key=lambda a: a.start)
-    assert bounds.block_max[last.row0 // 16 : -(-last.row1 // 16)].max() <= 64
+    assert bounds.block_max[last.row0 // 64 : -(-last.row1 // 64)].max() <= 64
 
 
 def test_exactly_once_with_losses_and_a_late_instance() -> None:

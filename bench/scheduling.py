@@ -101,13 +101,15 @@ def known_max_tokens(
     rows: int, rng: np.random.Generator, heavy: LengthDist
 ) -> tuple[RowWork, RowBounds]:
     """(e)'s rows with a per-row max_tokens the job knows: 8,192 for the long requests (one in
-    200, 5,120 tokens), 2,048 for the others, whose outputs it caps (about 1 in 4,000)."""
+    200, 5,120 tokens), 2,048 for the others, whose outputs it caps (about 1 in 4,000). A row's
+    need is its prompt plus its max_tokens."""
     inputs = INPUT.sample(rng, rows)
     body = replace(heavy, tail_frac=0.0).sample(rng, rows)
     long = rng.random(rows) < heavy.tail_frac
     max_tokens = np.where(long, 8192, 2048)
     outputs = np.minimum(np.where(long, int(heavy.median * heavy.tail_mult), body), max_tokens)
-    return RowWork(inputs, outputs), RowBounds.from_rows(max_tokens)
+    needs = inputs + max_tokens
+    return RowWork(inputs, outputs, needs=needs), RowBounds.from_rows(needs)
 
 
 def _fluid(insts: list[SimInstance], work: RowWork) -> float:

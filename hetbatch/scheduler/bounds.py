@@ -1,81 +1,41 @@
-"""What each block of rows may cost at most, known before the job runs (per-row max_tokens).
+"""What rows may cost at most, known before the job runs: each row's context need (prompt tokens
+plus its max_tokens).
 
-The end game uses it to deal the heaviest rows first: a request that may decode for minutes must
-start while there is still other work to run beside it, not in the job's last minutes. Memory is
-one integer per block of rows (at most `MAX_BLOCKS` blocks), never per row, so a job of 10^9
-rows keeps a summary of a few MiB.
+Two figures of the whole job, not a figure per row: the mean and the largest need. Near the end
+an instance that could not finish a row of the largest need before the job's expected end gets
+its units with a limit: its worker hands back the rows above it (as it hands back rows too long
+for its context), and those go to the instances that finish them soonest. A request that may
+decode for minutes then starts while there is still other work to run beside it.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from hetbatch.scheduler.ranges import RangeSet
-
-MIN_BLOCK_ROWS = 64
-MAX_BLOCKS = 1 << 22
-# A block is heavy when one of its rows may need this many times the mean row's bound.
+# A row is heavy when it may need this many times the mean row's need.
 HEAVY_RATIO = 2.0
 
 
-def block_rows_for(total_rows: int) -> int:
-    """Rows per block: small enough that blocks without a long row exist even when long rows
-    are scattered (1 in 200 rows leaves 72% of 64-row blocks light), few enough blocks to keep
-    the summary small."""
-    return max(MIN_BLOCK_ROWS, math.ceil(total_rows / MAX_BLOCKS))
-
-
+@dataclass(frozen=True)
 class RowBounds:
-    """Per block of `block_rows` rows: the largest bound of one of its rows (in tokens)."""
-
-    def __init__(self, block_max: np.ndarray, block_rows: int, mean_bound: float) -> None:
-        self.block_max = np.asarray(block_max, dtype=np.int32)
-        self.block_rows = block_rows
-        self.mean_bound = max(float(mean_bound), 1.0)
-        self.heavy_bound = HEAVY_RATIO * self.mean_bound
-        heavy = self.block_max > self.heavy_bound
-        # Light rows from block k on: counted in O(1) for any range of blocks.
-        self._light_before = np.concatenate([[0], np.cumsum(~heavy, dtype=np.int64)])
-        self._heavy = heavy
-        self.max_bound = int(self.block_max.max(initial=0))
+    mean_bound: float
+    max_bound: int
 
     @classmethod
-    def from_rows(cls, bounds: np.ndarray, block_rows: int | None = None) -> RowBounds:
-        """The summary of per-row bounds (e.g. each row's max_tokens), one pass."""
-        bounds = np.asarray(bounds)
-        rows = len(bounds)
-        size = block_rows or block_rows_for(rows)
-        blocks = -(-rows // size)
-        padded = np.zeros(blocks * size, dtype=np.int32)
-        padded[:rows] = bounds
-        mean = float(bounds.mean()) if rows else 1.0
-        return cls(padded.reshape(blocks, size).max(axis=1), size, mean)
+    def from_rows(cls, needs: np.ndarray) -> RowBounds:
+        """The summary of per-row needs, one pass (a column's mean and maximum)."""
+        needs = np.asarray(needs)
+        if not len(needs):
+            return cls(1.0, 1)
+        return cls(max(float(needs.mean()), 1.0), int(needs.max()))
+
+    @property
+    def heavy_bound(self) -> int:
+        """Rows needing more than this are heavy."""
+        return int(HEAVY_RATIO * self.mean_bound)
 
     @property
     def any_heavy(self) -> bool:
-        return bool(self._heavy.any())
-
-    def light_rows(self, ranges: RangeSet) -> int:
-        """Rows of `ranges` in blocks without a heavy row (partial blocks counted whole)."""
-        total = 0
-        for start, end in ranges:
-            a, b = start // self.block_rows, -(-end // self.block_rows)
-            total += int(self._light_before[b] - self._light_before[a]) * self.block_rows
-        return total
-
-    def heavy_ranges(self, ranges: RangeSet) -> RangeSet:
-        """The parts of `ranges` that lie in heavy blocks, as merged row ranges."""
-        out = RangeSet()
-        size = self.block_rows
-        for start, end in ranges:
-            a, b = start // size, -(-end // size)
-            heavy = self._heavy[a:b]
-            if not heavy.any():
-                continue
-            padded = np.concatenate([[False], heavy, [False]]).astype(np.int8)
-            edges = np.flatnonzero(np.diff(padded))
-            for first, last in zip(edges[::2], edges[1::2], strict=True):
-                out.add(max(start, (a + int(first)) * size), min(end, (a + int(last)) * size))
-        return out
+        return self.max_bound > self.heavy_bound

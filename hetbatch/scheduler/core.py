@@ -81,6 +81,7 @@ class Lease:
     submitted: int = -1
     done: int = 0
     release_to: int | None = None
+    limit: int | None = None  # rows needing more than this are handed back (near the end)
     above: int = 0  # a span of long rows: only its rows needing more context than this
     final: bool = False  # long rows no live instance holds: written as row errors
 
@@ -158,7 +159,6 @@ class Scheduler:
     ) -> None:
         self.config = config or SchedulerConfig()
         self.bounds = bounds if bounds is not None and bounds.any_heavy else None
-        self._heavy_first: RangeSet | None = None  # set once the end game deals heavy rows first
         self.long_rows = LongRows()  # spans of rows handed back for want of context
         self.total_rows = total_rows
         self.committed = RangeSet(committed)
@@ -186,7 +186,6 @@ class Scheduler:
         self._ranked_at = -math.inf
         self._waiting: set[str] = set()  # alive instances whose last request got nothing
         self._heavy_checked_at = -math.inf
-        self._heavy_runs = RangeSet()  # runs of heavy blocks long enough to deal first
         self._fastest_latency = 0.0  # mean engine latency of the fastest alive instance
 
     # -- membership ---------------------------------------------------------------------------
@@ -274,11 +273,11 @@ class Scheduler:
         if not self.pending:
             self._plan_steal(instance_id, now)
             return self._nothing_free(state)
-        free = self._next_free(self.bounds is None or self._takes_heavy(state, now))
-        if free is None:
-            return self._nothing_free(state)
-        start, end = self._cut_unit(self.unit_size(instance_id), free)
-        return self._issue(instance_id, start, end, now)
+        start, end = self._cut_unit(self.unit_size(instance_id))
+        lease = self._issue(instance_id, start, end, now)
+        if self.bounds is not None and not self._takes_heavy(state, now):
+            lease.limit = self.bounds.heavy_bound
+        return lease
 
     def unit_size(self, instance_id: str) -> int:
         """Weighted factoring: this instance's share of the remaining rows, over `factor`."""
@@ -287,14 +286,12 @@ class Scheduler:
         size = math.ceil(self.pending.total * share / cfg.factor)
         return max(cfg.min_unit_rows, min(cfg.max_unit_rows, size))
 
-    def _cut_unit(self, size: int, free: tuple[int, int] | None = None) -> tuple[int, int]:
-        start, end = free or self.pending.first()
+    def _cut_unit(self, size: int) -> tuple[int, int]:
+        start, end = self.pending.first()
         cut = self._align(start + size, start, end)
         if end - cut < self.config.min_unit_rows:
             cut = end
         self.pending.remove(start, cut)
-        if self._heavy_first is not None:
-            self._heavy_runs.remove(start, cut)
         return start, cut
 
     def _align(self, cut: int, start: int, end: int) -> int:
@@ -323,32 +320,9 @@ class Scheduler:
 
     # -- longest first ------------------------------------------------------------------------
 
-    def _next_free(self, heavy_ok: bool = True) -> tuple[int, int] | None:
-        """The pending range to cut the next unit from. Once the end game watches heavy rows,
-        an instance that would not finish one in time takes rows without any, from the back of
-        the queue (so that the others keep cutting whole units from the front); if none are
-        left, only the instance that finishes a heavy row soonest takes one."""
-        heavy = self._heavy_first
-        if heavy is None:
-            return self.pending.first()
-        if heavy_ok:
-            runs = self._heavy_runs
-            while runs:  # long runs of heavy blocks first: they make whole units
-                found = self.pending.first_within(*runs.first())
-                if found is not None:
-                    return found
-                runs.remove(*runs.first())
-            return self.pending.first()
-        for a, b in self.pending.reversed():
-            light = heavy.last_gap(a, b)
-            if light is not None:
-                return light
-        return None
-
     def _takes_heavy(self, state: InstanceState, now: float) -> bool:
-        """Whether rows of heavy blocks may go to this instance: it would finish a heavy row
-        before the job's expected end, or it finishes one soonest and no other rows are left.
-        The first refusal starts the end game's watch of heavy rows."""
+        """Whether heavy rows may go to this instance: it would finish one before the job's
+        expected end, or it is about the fastest to finish one and nothing else is left."""
         cfg, bounds = self.config, self.bounds
         if state.concurrency is None:
             return True
@@ -365,19 +339,21 @@ class Scheduler:
         job_left = (self.pending.total + self._leased_unfinished) / self._total_rate()
         if state.queued / rate + heavy_s * mine <= job_left:
             return True
-        if self._heavy_first is None:
-            self._heavy_first = bounds.heavy_ranges(self.pending)
-            self._heavy_runs = RangeSet(
-                (a, b) for a, b in self._heavy_first if b - a >= cfg.max_unit_rows // 4
-            )
-        return mine <= 2 * self._fastest_latency and self._next_free(False) is None
+        return not self.pending and mine <= (1 + cfg.refuse_margin) * self._fastest_latency
+
+    def _context_now(self, state: InstanceState, now: float) -> int:
+        """The longest rows this instance may be dealt now: its context, lowered to the heavy
+        bound near the end for an instance that would not finish a heavy row in time."""
+        if self.bounds is None or self._takes_heavy(state, now):
+            return state.context
+        return min(state.context, self.bounds.heavy_bound)
 
     # -- rows by context ----------------------------------------------------------------------
 
     def _deal_long_rows(self, state: InstanceState, now: float) -> Lease | None:
         """A span of long rows this instance's context holds, the longest first; at the end,
         long rows no live instance holds, dealt as final (their worker writes row errors)."""
-        above = self.long_rows.largest_below(state.context)
+        above = self.long_rows.largest_below(self._context_now(state, now))
         final = False
         if above is None:
             top = self.long_rows.largest()
@@ -416,7 +392,7 @@ class Scheduler:
         state.leases.remove(lease.lease_id)
         self._add_queued(state, -lease.unfinished_rows)
         if handed_back and not lease.final:
-            self.long_rows.add(start, end, state.context)
+            self.long_rows.add(start, end, min(state.context, lease.limit or state.context))
         self.committed.add(start, end)
         if not lease.above:
             self._measure(instance_id, end - start, now)

@@ -78,6 +78,7 @@ class Assignment:
     row1: int
     above: int = 0  # only its rows needing more context than this (a span of long rows)
     final: bool = False  # rows its instance could not hold were written as errors
+    limit: int | None = None  # its rows needing more than this were handed back
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class _Unit:
     done_at: float = 0.0
     version: int = 0
     above: int = 0  # a span of long rows (Lease.above)
+    limit: int | None = None  # rows needing more are handed back (Lease.limit)
     final: bool = False
     handed_back: bool = False  # it holds rows too long for the instance, not run
 
@@ -294,7 +296,7 @@ class Simulation:
         result = self._call(self.s.request, inst.spec.instance_id, self.now)
         if isinstance(result, Lease):
             unit = _Unit(result.lease_id, result.start, result.end, self.now,
-                         above=result.above, final=result.final)
+                         above=result.above, final=result.final, limit=result.limit)
             inst.units.append(unit)
             self._schedule(k, len(inst.units) - 1)
             self._want_lease(k, self.now)
@@ -335,7 +337,7 @@ class Simulation:
     def _run_fitting(self, inst: _Inst, u: _Unit) -> tuple[float, float]:
         """A unit of a job whose rows need more context than some instances hold: only the
         rows this instance holds run (as its worker checks them), the others are handed back."""
-        context = inst.spec.context or (1 << 62)
+        context = min(inst.spec.context or (1 << 62), u.limit or (1 << 62))
         mask = self.work.rows_run(u.start, u.end, u.above, context, u.final)
         u.handed_back = not u.final and bool(
             np.any(self.work.needs[u.start : u.end] > max(u.above, context))
@@ -361,7 +363,7 @@ class Simulation:
             if self.cfg.record:
                 self.assignments.append(
                     Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end,
-                               unit.above, unit.final)
+                               unit.above, unit.final, unit.limit)
                 )
         inst.next_lease_at = self.now  # as the worker: a commit ends a wait, its queue changed
         self._want_lease(k, self.now)

@@ -164,7 +164,7 @@ def routed(seed: int, hours: float, echo: Callable[[str], None]) -> None:
     misrouted = sum(  # long rows an L40S ran: must be none
         int(np.sum(ran & (work.needs[a.row0 : a.row1] > 8192)))
         for a in both.assignments if a.instance.startswith("l40s")
-        for ran in [work.rows_run(a.row0, a.row1, a.above, 8192, a.final)]
+        for ran in [work.rows_run(a.row0, a.row1, a.above, a.below, 8192, a.final)]
     )
     echo(
         f"h: contexts 32k (H100) and 8k (L40S), 5% of rows need >8k: efficiency "

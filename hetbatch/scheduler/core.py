@@ -83,7 +83,14 @@ class Lease:
     release_to: int | None = None
     limit: int | None = None  # rows needing more than this are handed back (near the end)
     above: int = 0  # a span of long rows: only its rows needing more context than this
+    below: int = UNLIMITED  # ... and at most this
     final: bool = False  # long rows no live instance holds: written as row errors
+    handed_at: int | None = None  # its rows needing more than this were handed back
+
+    @property
+    def routed(self) -> bool:
+        """Whether it holds only some of its range's rows (by the context they need)."""
+        return bool(self.above) or self.below != UNLIMITED or self.handed_at is not None
 
     def __post_init__(self) -> None:
         if self.submitted < 0:
@@ -353,26 +360,40 @@ class Scheduler:
     def _deal_long_rows(self, state: InstanceState, now: float) -> Lease | None:
         """A span of long rows this instance's context holds, the longest first; at the end,
         long rows no live instance holds, dealt as final (their worker writes row errors)."""
-        above = self.long_rows.largest_below(self._context_now(state, now))
+        key = self.long_rows.largest_below(self._context_now(state, now))
         final = False
-        if above is None:
-            top = self.long_rows.largest()
-            if self.pending or top < max(
+        if key is None:
+            key = self.long_rows.largest()
+            if self.pending or key[0] < max(
                 (s.context for s in self.instances.values() if s.alive), default=0
             ):
                 return None
-            above, final = top, True
-        span = self.long_rows.cut(above, self.config.max_unit_rows)
+            final = True
+        span = self.long_rows.cut(key, self.config.max_unit_rows)
         lease = self._issue(state.instance_id, span.start, span.end, now)
-        lease.above, lease.final = span.above, final
+        lease.above, lease.below, lease.final = span.above, span.below, final
         return lease
 
+    def hand_back(self, instance_id: str, lease_id: int, now: float) -> None:
+        """The worker of a live lease found rows in it too long for its context (or above the
+        lease's limit): they wait as a span for an instance that holds them."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.instance != instance_id or lease.final:
+            return
+        top = min(self.instances[instance_id].context, lease.limit or UNLIMITED)
+        if lease.handed_at is not None or top <= lease.above or top >= lease.below:
+            return
+        lease.handed_at = top
+        self.long_rows.add(lease.start, lease.end, top, lease.below)
+
     def _requeue(self, lease: Lease, start: int, end: int) -> None:
-        """Rows of a lease given back go where they came from: the queue, or their span."""
-        if lease.above:
-            self.long_rows.add(start, end, lease.above)
-        else:
+        """Rows of a lease given back go where they came from: the queue, or their span (less
+        the rows it handed back, which wait in a span of their own)."""
+        if not lease.routed:
             self.pending.add(start, end)
+            return
+        below = lease.below if lease.handed_at is None else lease.handed_at
+        self.long_rows.add(start, end, lease.above, below)
 
     def _commit_long_rows(
         self, instance_id: str, lease: Lease | None, start: int, end: int, now: float,
@@ -386,13 +407,13 @@ class Scheduler:
             return CommitStatus.DUPLICATE if self.committed.contains(start, end) else (
                 CommitStatus.STALE
             )
+        if handed_back:
+            self.hand_back(instance_id, lease.lease_id, now)
         self.leases.pop(lease.lease_id)
         del self._by_deadline[lease.lease_id]
         state = self.instances[instance_id]
         state.leases.remove(lease.lease_id)
         self._add_queued(state, -lease.unfinished_rows)
-        if handed_back and not lease.final:
-            self.long_rows.add(start, end, min(state.context, lease.limit or state.context))
         self.committed.add(start, end)
         if not lease.above:
             self._measure(instance_id, end - start, now)
@@ -487,7 +508,7 @@ class Scheduler:
         thief_left = self.finish_time(thief)
         for victim in victims:
             lease = self.leases[victim.leases[-1]]
-            if lease.release_to is not None or lease.above:
+            if lease.release_to is not None or lease.routed:
                 continue
             v_rate = self.rate(victim.instance_id)
             v_left = self.finish_time(victim.instance_id)
@@ -620,7 +641,7 @@ class Scheduler:
         `handed_back`: the unit's rows too long for this instance's context were not run.
         """
         lease = self.leases.get(lease_id)
-        if handed_back or (lease is not None and lease.above):
+        if handed_back or (lease is not None and lease.routed):
             return self._commit_long_rows(instance_id, lease, start, end, now, handed_back)
         if (
             lease is not None

@@ -23,58 +23,56 @@ UNLIMITED = 1 << 62  # the context of an instance that did not say its own
 
 @dataclass(frozen=True)
 class Span:
-    """Rows of [start, end) needing more than `above` tokens of context."""
+    """Rows of [start, end) needing more than `above` and at most `below` tokens of context."""
 
     start: int
     end: int
     above: int
+    below: int = UNLIMITED
 
 
 class LongRows:
-    """Spans of handed-back rows, by the context that handed them back."""
+    """Spans of handed-back rows, by the (above, below) bounds of the context they need."""
 
     def __init__(self) -> None:
-        self._by_above: dict[int, RangeSet] = {}
-        self._keys: list[int] = []  # sorted contexts with spans waiting
+        self._by_key: dict[tuple[int, int], RangeSet] = {}
+        self._keys: list[tuple[int, int]] = []  # sorted bounds with spans waiting
 
     def __bool__(self) -> bool:
         return bool(self._keys)
 
-    def add(self, start: int, end: int, above: int) -> None:
-        spans = self._by_above.get(above)
+    def add(self, start: int, end: int, above: int, below: int = UNLIMITED) -> None:
+        key = (above, below)
+        spans = self._by_key.get(key)
         if spans is None:
-            spans = self._by_above[above] = RangeSet()
-            bisect.insort(self._keys, above)
+            spans = self._by_key[key] = RangeSet()
+            bisect.insort(self._keys, key)
         spans.add(start, end)
 
-    def contains(self, start: int, end: int, above: int) -> bool:
-        spans = self._by_above.get(above)
-        return spans is not None and spans.contains(start, end)
-
-    def remove(self, start: int, end: int, above: int) -> None:
-        spans = self._by_above.get(above)
+    def remove(self, start: int, end: int, key: tuple[int, int]) -> None:
+        spans = self._by_key.get(key)
         if spans is None:
             return
         spans.remove(start, end)
         if not spans:
-            del self._by_above[above]
-            self._keys.remove(above)
+            del self._by_key[key]
+            self._keys.remove(key)
 
-    def largest_below(self, context: int) -> int | None:
-        """The largest context with spans waiting that is smaller than `context`: the longest
-        rows an instance of `context` may hold."""
-        i = bisect.bisect_left(self._keys, context)
+    def largest_below(self, context: int) -> tuple[int, int] | None:
+        """The bounds of the longest rows waiting that an instance of `context` may hold some
+        of (their lower bound under its context)."""
+        i = bisect.bisect_left(self._keys, (context, -1))
         return self._keys[i - 1] if i else None
 
-    def largest(self) -> int | None:
+    def largest(self) -> tuple[int, int] | None:
         return self._keys[-1] if self._keys else None
 
-    def cut(self, above: int, max_rows: int) -> Span:
-        """The first span waiting under `above`, at most `max_rows` rows, taken out."""
-        start, end = self._by_above[above].first()
+    def cut(self, key: tuple[int, int], max_rows: int) -> Span:
+        """The first span waiting under `key`, at most `max_rows` rows, taken out."""
+        start, end = self._by_key[key].first()
         end = min(end, start + max_rows)
-        self.remove(start, end, above)
-        return Span(start, end, above)
+        self.remove(start, end, key)
+        return Span(start, end, *key)
 
     def items(self) -> list[Span]:
-        return [Span(a, b, k) for k in self._keys for a, b in self._by_above[k]]
+        return [Span(a, b, *k) for k in self._keys for a, b in self._by_key[k]]

@@ -25,8 +25,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler
 from hetbatch.scheduler.pacing import PACING, Pacing
 from hetbatch.sim.workload import RowWork
@@ -79,6 +77,7 @@ class Assignment:
     above: int = 0  # only its rows needing more context than this (a span of long rows)
     final: bool = False  # rows its instance could not hold were written as errors
     limit: int | None = None  # its rows needing more than this were handed back
+    below: int = 1 << 62  # ... and at most this
 
 
 @dataclass(frozen=True)
@@ -141,10 +140,10 @@ class _Unit:
     t_end: float = 0.0
     done_at: float = 0.0
     version: int = 0
-    above: int = 0  # a span of long rows (Lease.above)
+    above: int = 0  # a span of long rows (Lease.above, Lease.below)
+    below: int = 1 << 62
     limit: int | None = None  # rows needing more are handed back (Lease.limit)
     final: bool = False
-    handed_back: bool = False  # it holds rows too long for the instance, not run
 
 
 @dataclass
@@ -296,7 +295,9 @@ class Simulation:
         result = self._call(self.s.request, inst.spec.instance_id, self.now)
         if isinstance(result, Lease):
             unit = _Unit(result.lease_id, result.start, result.end, self.now,
-                         above=result.above, final=result.final, limit=result.limit)
+                         above=result.above, below=result.below, final=result.final,
+                         limit=result.limit)
+            self._hand_back(inst, unit)
             inst.units.append(unit)
             self._schedule(k, len(inst.units) - 1)
             self._want_lease(k, self.now)
@@ -334,14 +335,21 @@ class Simulation:
             u.version += 1
             self._push(u.done_at, COMMIT, k, u.lease_id * 1024 + (u.version % 1024))
 
+    def _top(self, inst: _Inst, u: _Unit) -> int:
+        return min(inst.spec.context or (1 << 62), u.limit or (1 << 62))
+
+    def _hand_back(self, inst: _Inst, u: _Unit) -> None:
+        """As the worker, once it has read a unit: rows too long for it are handed back."""
+        if self.work.needs is None or u.final:
+            return
+        top = self._top(inst, u)
+        if top > u.above and self.work.hands_back(u.start, u.end, u.below, top):
+            self._call(self.s.hand_back, inst.spec.instance_id, u.lease_id, self.now)
+
     def _run_fitting(self, inst: _Inst, u: _Unit) -> tuple[float, float]:
         """A unit of a job whose rows need more context than some instances hold: only the
         rows this instance holds run (as its worker checks them), the others are handed back."""
-        context = min(inst.spec.context or (1 << 62), u.limit or (1 << 62))
-        mask = self.work.rows_run(u.start, u.end, u.above, context, u.final)
-        u.handed_back = not u.final and bool(
-            np.any(self.work.needs[u.start : u.end] > max(u.above, context))
-        )
+        mask = self.work.rows_run(u.start, u.end, u.above, u.below, self._top(inst, u), u.final)
         return self.work.masked(u.start, u.end, mask, inst.spec.speed, inst.step_s)
 
     def _on_commit(self, k: int, token: int) -> None:
@@ -354,8 +362,7 @@ class Simulation:
         inst.free_at = max(inst.free_at, unit.t_end)
         inst.busy_s += unit.t_end - unit.t_start
         status = self._call(
-            self.s.commit, inst.spec.instance_id, lease_id, unit.start, unit.end, self.now,
-            *_given(unit.handed_back),
+            self.s.commit, inst.spec.instance_id, lease_id, unit.start, unit.end, self.now
         )
         if status is CommitStatus.ACCEPTED:
             inst.rows += unit.end - unit.start
@@ -363,7 +370,7 @@ class Simulation:
             if self.cfg.record:
                 self.assignments.append(
                     Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end,
-                               unit.above, unit.final, unit.limit)
+                               unit.above, unit.final, unit.limit, unit.below)
                 )
         inst.next_lease_at = self.now  # as the worker: a commit ends a wait, its queue changed
         self._want_lease(k, self.now)

@@ -123,12 +123,19 @@ class RowWork:
         done_before = blocks * self._prefix[-1] + self._prefix[offset] - self._cumulative(start)
         return float(np.max(done_before / speed + self.output_lens[offset] * step_s))
 
-    def rows_run(self, start: int, end: int, above: int, context: int, final: bool) -> np.ndarray:
+    def rows_run(
+        self, start: int, end: int, above: int, below: int, context: int, final: bool
+    ) -> np.ndarray:
         """Which rows of [start, end) an instance of `context` runs when dealt them as rows
-        needing more than `above` (a mask; rows it cannot hold are handed back, or written as
-        errors at no cost when the unit is `final`)."""
+        needing more than `above` and at most `below` (a mask; rows it cannot hold are handed
+        back, or written as errors at no cost when the unit is `final`)."""
         needs = self.needs[start:end]
-        return (needs > above) & (final | (needs <= context))
+        return (needs > above) & (needs <= below) & (final | (needs <= context))
+
+    def hands_back(self, start: int, end: int, below: int, context: int) -> bool:
+        """Whether rows of [start, end) up to `below` need more than `context`."""
+        needs = self.needs[start:end]
+        return bool(np.any((needs > context) & (needs <= below)))
 
     def masked(self, start: int, end: int, mask: np.ndarray, speed: float, step_s: float):
         """(pipeline seconds, drain seconds) of the rows of [start, end) under `mask`."""

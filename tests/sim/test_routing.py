@@ -45,7 +45,7 @@ def _runs_per_row(work: RowWork, insts: list[SimInstance], result: SimResult):
     held = np.zeros(work.rows, dtype=int)
     for a in result.assignments:
         ctx = context[a.instance]
-        mask = work.rows_run(a.row0, a.row1, a.above, ctx, a.final)
+        mask = work.rows_run(a.row0, a.row1, a.above, a.below, ctx, a.final)
         runs[a.row0 : a.row1] += mask
         held[a.row0 : a.row1] = np.where(mask, ctx, held[a.row0 : a.row1])
     return runs, held

@@ -52,10 +52,9 @@ class SchedulerConfig:
     retry_s: float = PACING.wait_s
     waiting_asks_per_s: float = 400.0
     max_retry_s: float = 30.0
-    # With per-row bounds known, an instance takes rows of heavy blocks only while it would
-    # finish one this many times its estimated latency before the job's expected end (a heavy
-    # row's latency: the mean engine latency times the largest bound over the mean bound, times
-    # tail_latency_factor).
+    # With per-row needs known, an instance takes heavy rows only while it would finish one
+    # before the job's expected end with this margin (a heavy row's latency: the instance's mean
+    # engine latency times the largest need over the mean need, times tail_latency_factor).
     heavy_lead: float = 1.0
 
     @classmethod

@@ -83,37 +83,3 @@ class RangeSet:
         """Whether any of [start, end) is in the set."""
         i = bisect.bisect_right(self._ends, start)
         return i < len(self._starts) and self._starts[i] < end
-
-    def first_within(self, start: int, end: int) -> tuple[int, int] | None:
-        """The first part of the set that lies in [start, end), or None."""
-        i = bisect.bisect_right(self._ends, start)
-        if i >= len(self._starts) or self._starts[i] >= end:
-            return None
-        return max(start, self._starts[i]), min(end, self._ends[i])
-
-    def first_gap(self, start: int, end: int) -> tuple[int, int] | None:
-        """The first part of [start, end) that is not in the set, or None."""
-        i = bisect.bisect_right(self._ends, start)
-        while start < end:
-            if i >= len(self._starts) or self._starts[i] >= end:
-                return start, end
-            if self._starts[i] > start:
-                return start, self._starts[i]
-            start = self._ends[i]
-            i += 1
-        return None
-
-    def last_gap(self, start: int, end: int) -> tuple[int, int] | None:
-        """The last part of [start, end) that is not in the set, or None."""
-        j = bisect.bisect_left(self._starts, end) - 1
-        while start < end:
-            if j < 0 or self._ends[j] <= start:
-                return start, end
-            if self._ends[j] < end:
-                return self._ends[j], end
-            end = self._starts[j]
-            j -= 1
-        return None
-
-    def reversed(self) -> Iterator[tuple[int, int]]:
-        return iter(zip(reversed(self._starts), reversed(self._ends), strict=False))

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.scheduler.ranges import RangeSet
+from hetbatch.scheduler.routing import UNLIMITED, LongRows
 
 if TYPE_CHECKING:
+    from hetbatch.scheduler.bounds import RowBounds
     from hetbatch.spec import SchedulerSpec
 
 # Instances the end game and stealing look at: the soonest and the latest to finish.
@@ -54,6 +56,10 @@ class SchedulerConfig:
     # share its prefixes, which its engine holds), and an instance that cannot follow on
     # starts a lane of its own instead of taking the rows just after another's.
     follow_on: bool = False
+    # With per-row needs known, an instance takes heavy rows only while it would finish one
+    # before the job's expected end with this margin (a heavy row's latency: the instance's mean
+    # engine latency times the largest need over the mean need, times tail_latency_factor).
+    heavy_lead: float = 1.0
 
     @classmethod
     def from_spec(cls, spec: SchedulerSpec) -> SchedulerConfig:
@@ -78,6 +84,16 @@ class Lease:
     submitted: int = -1
     done: int = 0
     release_to: int | None = None
+    limit: int | None = None  # rows needing more than this are handed back (near the end)
+    above: int = 0  # a span of long rows: only its rows needing more context than this
+    below: int = UNLIMITED  # ... and at most this
+    final: bool = False  # long rows no live instance holds: written as row errors
+    handed_at: int | None = None  # its rows needing more than this were handed back
+
+    @property
+    def routed(self) -> bool:
+        """Whether it holds only some of its range's rows (by the context they need)."""
+        return bool(self.above) or self.below != UNLIMITED or self.handed_at is not None
 
     def __post_init__(self) -> None:
         if self.submitted < 0:
@@ -105,6 +121,7 @@ class InstanceState:
     window_s: float = 0.0
     queued: int = 0  # unfinished rows of its leases
     last_heard_at: float = -math.inf  # its last request or heartbeat
+    context: int = UNLIMITED  # tokens its engine holds (max_model_len)
 
 
 @dataclass(frozen=True)
@@ -148,8 +165,11 @@ class Scheduler:
         config: SchedulerConfig | None = None,
         committed: Sequence[tuple[int, int]] = (),
         boundaries: Sequence[int] = (),
+        bounds: RowBounds | None = None,
     ) -> None:
         self.config = config or SchedulerConfig()
+        self.bounds = bounds if bounds is not None and bounds.any_heavy else None
+        self.long_rows = LongRows()  # spans of rows handed back for want of context
         self.total_rows = total_rows
         self.committed = RangeSet(committed)
         self.pending = RangeSet([(0, total_rows)])
@@ -177,19 +197,28 @@ class Scheduler:
         self._waiting: set[str] = set()  # alive instances whose last request got nothing
         self._cursor: dict[str, int] = {}  # follow_on: where each instance's last unit ended
         self._cursor_count: dict[int, int] = {}  # instances whose cursor is at a position
+        self._heavy_checked_at = -math.inf
+        self._fastest_latency = 0.0  # mean engine latency of the fastest alive instance
 
     # -- membership ---------------------------------------------------------------------------
 
     def join(
-        self, instance_id: str, planned_weight: float, now: float, concurrency: int | None = None
+        self,
+        instance_id: str,
+        planned_weight: float,
+        now: float,
+        concurrency: int | None = None,
+        context: int | None = None,
     ) -> None:
-        """Register an instance (or re-register one that reconnects)."""
+        """Register an instance (or re-register one that reconnects); `context` is the tokens
+        (prompt plus output) its engine holds."""
         state = self.instances.get(instance_id)
         if state is None:
             state = InstanceState(instance_id, max(planned_weight, 1e-9), alive=False)
             self.instances[instance_id] = state
         self._set_alive(state, True)
         state.concurrency = concurrency or state.concurrency
+        state.context = context or state.context
 
     def _set_alive(self, state: InstanceState, alive: bool) -> None:
         """Whether an instance counts toward the cluster's capacity (kept in running sums)."""
@@ -216,7 +245,7 @@ class Scheduler:
 
     @property
     def done(self) -> bool:
-        return not self.pending and not self.leases
+        return not self.pending and not self.leases and not self.long_rows
 
     def request(self, instance_id: str, now: float) -> Lease | Wait:
         """Give `instance_id` its next unit, or say why not (wait and ask again, or done)."""
@@ -249,13 +278,18 @@ class Scheduler:
             return self._issue(instance_id, *reserved, now)
         state.last_heard_at = now
         self._set_alive(state, True)
+        if self.long_rows and (lease := self._deal_long_rows(state, now)) is not None:
+            return lease
         if self._too_late(instance_id, now):
             return self._nothing_free(state)
         if not self.pending:
             self._plan_steal(instance_id, now)
             return self._nothing_free(state)
         start, end = self._cut_unit(self.unit_size(instance_id), self._unit_start(instance_id))
-        return self._issue(instance_id, start, end, now)
+        lease = self._issue(instance_id, start, end, now)
+        if self.bounds is not None and not self._takes_heavy(state, now):
+            lease.limit = self.bounds.heavy_bound
+        return lease
 
     def unit_size(self, instance_id: str) -> int:
         """Weighted factoring: this instance's share of the remaining rows, over `factor`."""
@@ -340,6 +374,100 @@ class Scheduler:
                 del self._cursor_count[old]
         self._cursor[instance_id] = position
         self._cursor_count[position] = self._cursor_count.get(position, 0) + 1
+
+    # -- longest first ------------------------------------------------------------------------
+
+    def _takes_heavy(self, state: InstanceState, now: float) -> bool:
+        """Whether heavy rows may go to this instance: it would finish one before the job's
+        expected end, or it is about the fastest to finish one and nothing else is left."""
+        cfg, bounds = self.config, self.bounds
+        if state.concurrency is None:
+            return True
+        if now - self._heavy_checked_at >= cfg.rank_interval_s:
+            self._heavy_checked_at = now
+            self._fastest_latency = min(
+                (s.concurrency / self.rate(i) for i, s in self.instances.items()
+                 if s.alive and s.concurrency is not None),
+                default=0.0,
+            )
+        rate = self.rate(state.instance_id)
+        heavy_s = cfg.heavy_lead * cfg.tail_latency_factor * bounds.max_bound / bounds.mean_bound
+        mine = state.concurrency / rate
+        job_left = (self.pending.total + self._leased_unfinished) / self._total_rate()
+        if state.queued / rate + heavy_s * mine <= job_left:
+            return True
+        return not self.pending and mine <= (1 + cfg.refuse_margin) * self._fastest_latency
+
+    def _context_now(self, state: InstanceState, now: float) -> int:
+        """The longest rows this instance may be dealt now: its context, lowered to the heavy
+        bound near the end for an instance that would not finish a heavy row in time."""
+        if self.bounds is None or self._takes_heavy(state, now):
+            return state.context
+        return min(state.context, self.bounds.heavy_bound)
+
+    # -- rows by context ----------------------------------------------------------------------
+
+    def _deal_long_rows(self, state: InstanceState, now: float) -> Lease | None:
+        """A span of long rows this instance's context holds, the longest first; at the end,
+        long rows no live instance holds, dealt as final (their worker writes row errors)."""
+        key = self.long_rows.largest_below(self._context_now(state, now))
+        final = False
+        if key is None:
+            key = self.long_rows.largest()
+            if self.pending or key[0] < max(
+                (s.context for s in self.instances.values() if s.alive), default=0
+            ):
+                return None
+            final = True
+        span = self.long_rows.cut(key, self.config.max_unit_rows)
+        lease = self._issue(state.instance_id, span.start, span.end, now)
+        lease.above, lease.below, lease.final = span.above, span.below, final
+        return lease
+
+    def hand_back(self, instance_id: str, lease_id: int, now: float) -> None:
+        """The worker of a live lease found rows in it too long for its context (or above the
+        lease's limit): they wait as a span for an instance that holds them."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.instance != instance_id or lease.final:
+            return
+        top = min(self.instances[instance_id].context, lease.limit or UNLIMITED)
+        if lease.handed_at is not None or top <= lease.above or top >= lease.below:
+            return
+        lease.handed_at = top
+        self.long_rows.add(lease.start, lease.end, top, lease.below)
+
+    def _requeue(self, lease: Lease, start: int, end: int) -> None:
+        """Rows of a lease given back go where they came from: the queue, or their span (less
+        the rows it handed back, which wait in a span of their own)."""
+        if not lease.routed:
+            self.pending.add(start, end)
+            return
+        below = lease.below if lease.handed_at is None else lease.handed_at
+        self.long_rows.add(start, end, lease.above, below)
+
+    def _commit_long_rows(
+        self, instance_id: str, lease: Lease | None, start: int, end: int, now: float,
+        handed_back: bool,
+    ) -> CommitStatus:
+        """A unit that handed rows back, or a span of long rows: only a live lease counts (a
+        late one's rows are dealt again), and a span's rows do not measure the speed."""
+        if lease is None or lease.instance != instance_id or (start, end) != (
+            lease.start, lease.end
+        ):
+            return CommitStatus.DUPLICATE if self.committed.contains(start, end) else (
+                CommitStatus.STALE
+            )
+        if handed_back:
+            self.hand_back(instance_id, lease.lease_id, now)
+        self.leases.pop(lease.lease_id)
+        del self._by_deadline[lease.lease_id]
+        state = self.instances[instance_id]
+        state.leases.remove(lease.lease_id)
+        self._add_queued(state, -lease.unfinished_rows)
+        self.committed.add(start, end)
+        if not lease.above:
+            self._measure(instance_id, end - start, now)
+        return CommitStatus.ACCEPTED
 
     # -- stealing -----------------------------------------------------------------------------
 
@@ -430,7 +558,7 @@ class Scheduler:
         thief_left = self.finish_time(thief)
         for victim in victims:
             lease = self.leases[victim.leases[-1]]
-            if lease.release_to is not None:
+            if lease.release_to is not None or lease.routed:
                 continue
             v_rate = self.rate(victim.instance_id)
             v_left = self.finish_time(victim.instance_id)
@@ -459,7 +587,7 @@ class Scheduler:
         if cut == lease.start:
             self._return_lease(lease_id)
             return
-        self.pending.add(cut, lease.end)
+        self._requeue(lease, cut, lease.end)
         before = lease.unfinished_rows
         lease.end = cut
         self._add_queued(self.instances[instance_id], lease.unfinished_rows - before)
@@ -537,7 +665,7 @@ class Scheduler:
         state = self.instances[lease.instance]
         state.leases.remove(lease_id)
         self._add_queued(state, -lease.unfinished_rows)
-        self.pending.add(lease.start, lease.end)
+        self._requeue(lease, lease.start, lease.end)
         return lease
 
     def _add_queued(self, state: InstanceState, rows: int) -> None:
@@ -547,15 +675,24 @@ class Scheduler:
     # -- commits ------------------------------------------------------------------------------
 
     def commit(
-        self, instance_id: str, lease_id: int, start: int, end: int, now: float
+        self,
+        instance_id: str,
+        lease_id: int,
+        start: int,
+        end: int,
+        now: float,
+        handed_back: bool = False,
     ) -> CommitStatus:
         """Accept a finished unit exactly once.
 
         A commit of a live lease is accepted. A late commit of a lapsed lease is accepted too if
         its rows are all still waiting in the queue (nobody else took them), so a slow worker's
         work is not thrown away; otherwise it is stale and its shard must be discarded.
+        `handed_back`: the unit's rows too long for this instance's context were not run.
         """
         lease = self.leases.get(lease_id)
+        if handed_back or (lease is not None and lease.routed):
+            return self._commit_long_rows(instance_id, lease, start, end, now, handed_back)
         if (
             lease is not None
             and lease.instance == instance_id

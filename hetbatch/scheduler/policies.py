@@ -13,6 +13,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 
+from hetbatch.scheduler.bounds import RowBounds
 from hetbatch.scheduler.core import InstanceState, Lease, Scheduler, SchedulerConfig, Wait
 from hetbatch.scheduler.ranges import RangeSet
 
@@ -128,8 +129,11 @@ class StaticScheduler(Scheduler):
         self._orphan_queue(lease.instance)
         return lease
 
-    def commit(self, instance_id: str, lease_id: int, start: int, end: int, now: float):
-        status = super().commit(instance_id, lease_id, start, end, now)
+    def commit(
+        self, instance_id: str, lease_id: int, start: int, end: int, now: float,
+        handed_back: bool = False,
+    ):
+        status = super().commit(instance_id, lease_id, start, end, now, handed_back)
         self.orphans.remove(start, end)  # a late commit of a lapsed lease took them back
         return status
 
@@ -170,15 +174,17 @@ def make_scheduler(
     boundaries: Sequence[int] = (),
     instances: Expected = (),
     block_rows: int | None = None,
+    bounds: RowBounds | None = None,
 ) -> Scheduler:
     """A scheduler dealing by `policy`. `instances` (id, planned weight) fixes the static
-    layouts up front; without it they use the instances joined at the first request."""
+    layouts up front; without it they use the instances joined at the first request. Per-row
+    `bounds` (known work) only hetbatch's own dealing uses."""
     config = config or SchedulerConfig()
     if block_rows is None and instances:
         block_rows = default_block_rows(total_rows, config, len(instances))
     args = (total_rows, config, committed, boundaries)
     if policy == "hetbatch":
-        return Scheduler(*args)
+        return Scheduler(*args, bounds=bounds)
     if policy == "pull-fixed":
         return PullFixedScheduler(*args, block_rows=block_rows)
     static = {

@@ -50,6 +50,7 @@ class SimInstance:
     lost_at: float | None = None
     pool: str = ""
     step_s: float | None = None  # decode step of the last requests; default max_num_seqs/speed
+    context: int | None = None  # tokens its engine holds (max_model_len); None: any row
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,10 @@ class Assignment:
     end: float
     row0: int
     row1: int
+    above: int = 0  # only its rows needing more context than this (a span of long rows)
+    final: bool = False  # rows its instance could not hold were written as errors
+    limit: int | None = None  # its rows needing more than this were handed back
+    below: int = 1 << 62  # ... and at most this
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,10 @@ class _Unit:
     t_end: float = 0.0
     done_at: float = 0.0
     version: int = 0
+    above: int = 0  # a span of long rows (Lease.above, Lease.below)
+    below: int = 1 << 62
+    limit: int | None = None  # rows needing more are handed back (Lease.limit)
+    final: bool = False
 
 
 @dataclass
@@ -269,7 +278,7 @@ class Simulation:
         inst.alive, inst.free_at = True, self.now
         self.alive_count += 1
         self._call(self.s.join, inst.spec.instance_id, inst.spec.planned_weight, self.now,
-                   inst.spec.max_num_seqs)
+                   inst.spec.max_num_seqs, *_given(inst.spec.context))
         self._want_lease(k, self.now)
         self._push(self.now + self.cfg.heartbeat_s, HEARTBEAT, k, inst.life)
 
@@ -318,7 +327,10 @@ class Simulation:
         if isinstance(result, Lease):
             if inst.first_lease_at is None:
                 inst.first_lease_at = self.now
-            unit = _Unit(result.lease_id, result.start, result.end, self.now)
+            unit = _Unit(result.lease_id, result.start, result.end, self.now,
+                         above=result.above, below=result.below, final=result.final,
+                         limit=result.limit)
+            self._hand_back(inst, unit)
             inst.units.append(unit)
             self._schedule(k, len(inst.units) - 1)
             self._want_lease(k, self.now)
@@ -346,11 +358,32 @@ class Simulation:
             if not (u.version and u.t_start <= self.now):  # a running unit keeps its start
                 prev = inst.units[i - 1].t_end if i > 0 else inst.free_at
                 u.t_start = max(u.granted, prev)
-            u.t_end = u.t_start + self.work.cost(u.start, u.end) / inst.spec.speed
-            floor = u.t_start + self.work.drain_s(u.start, u.end, inst.spec.speed, inst.step_s)
+            if self.work.needs is None:
+                u.t_end = u.t_start + self.work.cost(u.start, u.end) / inst.spec.speed
+                floor = u.t_start + self.work.drain_s(u.start, u.end, inst.spec.speed, inst.step_s)
+            else:
+                run_s, drain_s = self._run_fitting(inst, u)
+                u.t_end, floor = u.t_start + run_s, u.t_start + drain_s
             u.done_at = max(u.t_end, floor, self.now)
             u.version += 1
             self._push(u.done_at, COMMIT, k, u.lease_id * 1024 + (u.version % 1024))
+
+    def _top(self, inst: _Inst, u: _Unit) -> int:
+        return min(inst.spec.context or (1 << 62), u.limit or (1 << 62))
+
+    def _hand_back(self, inst: _Inst, u: _Unit) -> None:
+        """As the worker, once it has read a unit: rows too long for it are handed back."""
+        if self.work.needs is None or u.final:
+            return
+        top = self._top(inst, u)
+        if top > u.above and self.work.hands_back(u.start, u.end, u.below, top):
+            self._call(self.s.hand_back, inst.spec.instance_id, u.lease_id, self.now)
+
+    def _run_fitting(self, inst: _Inst, u: _Unit) -> tuple[float, float]:
+        """A unit of a job whose rows need more context than some instances hold: only the
+        rows this instance holds run (as its worker checks them), the others are handed back."""
+        mask = self.work.rows_run(u.start, u.end, u.above, u.below, self._top(inst, u), u.final)
+        return self.work.masked(u.start, u.end, mask, inst.spec.speed, inst.step_s)
 
     def _on_commit(self, k: int, token: int) -> None:
         inst = self.insts[k]
@@ -371,7 +404,8 @@ class Simulation:
             inst.last_commit_at = self.now
             if self.cfg.record:
                 self.assignments.append(
-                    Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end)
+                    Assignment(inst.spec.instance_id, unit.t_start, self.now, unit.start, unit.end,
+                               unit.above, unit.final, unit.limit, unit.below)
                 )
         inst.next_lease_at = self.now  # as the worker: a commit ends a wait, its queue changed
         if not self._restart_if_drained(k):
@@ -510,6 +544,12 @@ class Simulation:
             scheduler_calls=self.calls,
             scheduler_s=self.sched_s,
         )
+
+
+def _given(value: object) -> tuple:
+    """An optional trailing argument, left out when unset: a trace of a job without it keeps
+    the same calls (the clock last) as before."""
+    return (value,) if value else ()
 
 
 def simulate(

@@ -36,10 +36,18 @@ class LengthDist:
 class RowWork:
     """Work per row: prefix sums of cost, and output lengths for the longest-request bound."""
 
-    def __init__(self, input_lens: np.ndarray, output_lens: np.ndarray, prefill_cost: float = 0.05):
+    def __init__(
+        self,
+        input_lens: np.ndarray,
+        output_lens: np.ndarray,
+        prefill_cost: float = 0.05,
+        needs: np.ndarray | None = None,
+    ):
         if len(input_lens) != len(output_lens):
             raise ValueError("input and output lengths differ in count")
         self.output_lens = np.asarray(output_lens, dtype=np.int32)
+        # Context each row needs (prompt plus max_tokens), for jobs whose pools differ in it.
+        self.needs = None if needs is None else np.asarray(needs, dtype=np.int64)
         cost = self.output_lens + prefill_cost * np.asarray(input_lens, dtype=np.float64)
         self._prefix = np.concatenate([[0.0], np.cumsum(cost)])
         self._period = len(self.output_lens)
@@ -75,7 +83,7 @@ class RowWork:
         billion rows in the memory of a sample of a few million (units are far smaller than a
         block, so no scheduling decision can tell the difference)."""
         work = cls.__new__(cls)
-        work.output_lens, work._prefix = block.output_lens, block._prefix
+        work.output_lens, work._prefix, work.needs = block.output_lens, block._prefix, None
         work._period, work._rows = block._period, rows
         return work
 
@@ -114,3 +122,24 @@ class RowWork:
         blocks, offset = np.divmod(rows, self._period)
         done_before = blocks * self._prefix[-1] + self._prefix[offset] - self._cumulative(start)
         return float(np.max(done_before / speed + self.output_lens[offset] * step_s))
+
+    def rows_run(
+        self, start: int, end: int, above: int, below: int, context: int, final: bool
+    ) -> np.ndarray:
+        """Which rows of [start, end) an instance of `context` runs when dealt them as rows
+        needing more than `above` and at most `below` (a mask; rows it cannot hold are handed
+        back, or written as errors at no cost when the unit is `final`)."""
+        needs = self.needs[start:end]
+        return (needs > above) & (needs <= below) & (final | (needs <= context))
+
+    def hands_back(self, start: int, end: int, below: int, context: int) -> bool:
+        """Whether rows of [start, end) up to `below` need more than `context`."""
+        needs = self.needs[start:end]
+        return bool(np.any((needs > context) & (needs <= below)))
+
+    def masked(self, start: int, end: int, mask: np.ndarray, speed: float, step_s: float):
+        """(pipeline seconds, drain seconds) of the rows of [start, end) under `mask`."""
+        cost = np.diff(self._prefix[start : end + 1]) * mask
+        entry = (np.cumsum(cost) - cost) / speed
+        drain = float(np.max(entry + self.output_lens[start:end] * step_s * mask, initial=0.0))
+        return float(cost.sum()) / speed, drain

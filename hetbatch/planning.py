@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from hetbatch.errors import UserError
-from hetbatch.io.parquet import open_dataset, read_rows
+from hetbatch.io.sample import InputSample, read_sample
 from hetbatch.planner.calibration import Calibration, coefficients_or_default
 from hetbatch.planner.catalog import DEFAULT_CATALOG, Catalog, with_overrides
 from hetbatch.planner.model import (
@@ -37,7 +37,6 @@ from hetbatch.sim.simulation import SimConfig, SimInstance, poll_interval, simul
 from hetbatch.sim.workload import LengthDist, RowWork
 from hetbatch.spec import JobSpec, template_fields
 
-SAMPLE_CHUNKS = 4
 BYTES_PER_TOKEN = 4.0
 _DTYPES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16",
            "bfloat16": "bf16"}
@@ -98,12 +97,13 @@ def replanner_for(job: JobSpec, inputs: JobPlanInputs, plan: ClusterPlan) -> Any
 
 
 def job_plan_inputs(
-    job: JobSpec, calibration: Calibration | None = None, sample_rows: int = 2000
+    job: JobSpec, calibration: Calibration | None = None, sample_rows: int = 2000,
+    sample: InputSample | None = None,
 ) -> JobPlanInputs:
-    """Model, pools and workload of a job file."""
+    """Model, pools and workload of a job file (`sample`: the input's, if already read)."""
     model = model_from_job(job)
     catalog = with_overrides(job.accelerators) if job.accelerators else None
-    lengths, rows = sampled_prompt_lengths(job, sample_rows)
+    lengths, rows = sampled_prompt_lengths(job, sample_rows, sample)
     return JobPlanInputs(model, pools_from_job(job), _workload(job, lengths, rows),
                          catalog=catalog, calibration=calibration, input_sample=tuple(lengths))
 
@@ -164,41 +164,19 @@ def _workload(job: JobSpec, prompt_lengths: list[int], rows: int) -> Workload:
                                  output_len_max=max_tokens)
 
 
-def sampled_prompt_lengths(job: JobSpec, sample_rows: int = 2000) -> tuple[list[int], int]:
-    """Token lengths of a sample of the input's prompts, and the input's row count."""
-    columns = _prompt_columns(job)
-    dataset = open_dataset(
-        job.input.path, columns, job.input.storage_options, input_format=job.input.format
-    )
+def sampled_prompt_lengths(
+    job: JobSpec, sample_rows: int = 2000, sample: InputSample | None = None
+) -> tuple[list[int], int]:
+    """Token lengths of a sample of the input's prompts (`sample`, else one read here), and
+    the input's row count."""
+    if sample is None:
+        sample = read_sample(job, sample_rows=sample_rows)
     fields = template_fields(job.prompt_template or "")
-    rows = _sample(dataset, columns, sample_rows)
-    prompts = [p for p in (_render(job, row, fields) for row in rows) if p is not None]
+    prompts = [p for p in (_render(job, row, fields) for row in sample.rows) if p is not None]
     if not prompts:
         raise UserError(f"{job.input.path}: the sampled rows hold no usable prompt")
     counter = token_counter(job.model.path)
-    return [max(1, counter(p)) for p in prompts], dataset.num_rows
-
-
-def _prompt_columns(job: JobSpec) -> list[str]:
-    if job.input.format == "openai-batch":
-        return ["request"]
-    if job.input.messages_column:
-        return [job.input.messages_column]
-    fields = template_fields(job.prompt_template) if job.prompt_template else []
-    return sorted({str(job.input.prompt_column), *fields})
-
-
-def _sample(dataset: Any, columns: Sequence[str], sample_rows: int) -> list[dict[str, Any]]:
-    """Up to `sample_rows` rows in a few evenly spaced chunks, reading only their row groups."""
-    total = dataset.num_rows
-    want = max(1, min(sample_rows, total))
-    chunks = min(SAMPLE_CHUNKS, want)
-    size = want // chunks
-    rows: list[dict[str, Any]] = []
-    for k in range(chunks):
-        start = (total - size) * k // max(1, chunks - 1) if chunks > 1 else 0
-        rows.extend(read_rows(dataset, start, start + size, columns).to_pylist())
-    return rows
+    return [max(1, counter(p)) for p in prompts], sample.total_rows
 
 
 def _render(

@@ -252,3 +252,33 @@ def test_vllm_prefix_order_gives_the_same_completions(tmp_path, tiny_model) -> N
     for shard in (tmp_path / "grouped").glob("part-*.parquet"):
         groups = pq.read_table(shard, columns=["group"]).column("group").to_pylist()
         assert _group_runs(groups) <= len(set(groups)) + 1, shard.name
+
+
+def test_auto_detection_and_the_planner_share_one_read_of_the_sample(
+    tmp_path, tiny_model, monkeypatch
+) -> None:
+    from hetbatch.io import sample as sample_module
+    from hetbatch.launch.local import LocalLauncher
+    from hetbatch.spec import parse_job
+
+    reads: list[tuple[int, int]] = []
+    read_rows = sample_module.read_rows
+
+    def counting(dataset, start, end, columns):
+        reads.append((start, end))
+        return read_rows(dataset, start, end, columns)
+
+    monkeypatch.setattr(sample_module, "read_rows", counting)
+    shared_prefix_input(tmp_path / "in.parquet", 4000)
+    job = parse_job({
+        "model": {"path": str(tiny_model), "engine_args": {"max_model_len": 512}},
+        "input": {"path": str(tmp_path / "in.parquet"), "prompt_column": "prompt",
+                  "id_column": "id"},
+        "output": {"path": str(tmp_path / "out")},
+        "cluster": {"pools": [{"name": "cpu", "accelerator": "cpu", "devices_per_node": 2}]},
+    })
+    launcher = LocalLauncher(job)
+    run = launcher.prepare(dry_run=True)
+    assert run.prefix_window_rows == job.scheduler.prefix_window_rows  # auto turned it on
+    assert launcher._sample is not None  # the planner ran on it (the pool is unpinned)
+    assert len(reads) == 4 and sum(e - s for s, e in reads) == 2000  # one read of 2,000 rows

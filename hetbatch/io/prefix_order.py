@@ -18,13 +18,14 @@ from __future__ import annotations
 import itertools
 import json
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from hetbatch.io.parquet import read_rows
+from hetbatch.io.sample import InputSample, prompt_columns, read_sample
 from hetbatch.prompts import RowError, row_prompt
 from hetbatch.spec import JobSpec, template_fields
 
@@ -62,12 +63,7 @@ def window_order(keys: Sequence[str]) -> list[int]:
 
 def key_columns(job: JobSpec) -> list[str]:
     """The input columns a row's ordering key is made from."""
-    if job.input.format == "openai-batch":
-        return ["request"]
-    if job.input.messages_column:
-        return [job.input.messages_column]
-    cols = [str(job.input.prompt_column), *template_fields(job.prompt_template or "")]
-    return list(dict.fromkeys(cols))
+    return prompt_columns(job)
 
 
 @dataclass(frozen=True)
@@ -145,29 +141,21 @@ def shares_long_prefixes(keys: Sequence[Sequence[str]]) -> bool:
     return shared >= 0.5 and together < shared / 2
 
 
-SAMPLE_ROWS = 2000
-SAMPLE_CHUNKS = 4
-
-
-def sampled_keys(job: JobSpec, dataset: Any, sample_rows: int = SAMPLE_ROWS) -> list[list[str]]:
-    """Ordering keys of a few evenly spaced chunks of consecutive input rows."""
-    total = dataset.num_rows
-    want = max(1, min(sample_rows, total))
-    chunks = min(SAMPLE_CHUNKS, want)
-    size = want // chunks
+def sampled_keys(job: JobSpec, sample: InputSample) -> list[list[str]]:
+    """Ordering keys of the sample's chunks of consecutive input rows."""
     fields = template_fields(job.prompt_template or "")
-    out = []
-    for k in range(chunks):
-        start = (total - size) * k // max(1, chunks - 1) if chunks > 1 else 0
-        rows = read_rows(dataset, start, start + size, key_columns(job)).to_pylist()
-        out.append([prefix_key(job, row, fields) for row in rows])
-    return out
+    return [[prefix_key(job, row, fields) for row in chunk] for chunk in sample.chunks]
 
 
-def resolve_window(job: JobSpec, dataset: Any) -> int | None:
+def resolve_window(
+    job: JobSpec, dataset: Any, sample: InputSample | Callable[[], InputSample] | None = None
+) -> int | None:
     """The job's prefix order for a fresh run: its window, or None when rows are dealt in
-    input order (`prefix_groups: false`, or `auto` and the sample shows no gain)."""
+    input order (`prefix_groups: false`, or `auto` and the sample shows no gain). `sample`:
+    the input's sample as the planner reads it (or what reads it once); else read here."""
     setting = job.scheduler.prefix_groups
     if setting == "auto":
-        setting = shares_long_prefixes(sampled_keys(job, dataset))
+        if callable(sample):
+            sample = sample()
+        setting = shares_long_prefixes(sampled_keys(job, sample or read_sample(job, dataset)))
     return job.scheduler.prefix_window_rows if setting else None

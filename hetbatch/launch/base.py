@@ -26,6 +26,7 @@ from hetbatch.io.fs import filesystem
 from hetbatch.io.parquet import InputDataset, dataset_to_dict, is_local, open_dataset
 from hetbatch.io.paths import OutputPaths
 from hetbatch.io.prefix_order import PrefixOrder, resolve_window
+from hetbatch.io.sample import InputSample, read_sample
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.prompts import input_columns
 from hetbatch.report import summary_lines
@@ -94,6 +95,7 @@ class Launcher(ABC):
         self.calibration = calibration
         self.token = secrets.token_urlsafe(24)
         self.replanner: Any = None  # set by `_plan` when the job asks for re-planning
+        self._sample: InputSample | None = None
 
     def execute(self, dry_run: bool = False) -> int:
         """Check and resume the job, then launch it; a complete job is only reported."""
@@ -133,7 +135,8 @@ class Launcher(ABC):
         if resuming:
             record["prefix_window_rows"] = self._recorded_prefix_order(store)
         else:
-            record["prefix_window_rows"] = resolve_window(job, dataset)
+            record["prefix_window_rows"] = resolve_window(
+                job, dataset, lambda: self._input_sample(dataset))
         window = record["prefix_window_rows"]
         if self.overwrite:
             if not dry_run:
@@ -189,12 +192,18 @@ class Launcher(ABC):
         from hetbatch.planning import job_plan_inputs, load_calibration, replanner_for
 
         calibration = load_calibration(self.calibration) if self.calibration else None
-        inputs = job_plan_inputs(self.job, calibration)
+        inputs = job_plan_inputs(self.job, calibration, sample=self._input_sample())
         plan = plan_cluster(inputs.model, inputs.pools, inputs.workload, catalog=inputs.catalog,
                             calibration=inputs.calibration)
         if self.job.replan.enabled:
             self.replanner = replanner_for(self.job, inputs, plan)
         return plan
+
+    def _input_sample(self, dataset: InputDataset | None = None) -> InputSample:
+        """The input's sample, read once for prefix detection and the planner alike."""
+        if self._sample is None:
+            self._sample = read_sample(self.job, dataset)
+        return self._sample
 
     def _job_record(self, dataset: InputDataset) -> dict[str, Any]:
         spec = self.job.to_dict()

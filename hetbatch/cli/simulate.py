@@ -13,9 +13,12 @@ from hetbatch.cli import options
 from hetbatch.engines.simulated import delivered_speed as _sim_engine_speed
 from hetbatch.engines.simulated import step_seconds
 from hetbatch.errors import UserError
+from hetbatch.io.prefix_order import PrefixOrder, resolve_window, sampled_keys
+from hetbatch.io.sample import read_sample
 from hetbatch.layout import InstanceSpec, instance_layout
 from hetbatch.scheduler.core import SchedulerConfig
 from hetbatch.scheduler.policies import POLICIES, make_scheduler
+from hetbatch.sim.prefix_cache import DEFAULT_CACHE_TOKENS, PrefixProfile, cache_rows
 from hetbatch.sim.simulation import SimConfig, SimInstance, SimResult, poll_interval, simulate
 from hetbatch.sim.workload import LengthDist, RowWork
 from hetbatch.spec import JobSpec, load_job
@@ -82,6 +85,11 @@ def _prefill_cost(job: JobSpec) -> float:
     if job.engine.kind == "sim" or not all(p.capacity_weight for p in job.cluster.pools):
         return 0.0
     return 0.05
+
+
+# Work per prompt token (in output tokens) when planned speeds are split into prompt and output
+# work to price a prefix cache: the figure a bare capacity_weight is charged.
+PLANNED_PREFILL = 0.05
 
 
 def _input_lengths(job: JobSpec, sample: int) -> tuple[np.ndarray, int] | None:
@@ -196,6 +204,7 @@ def simulate_job(
     output_len: float | None = None,
     output_sigma: float = 0.5,
     tail: float = 0.0,
+    cache_tokens: float = DEFAULT_CACHE_TOKENS,
 ) -> SimResult:
     """The job's rows run on `insts` by the scheduler of `policy`.
 
@@ -213,14 +222,44 @@ def simulate_job(
     out_med = output_len or max(cap / 2, 1.0)
     outputs = LengthDist(out_med, sigma=output_sigma, tail_frac=tail, maximum=cap)
     prefill = _prefill_cost(job)
-    work = (RowWork.resample(rows, rng, sample[0], outputs, prefill) if sample is not None
-            else RowWork.sample(rows, rng, LengthDist(input_len), outputs, prefill))
-    sched = make_scheduler(policy, rows, SchedulerConfig.from_spec(job.scheduler))
+    window, profile = _prefix_profile(job, rows)
+    if profile is not None and sample is not None:
+        # Prompts cost what the prefix cache leaves to prefill. Planned speeds price a prompt
+        # of the sample's mean length in; charge prompts apart instead, at the same total.
+        if prefill == 0.0:
+            prefill = PLANNED_PREFILL
+            scale = 1 + prefill * float(np.mean(sample[0])) / out_med
+            insts[:] = [replace(i, speed=i.speed * scale, planned_weight=i.planned_weight * scale)
+                        for i in insts]
+        lens = rng.choice(np.asarray(sample[0]), size=rows, replace=True)
+        held = cache_rows(cache_tokens, float(np.mean(sample[0])), out_med)
+        work = RowWork(profile.cached_prompt(lens, rng, window, held),
+                       outputs.sample(rng, rows), prefill)
+    else:
+        work = (RowWork.resample(rows, rng, sample[0], outputs, prefill) if sample is not None
+                else RowWork.sample(rows, rng, LengthDist(input_len), outputs, prefill))
+    config = replace(SchedulerConfig.from_spec(job.scheduler), follow_on=window is not None)
+    boundaries = PrefixOrder(window, rows).boundaries() if window is not None else ()
+    sched = make_scheduler(policy, rows, config, boundaries=boundaries)
     sim_cfg = SimConfig(heartbeat_s=job.scheduler.heartbeat_s, poll_s=_step_s(job, insts))
     result = simulate(sched, insts, work, sim_cfg)
     if not result.completed:
         raise UserError("the simulated job never finished: every instance was lost")
     return result
+
+
+def _prefix_profile(job: JobSpec, rows: int) -> tuple[int | None, PrefixProfile | None]:
+    """Prefix order's window for the job (as `hetbatch run` would resolve it) and the shared
+    prefixes its input's sample shows; (None, None) when the input cannot be read. The
+    simulated engine ignores prompts, so its jobs gain nothing from a prefix cache."""
+    try:
+        sample = read_sample(job)
+    except Exception:
+        return None, None
+    window = resolve_window(job, None, sample)
+    if job.engine.kind == "sim":
+        return window, None
+    return window, PrefixProfile.from_keys(sampled_keys(job, sample), rows)
 
 
 def _step_s(job: JobSpec, insts: list[SimInstance]) -> float:
@@ -246,6 +285,8 @@ def _step_s(job: JobSpec, insts: list[SimInstance]) -> float:
 @click.option("--output-sigma", type=float, default=0.5, show_default=True,
               help="Lognormal spread of output lengths; 0 makes every row --output-len.")
 @click.option("--tail", type=float, default=0.0, help="Fraction of rows 20x the median output.")
+@click.option("--cache-tokens", type=float, default=DEFAULT_CACHE_TOKENS, show_default=True,
+              help="KV tokens an instance's prefix cache holds (rows sharing a prompt prefix).")
 @options.calibration
 @click.option("--lose", multiple=True, metavar="INSTANCE@T", help="Instance lost at time T.")
 @click.option("--join", multiple=True, metavar="INSTANCE@T", help="Instance joins at time T.")

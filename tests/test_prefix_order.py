@@ -282,3 +282,40 @@ def test_auto_detection_and_the_planner_share_one_read_of_the_sample(
     assert run.prefix_window_rows == job.scheduler.prefix_window_rows  # auto turned it on
     assert launcher._sample is not None  # the planner ran on it (the pool is unpinned)
     assert len(reads) == 4 and sum(e - s for s, e in reads) == 2000  # one read of 2,000 rows
+
+
+# -- the simulator -----------------------------------------------------------------------------
+
+
+def _simulated(tmp_path: Path, name: str, prefix_groups: bool) -> float:
+    from hetbatch.cli.simulate import predict
+    from hetbatch.spec import parse_job
+
+    job = parse_job({
+        "model": {"path": "unused"},
+        "input": {"path": str(tmp_path / f"{name}.parquet"), "prompt_column": "prompt"},
+        "output": {"path": str(tmp_path / "out")},
+        "sampling": {"max_tokens": 32},
+        "scheduler": {"prefix_groups": prefix_groups},
+        "cluster": {"pools": [{"name": "a", "accelerator": "cpu", "devices_per_node": 2,
+                               "tensor_parallel_size": 1, "capacity_weight": 2000}]},
+    })
+    return predict(job).makespan
+
+
+def test_simulator_prices_the_prefix_cache_in_dealing_order(tmp_path) -> None:
+    """Many documents, a few questions each, in random order: the rows of a document lie far
+    apart in input order (the cache has evicted a document before its next question comes)
+    and next to each other in prefix order, so the simulated job is faster with it. Over 25
+    system prompts every prefix stays cached in either order: no difference."""
+    rng = random.Random(3)
+    docs = [f"Document {d}: " + " ".join(rng.choice(["data", "river", "stone", "light"])
+                                         for _ in range(300)) for d in range(2000)]
+    picks = [rng.randrange(len(docs)) for _ in range(8000)]
+    pq.write_table(pa.table({"prompt": [f"{docs[d]}\nQuestion {i}?" for i, d in
+                                        enumerate(picks)]}), tmp_path / "docs.parquet")
+    shared_prefix_input(tmp_path / "few.parquet", 8000)
+    off, on = _simulated(tmp_path, "docs", False), _simulated(tmp_path, "docs", True)
+    assert on < 0.75 * off, (on, off)
+    off, on = _simulated(tmp_path, "few", False), _simulated(tmp_path, "few", True)
+    assert on == pytest.approx(off, rel=0.03)

@@ -90,8 +90,13 @@ class VllmEngine:
         if task != "generate":
             engine_args = {"runner": "pooling", "convert": task, **engine_args}
         self._load: EngineLoad | None = None
+        from vllm.usage.usage_lib import UsageContext
+
+        # An offline batch engine: vLLM's defaults for its offline `LLM` class (on the CPU
+        # max_num_seqs 256 and max_num_batched_tokens 4096; without a context, 128 and 2048).
         self._engine: LLMEngine | None = LLMEngine.from_engine_args(
-            EngineArgs(model=model, **engine_args), stat_loggers=[self._load_logger()]
+            EngineArgs(model=model, **engine_args), usage_context=UsageContext.LLM_CLASS,
+            stat_loggers=[self._load_logger()],
         )
         self._tokenizer = self._engine.get_tokenizer()
         self._max_model_len: int = self._engine.model_config.max_model_len

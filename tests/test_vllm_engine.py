@@ -72,6 +72,12 @@ def requests(prefix: str, sampling: dict[str, Any]) -> list[EngineRequest]:
     return [EngineRequest(f"{prefix}-{i}", p, sampling) for i, p in enumerate(PROMPTS)]
 
 
+def test_unset_batch_limits_are_vllm_offline_defaults(engine: VllmEngine) -> None:
+    """As vLLM's offline `LLM` class sets them on the CPU, not its context-free 128/2048."""
+    config = engine._engine.vllm_config.scheduler_config
+    assert (engine.max_concurrency, config.max_num_batched_tokens) == (256, 4096)
+
+
 def test_one_completion_per_request(engine: VllmEngine) -> None:
     done = run(engine, requests("basic", GREEDY))
     assert sorted(done) == [f"basic-{i}" for i in range(len(PROMPTS))]

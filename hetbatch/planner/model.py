@@ -37,7 +37,9 @@ class Coefficients:
 
     Defaults are datasheet-relative and justified per field:
     - compute_eff: large bf16 GEMMs reach 60-75% of dense peak; attention, norms and the
-      ragged shapes of mixed prefill/decode batches pull the whole forward pass lower.
+      ragged shapes of mixed prefill/decode batches pull the whole forward pass lower. Stated
+      on the H100 SXM; parts whose best matmul reaches another share of their datasheet
+      (`Accelerator.matmul_fraction`, measured) scale it by that ratio.
     - bandwidth_eff: streaming kernels reach 80-90% of HBM peak; decode GEMV/attention kernels
       in serving engines sit lower, around two thirds.
     - comm_eff: NCCL/custom allreduce on small messages reaches a fraction of link peak,
@@ -166,10 +168,10 @@ def compute_peak_tflops(acc: Accelerator, quantization: str) -> float:
     """Peak of the GEMMs for a weight format: FP8/INT8 run at their own rate where supported;
     weight-only int4 dequantizes to 16-bit, so it runs at the bf16 rate."""
     if quantization == "fp8" and acc.fp8_tflops:
-        return acc.fp8_tflops * acc.peak_fraction
+        return acc.fp8_tflops * acc.compute_scale
     if quantization == "int8" and acc.int8_tops:
-        return acc.int8_tops * acc.peak_fraction
-    return acc.bf16_tflops * acc.peak_fraction
+        return acc.int8_tops * acc.compute_scale
+    return acc.bf16_tflops * acc.compute_scale
 
 
 def kv_bytes_per_token_per_device(d: Deployment, context: float | None = None) -> float:
@@ -351,7 +353,7 @@ def step_work(
             memory_s += weights_s
     attn_layers = model.kv_layers_at(context)
     attn_flops = 4 * attn_layers * model.heads * (model.attn_dim or model.head_dim) * attended
-    compute_s += attn_flops / devices / (acc.bf16_tflops * acc.peak_fraction * 1e12)
+    compute_s += attn_flops / devices / (acc.bf16_tflops * acc.compute_scale * 1e12)
     memory_s += kv_read * kv_bytes_per_token_per_device(d, context) / bandwidth
 
     comm_s, allreduces = 0.0, 0.0
@@ -374,7 +376,7 @@ def _gemm_parts(
     routed_active = model.expert_params * model.experts_per_tok / max(model.num_experts, 1)
     dense_linear = model.active_params - head * (1 if model.tie_embeddings else 2) - routed_active
     peak = compute_peak_tflops(acc, model.quantization) * 1e12
-    head_peak = (acc.bf16_tflops * acc.peak_fraction * 1e12 if model.quantization in QUANTIZED
+    head_peak = (acc.bf16_tflops * acc.compute_scale * 1e12 if model.quantization in QUANTIZED
                  else peak)  # the LM head stays 16-bit
     bandwidth = acc.memory_bw_gbps * 1e9 * acc.peak_fraction * d.devices
     expert_bytes = model.expert_params * model.weight_bytes_per_param

@@ -63,3 +63,16 @@ def test_lumped_cycle_keeps_its_token_counts() -> None:
     f = cycle_features(d, 40, 8192, 3000, 200)
     assert math.isclose(f.steps, 200, rel_tol=1e-9)
     assert math.isclose(f.tokens, 40 * 200, rel_tol=1e-9)
+
+
+def test_gemm_peaks_follow_the_measured_achievable_matmul_flops() -> None:
+    """An A100's best BF16 matmul reaches 86.9% of its datasheet, an H100's 80.3%: the model's
+    GEMM peaks keep that ratio (parts without a measurement keep their datasheet ratio)."""
+    from hetbatch.planner.model import compute_peak_tflops
+
+    a100, h100 = get_accelerator("A100 80GB"), get_accelerator("H100 SXM")
+    ratio = compute_peak_tflops(a100, "bf16") / compute_peak_tflops(h100, "bf16")
+    assert math.isclose(ratio, (312 * 0.869) / (989 * 0.803), rel_tol=1e-6)
+    l40s = get_accelerator("L40S")
+    assert math.isclose(compute_peak_tflops(l40s, "fp8") / compute_peak_tflops(h100, "fp8"),
+                        733 / 1979, rel_tol=1e-6)

@@ -35,6 +35,12 @@ class Accelerator:
     # Share of the datasheet peaks the vendor's kernels reach, relative to NVIDIA's CUDA stack
     # (1.0). It scales compute and bandwidth alike before the model's efficiency coefficients.
     peak_fraction: float = 1.0
+    # Maximum achievable matmul FLOPS (the best BF16 matmul torch reaches, as a share of the
+    # datasheet peak) relative to the H100 SXM's 80.3%, on which the default compute
+    # efficiency is stated. Measured MAMF (S. Bekman, "Machine Learning Engineering",
+    # compute/accelerator, Maximum Achievable Matmul FLOPS comparison table): A100 SXM 86.9%,
+    # A100 PCIe 81.1%, H100 SXM 80.3% (H200 the same). 1.0 where no measurement is published.
+    matmul_fraction: float = 1.0
     source: str = ""
     # How the devices of a node talk: "nvlink" (all-to-all through NVSwitch, or any fabric that
     # connects every pair: Infinity Fabric, HCCS, RoCE) or "pcie". On PCIe, `link_group` devices
@@ -44,6 +50,11 @@ class Accelerator:
     link: str = "nvlink"
     link_group: int = 0  # 0: every device of the node at interconnect_gbps
     cross_group_gbps: float = 0.0
+
+    @property
+    def compute_scale(self) -> float:
+        """Share of the datasheet FLOPS the model's GEMMs start from (before compute_eff)."""
+        return self.peak_fraction * self.matmul_fraction
 
     @property
     def one_shot_allreduce(self) -> bool:
@@ -66,6 +77,10 @@ class Accelerator:
 # are optional hardware and not assumed.
 _PCIE: dict[str, Any] = {"link": "pcie", "link_group": 4, "cross_group_gbps": 20.0}
 
+# Measured MAMF shares (see Accelerator.matmul_fraction).
+_H100_MAMF = 0.803
+_A100_SXM_MAMF = 0.869 / _H100_MAMF
+
 _BUILTIN: tuple[Accelerator, ...] = (
     # NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e, 4.8 TB/s, BF16 1,979 TFLOPS and
     # FP8 3,958 TFLOPS with sparsity (half dense), NVLink 900 GB/s.
@@ -81,15 +96,16 @@ _BUILTIN: tuple[Accelerator, ...] = (
                 source="NVIDIA H100 Tensor Core GPU datasheet (PCIe)"),
     # NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): HBM2e 2,039 GB/s, BF16 312 TFLOPS,
     # INT8 624 TOPS, NVLink 600 GB/s.
-    Accelerator("A100 80GB", 80, 2039, 312, 600, int8_tops=624,
+    Accelerator("A100 80GB", 80, 2039, 312, 600, int8_tops=624, matmul_fraction=_A100_SXM_MAMF,
                 source="NVIDIA A100 Tensor Core GPU datasheet (80GB SXM)"),
     # NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): HBM2 1,555 GB/s, BF16 312 TFLOPS, NVLink
     # 600 GB/s.
-    Accelerator("A100 40GB", 40, 1555, 312, 600, int8_tops=624,
+    Accelerator("A100 40GB", 40, 1555, 312, 600, int8_tops=624, matmul_fraction=_A100_SXM_MAMF,
                 source="NVIDIA A100 Tensor Core GPU datasheet (40GB SXM)"),
     # NVIDIA A100 Tensor Core GPU datasheet (80GB PCIe): HBM2e 1,935 GB/s, BF16 312 TFLOPS, INT8
     # 624 TOPS, PCIe Gen4 64 GB/s (NVLink bridge for two GPUs only).
     Accelerator("A100 PCIe", 80, 1935, 312, 64, int8_tops=624, **_PCIE,
+                matmul_fraction=0.811 / _H100_MAMF,
                 source="NVIDIA A100 Tensor Core GPU datasheet (80GB PCIe)"),
     # NVIDIA L40S GPU datasheet: 48 GB GDDR6, 864 GB/s, BF16 362 TFLOPS dense (733 sparse), FP8
     # 733 dense (1,466 sparse), PCIe Gen4 x16 64 GB/s.
@@ -115,7 +131,9 @@ _BUILTIN: tuple[Accelerator, ...] = (
     # FP8 2,614.9 TFLOPS dense, Infinity Fabric peak aggregate 896 GB/s. peak_fraction: ROCm
     # GEMMs reach a markedly smaller share of the marketed peak than cuBLAS does of Hopper's
     # (SemiAnalysis, "MI300X vs H100 vs H200 Benchmark Part 1: Training", Dec 2024); 0.65 is
-    # our estimate, consistent with AMD's published vLLM throughput (tests/planner/published.csv).
+    # our estimate, consistent with AMD's published vLLM throughput (tests/planner/published.csv)
+    # and with the measured MAMF (51.4% of the datasheet, 0.64 of the H100's share), so no
+    # matmul_fraction on top.
     Accelerator("MI300X", 192, 5300, 1307, 896, fp8_tflops=2615, int8_tops=2615,
                 peak_fraction=0.65, source="AMD Instinct MI300X accelerator datasheet"),
     # AMD Instinct MI250X accelerator datasheet: 128 GB HBM2e, 3.2768 TB/s, BF16 383 TFLOPS per

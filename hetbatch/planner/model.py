@@ -37,7 +37,9 @@ class Coefficients:
 
     Defaults are datasheet-relative and justified per field:
     - compute_eff: large bf16 GEMMs reach 60-75% of dense peak; attention, norms and the
-      ragged shapes of mixed prefill/decode batches pull the whole forward pass lower.
+      ragged shapes of mixed prefill/decode batches pull the whole forward pass lower. Stated
+      on the H100 SXM; parts whose best matmul reaches another share of their datasheet
+      (`Accelerator.matmul_fraction`, measured) scale it by that ratio.
     - bandwidth_eff: streaming kernels reach 80-90% of HBM peak; decode GEMV/attention kernels
       in serving engines sit lower, around two thirds.
     - comm_eff: NCCL/custom allreduce on small messages reaches a fraction of link peak,
@@ -166,10 +168,10 @@ def compute_peak_tflops(acc: Accelerator, quantization: str) -> float:
     """Peak of the GEMMs for a weight format: FP8/INT8 run at their own rate where supported;
     weight-only int4 dequantizes to 16-bit, so it runs at the bf16 rate."""
     if quantization == "fp8" and acc.fp8_tflops:
-        return acc.fp8_tflops * acc.peak_fraction
+        return acc.fp8_tflops * acc.compute_scale
     if quantization == "int8" and acc.int8_tops:
-        return acc.int8_tops * acc.peak_fraction
-    return acc.bf16_tflops * acc.peak_fraction
+        return acc.int8_tops * acc.compute_scale
+    return acc.bf16_tflops * acc.compute_scale
 
 
 def kv_bytes_per_token_per_device(d: Deployment, context: float | None = None) -> float:
@@ -238,21 +240,74 @@ def cycle_features(
 ) -> TimeFeatures:
     """Physical work of taking `batch` sequences from admission to their last token.
 
-    Under continuous batching every step mixes decodes with chunks of new prompts, so the steps
-    of a cycle are alike; there are at least as many as output tokens, more when the prompts do
-    not fit in the spare token budget of the decode steps.
+    There are at least as many steps as output tokens, more when the prompts do not fit in the
+    spare token budget of the decode steps (then every step is full and they are alike).
+    Otherwise the prompts do not spread evenly over the steps: vLLM's scheduler gives a step's
+    spare budget to the waiting prompts that fit, so a prompt is prefilled whole (up to the
+    budget) in the step after a sequence finishes and frees its place. A step therefore carries
+    the decodes of the batch plus the prompts of the k sequences that finished before it, k
+    Poisson with mean batch / output_len, and each step is its own roofline: decode-only steps
+    stream the weights, steps with a prompt are bound by its GEMMs (`_lumped_steps`).
     """
     tokens = batch * (input_len + output_len)
     ctx = input_len + output_len / 2
-    return step_work(
-        d,
-        tokens=tokens,
-        out_tokens=batch * output_len,
-        steps=max(output_len, math.ceil(tokens / max_num_batched_tokens)),
-        attended=batch * (input_len * input_len / 2 + output_len * ctx),
-        kv_read=batch * output_len * ctx,
-        context=ctx,
-    )
+    full_steps = math.ceil(tokens / max_num_batched_tokens)
+    if full_steps >= output_len or input_len <= 0:
+        return step_work(
+            d, tokens=tokens, out_tokens=batch * output_len,
+            steps=max(output_len, full_steps),
+            attended=batch * (input_len * input_len / 2 + output_len * ctx),
+            kv_read=batch * output_len * ctx, context=ctx,
+        )
+    return _lumped_steps(d, batch, input_len, output_len, ctx)
+
+
+# Poisson tail mass below which the remaining prompt counts are folded into one term.
+_POISSON_TAIL = 1e-3
+
+
+def _lumped_steps(
+    d: Deployment, batch: int, input_len: float, output_len: float, ctx: float
+) -> TimeFeatures:
+    """`output_len` steps, each `batch` decodes plus k whole prompts (k Poisson, mean
+    batch / output_len), summed with their probabilities. Steps with more prompts are ever more
+    GEMM-bound and their work is linear in k from there on, so the tail beyond the first
+    compute-bound count is one term at its conditional mean (exact for the roofline)."""
+    lam = batch / output_len
+
+    def one_step(k: float) -> TimeFeatures:
+        return step_work(
+            d, tokens=batch + k * input_len, out_tokens=batch, steps=1,
+            attended=batch * ctx + k * input_len * input_len / 2,
+            kv_read=batch * ctx, context=ctx,
+        )
+
+    acc = [0.0] * 6
+    p = math.exp(-lam)
+    mass, mean_mass, k = 0.0, 0.0, 0
+    while True:
+        tail, tail_mean = 1.0 - mass, lam - mean_mass  # P(K >= k), E[K; K >= k]
+        last = (tail < _POISSON_TAIL or k > 4 * lam + 10
+                or _gemm_bound(d, batch + k * input_len, batch))
+        f = one_step(tail_mean / tail if last and tail > 1e-12 else k)
+        weight = tail if last else p
+        for i, v in enumerate(f.values()):
+            acc[i] += weight * v
+        if last:
+            break
+        mass += p
+        mean_mass += k * p
+        k += 1
+        p *= lam / k
+    return TimeFeatures(*(output_len * v for v in acc))
+
+
+def _gemm_bound(d: Deployment, tokens: float, out_tokens: float) -> bool:
+    """Whether every GEMM roofline of a step of `tokens` tokens is on its compute side (then
+    more tokens only add GEMM time: the step is linear in its tokens)."""
+    coef = d.coefficients
+    return all(g / coef.compute_eff >= w / coef.bandwidth_eff
+               for g, w in _gemm_parts(d, tokens, out_tokens, 1, tokens))
 
 
 def decode_step_features(d: Deployment, batch: int, context: float) -> TimeFeatures:
@@ -298,7 +353,7 @@ def step_work(
             memory_s += weights_s
     attn_layers = model.kv_layers_at(context)
     attn_flops = 4 * attn_layers * model.heads * (model.attn_dim or model.head_dim) * attended
-    compute_s += attn_flops / devices / (acc.bf16_tflops * acc.peak_fraction * 1e12)
+    compute_s += attn_flops / devices / (acc.bf16_tflops * acc.compute_scale * 1e12)
     memory_s += kv_read * kv_bytes_per_token_per_device(d, context) / bandwidth
 
     comm_s, allreduces = 0.0, 0.0
@@ -321,7 +376,7 @@ def _gemm_parts(
     routed_active = model.expert_params * model.experts_per_tok / max(model.num_experts, 1)
     dense_linear = model.active_params - head * (1 if model.tie_embeddings else 2) - routed_active
     peak = compute_peak_tflops(acc, model.quantization) * 1e12
-    head_peak = (acc.bf16_tflops * acc.peak_fraction * 1e12 if model.quantization in QUANTIZED
+    head_peak = (acc.bf16_tflops * acc.compute_scale * 1e12 if model.quantization in QUANTIZED
                  else peak)  # the LM head stays 16-bit
     bandwidth = acc.memory_bw_gbps * 1e9 * acc.peak_fraction * d.devices
     expert_bytes = model.expert_params * model.weight_bytes_per_param

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -51,7 +52,16 @@ def test_runners_up_and_rejections_are_explained(chat_workload: Workload) -> Non
     pool = plan.pools[0]
     assert 1 <= len(pool.runners_up) <= 4
     assert all(r.why for r in pool.runners_up)
-    assert all(r.score <= pool.runners_up[0].score * 1.02 for r in pool.runners_up[1:])
+    # One per other parallel layout first (the best of each, in score order), then the rest.
+    chosen = (pool.config.tensor_parallel_size, pool.config.pipeline_parallel_size)
+    layouts = [(r.config.tensor_parallel_size, r.config.pipeline_parallel_size)
+               for r in pool.runners_up]
+    first = 0
+    while first < len(layouts) and layouts[first] not in [*layouts[:first], chosen]:
+        first += 1
+    assert first >= 1
+    for part in (pool.runners_up[:first], pool.runners_up[first:]):
+        assert all(b.score <= a.score * 1.02 for a, b in itertools.pairwise(part))
     assert any(r.config.tensor_parallel_size == 1 and "exceed" in r.reason
                for r in pool.rejected)
     assert plan_cluster(model, [MIXED[0]], chat_workload, top_k=0).pools[0].runners_up == ()

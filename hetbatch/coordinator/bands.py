@@ -10,6 +10,7 @@ job runs, so no row runs twice and none is lost.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 from hetbatch.scheduler.ranges import RangeSet
@@ -35,7 +36,7 @@ def resume_state(
         committed.add(start, end)
     cuts = sorted({x for start, end, _, _ in banded for x in (start, end)})
     spans: list[Span] = []
-    for lo, hi in zip(cuts, cuts[1:], strict=False):
+    for lo, hi in itertools.pairwise(cuts):
         bands = [(a, t) for start, end, a, t in banded if start <= lo and hi <= end]
         if not bands or whole.contains(lo, hi):
             continue

@@ -66,7 +66,7 @@ def assert_routed_once(out: Path, needs: list[int]) -> pl.DataFrame:
     assert df.height == rows and df["id"].to_list() == [f"r{i:06d}" for i in range(rows)]
     for i, (instance, error) in enumerate(zip(df["instance"], df["error"], strict=True)):
         if needs[i] > BIG:
-            assert error is not None and "more than any engine" in error, (i, error)
+            assert error is not None and "no engine of this job holds more" in error, (i, error)
         else:
             assert error is None, (i, error)
             assert needs[i] <= SMALL or instance.startswith("big"), (i, needs[i], instance)

@@ -270,11 +270,13 @@ class Worker:
 
     def _route(self, unit: Unit, prompts: list[RowPrompt]) -> dict[int, dict[str, Any] | None]:
         """Results settled before the engine: None for a row not this unit's (outside its
-        band, or handed back), a row error for a row of a final unit no engine holds."""
+        band, or handed back), a row error for a row of a final unit whose prompt no engine
+        holds. A final unit's rows whose prompt fits run here, their output cut at the
+        context (finish_reason "length"), as vLLM does with a row its context cannot finish."""
         context = self.context
         if context is None:
             return {}
-        needs = [row_need(self.job, p, self.engine) for p in prompts]
+        needs = [row_need(self.job, p) for p in prompts]
         below = unit.below if unit.below is not None else UNLIMITED
         top = min(context, unit.limit or UNLIMITED)
         if unit.final:
@@ -289,8 +291,8 @@ class Worker:
         for i, n in enumerate(needs):
             if not unit.above < n <= keep_to:
                 settled[i] = None
-            elif unit.final and n > context:
-                settled[i] = {"error": too_long(self.job, prompts[i], n, context)}
+            elif unit.final and prompt_tokens(prompts[i]) >= context:
+                settled[i] = {"error": too_long(prompts[i], context)}
         return settled
 
     def _load(self, start: int, end: int) -> tuple[pa.Table, list[RowPrompt], list[int] | None]:
@@ -514,24 +516,27 @@ class Worker:
         return {"null_ids": nulls, "duplicate_ids": duplicates}
 
 
-def row_need(job: JobSpec, prompt: RowPrompt, engine: Engine) -> int:
+def prompt_tokens(prompt: RowPrompt) -> int:
+    """A prompt's tokens: its token ids, or the simulated engine's count when the engine
+    tokenizes nothing ahead."""
+    if prompt.token_ids is not None:
+        return len(prompt.token_ids)
+    return approx_tokens(prompt.prompt or "")
+
+
+def row_need(job: JobSpec, prompt: RowPrompt) -> int:
     """Tokens of context a row needs: its prompt's plus the most it may generate (at least 1;
     a row that cannot be run at all, an input error, is written wherever its range goes)."""
     if prompt.error is not None or prompt.prompt is None:
         return 1
-    tokens = (
-        len(prompt.token_ids) if prompt.token_ids is not None else approx_tokens(prompt.prompt)
-    )
     if job.task != "generate":
-        return max(tokens, 1)
-    max_tokens = row_sampling(job, prompt).get("max_tokens") or 1
-    return tokens + int(max_tokens)
+        return max(prompt_tokens(prompt), 1)
+    return prompt_tokens(prompt) + int(row_sampling(job, prompt).get("max_tokens") or 1)
 
 
-def too_long(job: JobSpec, prompt: RowPrompt, need: int, context: int) -> str:
-    """The error of a row no engine of the job holds."""
-    max_tokens = row_sampling(job, prompt).get("max_tokens") if job.task == "generate" else 0
+def too_long(prompt: RowPrompt, context: int) -> str:
+    """The error of a row whose prompt no engine of the job holds."""
     return (
-        f"row needs {need} tokens of context (prompt plus max_tokens {max_tokens or 0}), more "
-        f"than any engine of this job holds (max_model_len {context} here)"
+        f"prompt is {prompt_tokens(prompt)} tokens, longer than the model's context of "
+        f"{context} (no engine of this job holds more)"
     )

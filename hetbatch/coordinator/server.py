@@ -55,6 +55,9 @@ MAX_COMMIT_BATCH = 512
 _RELAYOUT_ARGS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
                   "kv_cache_dtype")
 MAX_UNSENT_BYTES = 16 << 20  # a peer that stops reading its replies is dropped
+# How long rows too long for every joined engine wait for an instance still starting (whose
+# engine may hold them) before they are written as row errors.
+AWAIT_JOIN_S = 1800.0
 _HEADER = struct.Struct(">I")
 
 
@@ -174,8 +177,21 @@ class Coordinator:
             m.HandBack: self._op_hand_back,
             m.Bye: self._op_bye,
         }
+        # Instances of the layout that have not joined yet, with the context they will bring.
+        self._awaited = _expected_contexts(job)
+        self._await_until = self.started_at + AWAIT_JOIN_S
+        self._set_awaited()
         if scheduler.done:
             self._finish()
+
+    def _set_awaited(self) -> None:
+        self.scheduler.awaited_context = max(self._awaited.values(), default=0)
+
+    def instance_failed(self, instance: str) -> None:
+        """The launcher gave up on an instance: no row waits for it to join."""
+        with self.lock:
+            if self._awaited.pop(instance, None) is not None:
+                self._set_awaited()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -243,6 +259,10 @@ class Coordinator:
             self._stalls.popleft()
         stalled = sum(lag for _, lag in self._stalls)
         with self.lock:
+            if self._awaited and now > self._await_until:
+                log.warning("instances never joined: %s", ", ".join(sorted(self._awaited)))
+                self._awaited.clear()
+                self._set_awaited()
             lapsed = self.scheduler.expire(now - stalled)
             for lease in lapsed:
                 self._returned_rows.add(lease.start, lease.end)
@@ -321,6 +341,8 @@ class Coordinator:
     def _op_hello(self, msg: m.Hello, conn: _Connection) -> dict[str, Any]:
         now = self.clock()
         self.scheduler.join(msg.instance, msg.weight, now, msg.concurrency, msg.context)
+        if self._awaited.pop(msg.instance, None) is not None:
+            self._set_awaited()
         conn.instance = msg.instance
         metrics = self.metrics.setdefault(msg.instance, InstanceMetrics(pool=msg.pool))
         metrics.connected = True
@@ -709,6 +731,16 @@ def _record(
         above=msg.above,
         top=msg.top,
     )
+
+
+def _expected_contexts(job: dict[str, Any]) -> dict[str, int]:
+    """The context each instance of the job's layout will join with: its max_model_len, as
+    large as any when not set (vLLM then takes the model's)."""
+    sim = job.get("spec", {}).get("engine", {}).get("kind") == "sim"
+    return {
+        name: int(spec.get("engine_args", {}).get("max_model_len") or (4096 if sim else UNLIMITED))
+        for name, spec in job.get("instances", {}).items()
+    }
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -292,7 +292,7 @@ class Worker:
             if not unit.above < n <= keep_to:
                 settled[i] = None
             elif unit.final and prompt_tokens(prompts[i]) >= context:
-                settled[i] = {"error": too_long(prompts[i], context)}
+                settled[i] = {"error": too_long(prompts[i], max(context, unit.above))}
         return settled
 
     def _load(self, start: int, end: int) -> tuple[pa.Table, list[RowPrompt], list[int] | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from tests.jobutil import (
     run_cli,
     sim_job,
     sim_pool,
-    start_run,
+    start_cli,
     wait_for,
+    worker_pids,
     write_job,
 )
 
@@ -98,10 +100,17 @@ def test_killed_routed_job_resumes_exactly_once(tmp_path) -> None:
     rows = 8_000
     job_file, needs = routed_job(tmp_path, rows)
     out = tmp_path / "out"
-    proc = start_run(job_file, out, 1)
-    wait_for(lambda: any(r.get("top") == SMALL for r in ledger(out)), 60, "rows handed back")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = start_cli("run", str(job_file))
+    wait_for(lambda: len(worker_pids(proc.pid)) == 2, 60, "two workers")
+    big = worker_pids(proc.pid)["big-0-0"]
+    os.kill(big, signal.SIGSTOP)  # long rows handed back wait for it
+    try:
+        wait_for(lambda: sum(r.get("top") == SMALL for r in ledger(out)) >= 3, 60,
+                 "rows handed back")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(big, signal.SIGKILL)
     before = ledger(out)
     assert not (out / "_SUCCESS").exists()
     handed = {(r["start"], r["end"]) for r in before if r.get("top") == SMALL}

@@ -193,7 +193,7 @@ class Launcher(ABC):
         calibration = load_calibration(self.calibration) if self.calibration else None
         inputs = job_plan_inputs(self.job, calibration)
         plan = plan_cluster(inputs.model, inputs.pools, inputs.workload, catalog=inputs.catalog,
-                            calibration=inputs.calibration)
+                            calibration=inputs.calibration, pool_workloads=inputs.pool_workloads)
         if self.job.replan.enabled:
             self.replanner = replanner_for(self.job, inputs, plan)
         return plan

@@ -51,6 +51,12 @@ class CommitRecord:
     # `above` and at most `top` tokens (None: no upper bound); the others are in other units.
     above: int = 0
     top: int | None = None
+    rows: int | None = None  # the rows it holds, when only some of its range's
+
+    @property
+    def row_count(self) -> int:
+        """Output rows of the unit: its range's, or those of its band."""
+        return self.end - self.start if self.rows is None else self.rows
 
     @property
     def band(self) -> tuple[int, int | None]:
@@ -64,7 +70,7 @@ class CommitRecord:
     def to_json(self) -> str:
         data = dict(self.__dict__)
         if self.band == (0, None):  # every row of the range: as a ledger without bands reads
-            del data["above"], data["top"]
+            del data["above"], data["top"], data["rows"]
         return json.dumps(data, separators=(",", ":"))
 
 

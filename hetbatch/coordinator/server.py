@@ -730,6 +730,7 @@ def _record(
         redealt=redealt,
         above=msg.above,
         top=msg.top,
+        rows=None if msg.band == (0, None) else msg.stats.rows,
     )
 
 

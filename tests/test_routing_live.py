@@ -127,3 +127,21 @@ def test_killed_routed_job_resumes_exactly_once(tmp_path) -> None:
     assert not any(a == b for a, b in itertools.pairwise(sorted(keys)))
     metrics = json.loads((out / "_hetbatch" / "metrics.json").read_text())
     assert metrics["rows_total"] == rows
+
+
+def test_one_context_hands_nothing_back(tmp_path) -> None:
+    """Engines as large as any of the job's keep the rows too long for them: they fail at once
+    as row errors, in their units, as before rows were dealt by the context they need."""
+    rows = 600
+    input_path, needs = routed_input(tmp_path / "in.parquet", rows)
+    job = sim_job(tmp_path, input_path,
+                  [sim_pool("small", 20_000, devices_per_node=2,
+                            engine_args={"max_model_len": SMALL})],
+                  input={"keep_columns": []})
+    result = run_cli("run", str(write_job(tmp_path / "job.yaml", job)))
+    assert result.returncode == 0, result.stderr
+    df = read_output(tmp_path / "out").sort("id")
+    assert df["id"].to_list() == [f"r{i:06d}" for i in range(rows)]
+    errors = df["error"].to_list()
+    assert all((e is not None) == (n > SMALL) for e, n in zip(errors, needs, strict=True))
+    assert all("above" not in r for r in ledger(tmp_path / "out"))

@@ -371,14 +371,17 @@ def lease_reply(
     below: int | None = None,
     limit: int | None = None,
     final: bool = False,
+    largest: int | None = None,
 ) -> dict[str, Any]:
     """A unit of rows [start, end). Rows dealt by the context they need: `above`/`below`, only
     its rows needing more than `above` and at most `below` tokens; `limit`, rows needing more
     are to be handed back; `final`, rows the worker's engine cannot hold are row errors (no
-    live engine holds them)."""
+    live engine holds them); `largest`, the largest context of the job's engines (an engine
+    that large keeps every row: none is held by another)."""
     lease: dict[str, Any] = {"id": lease_id, "start": start, "end": end}
     for name, value, default in (
-        ("above", above, 0), ("below", below, None), ("limit", limit, None), ("final", final, False)
+        ("above", above, 0), ("below", below, None), ("limit", limit, None),
+        ("final", final, False), ("largest", largest, None),
     ):
         if value != default:
             lease[name] = value

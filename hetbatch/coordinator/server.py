@@ -179,6 +179,7 @@ class Coordinator:
         }
         # Instances of the layout that have not joined yet, with the context they will bring.
         self._awaited = _expected_contexts(job)
+        self._largest_joined = 0  # the largest context an instance joined with
         self._await_until = self.started_at + AWAIT_JOIN_S
         self._set_awaited()
         if scheduler.done:
@@ -341,6 +342,7 @@ class Coordinator:
     def _op_hello(self, msg: m.Hello, conn: _Connection) -> dict[str, Any]:
         now = self.clock()
         self.scheduler.join(msg.instance, msg.weight, now, msg.concurrency, msg.context)
+        self._largest_joined = max(self._largest_joined, msg.context or UNLIMITED)
         if self._awaited.pop(msg.instance, None) is not None:
             self._set_awaited()
         conn.instance = msg.instance
@@ -358,9 +360,11 @@ class Coordinator:
             metrics = self.metrics[msg.instance]
             metrics.first_lease_at = metrics.first_lease_at or now
             self._note_lease(result)
+            largest = max(self._largest_joined, self.scheduler.awaited_context)
             return m.lease_reply(
                 result.lease_id, result.start, result.end, result.above,
                 None if result.below == UNLIMITED else result.below, result.limit, result.final,
+                None if largest >= UNLIMITED else largest,
             )
         return m.done_reply() if result.done else m.wait_reply(result.seconds)
 

@@ -74,6 +74,7 @@ class Unit:
     below: int | None = None
     limit: int | None = None
     final: bool = False
+    largest: int | None = None  # the largest context of the job's engines (None: unknown)
     band: tuple[int, int | None] = (0, None)  # the rows it keeps: needs in (above, top]
 
     @property
@@ -251,6 +252,7 @@ class Worker:
             unit = Unit(
                 lease["id"], lease["start"], lease["end"], above=lease.get("above", 0),
                 below=lease.get("below"), limit=lease.get("limit"), final=lease.get("final", False),
+                largest=lease.get("largest"),
             )
             unit.loaded = self._reader.submit(self._load_unit, unit)
             self.units.append(unit)
@@ -279,7 +281,10 @@ class Worker:
         needs = [row_need(self.job, p) for p in prompts]
         below = unit.below if unit.below is not None else UNLIMITED
         top = min(context, unit.limit or UNLIMITED)
-        if unit.final:
+        # An engine as large as any of the job's keeps its rows too long for it: no other
+        # holds them (a final unit's are such rows).
+        last = unit.final or (top == context and context >= (unit.largest or UNLIMITED))
+        if last:
             keep_to = below
         elif unit.above < top < below and any(top < n <= below for n in needs):
             self.client.call("handback", instance=self.instance_id, lease=unit.lease_id, at=top)
@@ -291,7 +296,7 @@ class Worker:
         for i, n in enumerate(needs):
             if not unit.above < n <= keep_to:
                 settled[i] = None
-            elif unit.final and prompt_tokens(prompts[i]) >= context:
+            elif last and prompt_tokens(prompts[i]) >= context:
                 settled[i] = {"error": too_long(prompts[i], max(context, unit.above))}
         return settled
 
@@ -531,7 +536,8 @@ def row_need(job: JobSpec, prompt: RowPrompt) -> int:
         return 1
     if job.task != "generate":
         return max(prompt_tokens(prompt), 1)
-    return prompt_tokens(prompt) + int(row_sampling(job, prompt).get("max_tokens") or 1)
+    max_tokens = prompt.sampling.get("max_tokens", job.sampling.get("max_tokens"))
+    return prompt_tokens(prompt) + int(max_tokens or 1)
 
 
 def too_long(prompt: RowPrompt, context: int) -> str:

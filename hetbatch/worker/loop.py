@@ -458,7 +458,7 @@ class Worker:
         name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}"
         table, input_rows = unit.table, unit.input_rows
         if len(kept) < unit.rows or unit.band != (0, None):  # only some rows of its range
-            table = table.take(kept)
+            table = table.take(pa.array(kept, pa.int64()))  # none kept: an empty shard
             input_rows = [unit.start + i if input_rows is None else input_rows[i] for i in kept]
         elif input_rows is not None:
             input_rows = input_rows[: unit.rows]

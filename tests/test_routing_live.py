@@ -36,10 +36,12 @@ SMALL, BIG = 64, 512
 
 
 def routed_input(path: Path, rows: int) -> tuple[Path, list[int]]:
-    """Short rows, one in 10 long (~200 tokens), one in 97 too long for any engine (~800)."""
+    """Short rows, one in 10 long (~200 tokens), one in 97 too long for any engine (~800); rows
+    1,000 to 1,299 all long (units of the small pool that keep none of their rows)."""
     prompts = []
     for i in range(rows):
-        words = 160 if i % 10 == 3 else 640 if i % 97 == 5 else 1 + i % 20
+        long = i % 10 == 3 or 1000 <= i < 1300
+        words = 160 if long else 640 if i % 97 == 5 else 1 + i % 20
         prompts.append(" ".join(["word"] * words) + f" {i}")
     ids = [f"r{i:06d}" for i in range(rows)]
     pq.write_table(pa.table({"id": ids, "prompt": prompts}), path, row_group_size=500)

@@ -69,7 +69,8 @@ class Unit:
     input_rows: list[int] | None = None  # the rows' input indices, in prefix order
     # Rows dealt by the context they need (prompt tokens plus max_tokens): only the rows
     # needing more than `above` and at most `below` are this unit's; rows above `limit` or
-    # the engine's context are handed back; `final`, rows no engine holds are row errors.
+    # the engine's context are handed back; `final`, rows no engine holds (those whose prompt
+    # it cannot hold are row errors).
     above: int = 0
     below: int | None = None
     limit: int | None = None
@@ -275,8 +276,8 @@ class Worker:
         band, or handed back), a row error for a row of a final unit whose prompt no engine
         holds. A final unit's rows whose prompt fits run here, their output cut at the
         context (finish_reason "length"), as vLLM does with a row its context cannot finish."""
-        context = self.context
-        if context is None:
+        context = self.context or UNLIMITED  # an engine that does not say holds any row
+        if context == UNLIMITED and unit.band == (0, None) and not (unit.above or unit.below):
             return {}
         needs = [row_need(self.job, p) for p in prompts]
         below = unit.below if unit.below is not None else UNLIMITED

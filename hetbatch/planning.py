@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from hetbatch.errors import UserError
 from hetbatch.io.sample import InputSample, read_sample
 from hetbatch.planner.calibration import Calibration, coefficients_or_default
 from hetbatch.planner.catalog import DEFAULT_CATALOG, Catalog, with_overrides
+from hetbatch.planner.length_mix import pool_workloads
 from hetbatch.planner.model import (
     drain_step_s,
     prompt_token_cost,
@@ -52,6 +53,8 @@ class JobPlanInputs:
     catalog: Catalog | None = None
     calibration: Calibration | None = None
     input_sample: tuple[int, ...] = ()  # prompt lengths measured on the input, if any
+    # The rows each pool will receive, when pools differ in the context their engines hold.
+    pool_workloads: dict[str, Workload] = field(default_factory=dict)
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -74,7 +77,8 @@ def plan_job(
     """The cluster plan for a job: one deployment per pool with its expected tokens/s."""
     inputs = job_plan_inputs(job, calibration, sample_rows)
     return plan_cluster(inputs.model, inputs.pools, inputs.workload, objective=objective,
-                        catalog=inputs.catalog, calibration=inputs.calibration, top_k=top_k)
+                        catalog=inputs.catalog, calibration=inputs.calibration, top_k=top_k,
+                        pool_workloads=inputs.pool_workloads)
 
 
 def replanner_for(job: JobSpec, inputs: JobPlanInputs, plan: ClusterPlan) -> Any:
@@ -104,8 +108,23 @@ def job_plan_inputs(
     model = model_from_job(job)
     catalog = with_overrides(job.accelerators) if job.accelerators else None
     lengths, rows = sampled_prompt_lengths(job, sample_rows, sample)
-    return JobPlanInputs(model, pools_from_job(job), _workload(job, lengths, rows),
-                         catalog=catalog, calibration=calibration, input_sample=tuple(lengths))
+    workload = _workload(job, lengths, rows)
+    return JobPlanInputs(model, pools_from_job(job), workload,
+                         catalog=catalog, calibration=calibration, input_sample=tuple(lengths),
+                         pool_workloads=pool_length_mix(job, lengths, workload))
+
+
+def pool_length_mix(job: JobSpec, lengths: list[int], workload: Workload) -> dict[str, Workload]:
+    """The rows each pool will receive when pools set different max_model_len (in the pool's
+    or the model's engine_args): rows longer than a pool's context go to the others."""
+    contexts = {}
+    for p in job.cluster.pools:
+        value = {**job.model.engine_args, **p.engine_args}.get("max_model_len")
+        contexts[p.name] = None if value is None else int(value)
+    if len(set(contexts.values())) < 2:
+        return {}
+    shares = {p.name: float(p.devices_per_node * p.nodes) for p in job.cluster.pools}
+    return pool_workloads(lengths, workload, contexts, shares)
 
 
 def model_from_job(job: JobSpec) -> ModelProfile:

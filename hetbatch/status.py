@@ -26,11 +26,11 @@ def job_status(output: str, live: bool = True) -> dict[str, Any]:
     record = store.read_json(OutputPaths.JOB)
     ledger = store.read_ledger()
     total = int(record["rows"])
-    done = sum(r.end - r.start for r in ledger)
+    done = sum(r.row_count for r in ledger)
     instances: dict[str, dict[str, int]] = {}
     for r in ledger:
         m = instances.setdefault(r.instance, {"rows": 0, "completion_tokens": 0, "errors": 0})
-        m["rows"] += r.end - r.start
+        m["rows"] += r.row_count
         m["completion_tokens"] += r.completion_tokens
         m["errors"] += r.errors
     state = "complete" if store.is_complete() else "incomplete"

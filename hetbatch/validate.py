@@ -122,6 +122,8 @@ def check_engine_args(args: Mapping[str, Any], where: str) -> None:
             kinds = expected if isinstance(expected, tuple) else (expected,)
             wanted = " or ".join("an integer" if k is int else "a number" for k in kinds)
             raise JobError(f"{where}.{name}", f"expected {wanted}, got {value!r}")
+        if name == "max_model_len" and value < 1:  # rows are dealt by the context it sets
+            raise JobError(f"{where}.{name}", f"expected a positive number of tokens, got {value}")
 
 
 def _engine_arg_names() -> frozenset[str]:

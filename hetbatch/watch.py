@@ -52,7 +52,7 @@ class Snapshot:
 
 def _rate(records: Sequence[CommitRecord], since: float, span: float) -> Rate:
     recent = [r for r in records if r.at >= since]
-    rows = sum(r.end - r.start for r in recent)
+    rows = sum(r.row_count for r in recent)
     tokens = sum(r.completion_tokens for r in recent)
     return Rate(rows, tokens, rows / span if span > 0 else 0.0, tokens / span if span > 0 else 0.0)
 
@@ -75,7 +75,7 @@ def snapshot(
     since = max(now - window_s, begun)
     span = now - since
     total = _rate(timed, since, span)
-    done = sum(r.end - r.start for r in records)
+    done = sum(r.row_count for r in records)
     left = rows_total - done
     eta = left / total.rows_per_s if total.rows_per_s > 0 and not complete else None
     by_pool: dict[str, list[CommitRecord]] = {}
@@ -99,7 +99,7 @@ def snapshot(
             state = "working"
         instances[name] = InstanceView(
             pool=recs[0].pool or "?",
-            rows=sum(r.end - r.start for r in recs),
+            rows=sum(r.row_count for r in recs),
             rate=_rate(recs, since, span),
             last_commit_ago_s=now - last,
             state=state,

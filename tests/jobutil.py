@@ -154,11 +154,19 @@ def assert_exactly_once(out: Path, rows: int) -> pl.DataFrame:
 
 
 def assert_ledger_covers(out: Path, rows: int) -> None:
-    """The job finished and its ledger holds every row exactly once."""
+    """The job finished and its ledger holds every row exactly once: units of whole ranges
+    never overlap, and the units that hold only some rows of a range (rows dealt by the
+    context they need, each unit a band of needs) cover ranges no whole unit holds."""
     assert (out / "_SUCCESS").exists()
-    spans = sorted((r["start"], r["end"]) for r in ledger(out))
-    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), "ledger overlaps"
-    assert sum(b - a for a, b in spans) == rows
+    records = ledger(out)
+    whole = sorted((r["start"], r["end"]) for r in records if "above" not in r)
+    banded = sorted({(r["start"], r["end"]) for r in records if "above" in r})
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(whole)), "ledger overlaps"
+    assert not any(a < d and c < b for a, b in whole for c, d in banded), "ledger overlaps"
+    covered = set()
+    for a, b in banded:
+        covered.update(range(a, b))
+    assert sum(b - a for a, b in whole) + len(covered) == rows
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")

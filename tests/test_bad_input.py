@@ -120,12 +120,16 @@ JOB_MISTAKES = [
         "cluster.pools[0].engine_args.max_num_seqs: expected an integer, got '8'",
     ),
     (
+        lambda j: j["cluster"]["pools"][0].update(engine_args={"max_model_len": 0}),
+        "cluster.pools[0].engine_args.max_model_len: expected a positive number of tokens, got 0",
+    ),
+    (
         lambda j: j["cluster"]["pools"][0].update(accelerator="H10O"),
         "cluster.pools[0].accelerator: unknown accelerator 'H10O', did you mean H100 SXM?",
     ),
 ]
 MISTAKE_IDS = ["typo", "range", "type", "between-fields", "engine-arg", "engine-arg-type",
-               "accelerator"]
+               "context", "accelerator"]
 
 
 @pytest.mark.parametrize("command", ["run", "plan", "simulate", "submit"])

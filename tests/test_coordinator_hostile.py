@@ -90,15 +90,18 @@ def _valid(op: str, served: Served) -> dict[str, Any]:
     fields: dict[str, dict[str, Any]] = {
         "job": {},
         "status": {},
-        "hello": {"instance": "mallory", "weight": 2.0, "pool": "p", "concurrency": 8},
+        "hello": {"instance": "mallory", "weight": 2.0, "pool": "p", "concurrency": 8,
+                  "context": 512},
         "lease": {"instance": "mallory"},
         "bye": {"instance": "mallory"},
         "heartbeat": {"instance": "mallory", "progress": {"7": [1, 0]}},
         "release": {"instance": "mallory", "lease": 7, "cut": 3},
+        "handback": {"instance": "mallory", "lease": 7, "at": 64},
         "commit": {
             "instance": "mallory", "lease": 7, "start": 0, "end": 5, "staging": "m.parquet",
             "stats": {"rows": 5, "prompt_tokens": 1, "completion_tokens": 2, "errors": 0,
                       "busy_s": 0.5},
+            "above": 64, "top": 512,
         },
     }
     return fields[op]
@@ -126,6 +129,12 @@ BAD: dict[str, st.SearchStrategy[Any]] = {
         st.integers(min_value=m.MAX_CONCURRENCY + 1),
     ),
     "lease": st.one_of(JUNK, NOT_JSON_SAFE_INT),
+    "context": st.one_of(st.booleans(), st.text(max_size=5), st.floats(),
+                         st.integers(max_value=0), st.integers(min_value=m.MAX_CONTEXT + 1)),
+    "at": st.one_of(JUNK, NOT_JSON_SAFE_INT, st.just(0)),
+    "above": st.one_of(JUNK.filter(lambda v: v is not None), NOT_JSON_SAFE_INT),
+    "top": st.one_of(st.booleans(), st.text(max_size=5), st.floats(), st.just(0),
+                     st.integers(min_value=m.MAX_CONTEXT + 1)),
     "cut": st.one_of(JUNK, NOT_JSON_SAFE_INT),
     "start": st.one_of(JUNK, NOT_JSON_SAFE_INT, st.integers(min_value=5, max_value=m.MAX_INT)),
     "end": st.one_of(JUNK, NOT_JSON_SAFE_INT, st.integers(min_value=-3, max_value=0)),
@@ -169,7 +178,7 @@ def test_every_field_with_a_wrong_value_is_refused(served: Served, case, data) -
 def test_missing_and_extra_fields_are_refused(served: Served, op, data) -> None:
     message = {"op": op, "token": TOKEN, **_valid(op, served)}
     required = [k for k in message if k not in ("op", "token", "weight", "pool", "concurrency",
-                                                "progress", "stats")]
+                                                "progress", "stats", "context", "above", "top")]
     if required and data.draw(st.booleans(), label="drop a field"):
         del message[data.draw(st.sampled_from(required), label="dropped")]
     else:

@@ -88,7 +88,11 @@ def _inputs(job: JobSpec | None, opts: dict[str, object]) -> JobPlanInputs:
         inputs = replace(inputs, pools=[replace(p, **pins) for p in inputs.pools])
     if opts.get("output_len") is not None:
         out = float(opts["output_len"])  # type: ignore[arg-type]
-        inputs = replace(inputs, workload=replace(inputs.workload, output_len_mean=out))
+        inputs = replace(
+            inputs, workload=replace(inputs.workload, output_len_mean=out),
+            pool_workloads={k: replace(w, output_len_mean=out)
+                            for k, w in inputs.pool_workloads.items()},
+        )
     return inputs
 
 
@@ -113,6 +117,7 @@ def _plan(inputs: JobPlanInputs, opts: dict[str, object]) -> ClusterPlan:
         objective=str(opts.get("objective") or "throughput"),
         deadline_s=_float(opts.get("deadline")),
         catalog=inputs.catalog, calibration=inputs.calibration, top_k=top_k,
+        pool_workloads=inputs.pool_workloads,
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from hetbatch.errors import UserError
 from hetbatch.io.fs import is_s3, one_line
-from hetbatch.io.parquet import parse_shard_name
+from hetbatch.io.parquet import parse_shard
 from hetbatch.io.paths import OutputPaths
 from hetbatch.io.shards import PendingUpload, errors_name
 
@@ -47,9 +47,31 @@ class CommitRecord:
     pool: str = ""
     stolen: bool = False  # rows taken from another instance's lease by a steal
     redealt: bool = False  # rows dealt before, returned when a lease lapsed or its holder left
+    # Rows dealt by the context they need: the unit holds only its rows needing more than
+    # `above` and at most `top` tokens (None: no upper bound); the others are in other units.
+    above: int = 0
+    top: int | None = None
+    rows: int | None = None  # the rows it holds, when only some of its range's
+
+    @property
+    def row_count(self) -> int:
+        """Output rows of the unit: its range's, or those of its band."""
+        return self.end - self.start if self.rows is None else self.rows
+
+    @property
+    def band(self) -> tuple[int, int | None]:
+        return self.above, self.top
+
+    @property
+    def key(self) -> tuple[int, int, int, int | None]:
+        """What the unit's shard holds: the same rows are never in two records."""
+        return self.start, self.end, self.above, self.top
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, separators=(",", ":"))
+        data = dict(self.__dict__)
+        if self.band == (0, None):  # every row of the range: as a ledger without bands reads
+            del data["above"], data["top"], data["rows"]
+        return json.dumps(data, separators=(",", ":"))
 
 
 class PublishFailed(RuntimeError):
@@ -161,12 +183,12 @@ class OutputStore:
         """Load the ledger, adopt published shards it lacks, drop unpublished staging, and
         compact an object store's ledger segments into one base object."""
         records, segments = self._read_all()
-        known = {(r.start, r.end) for r in records}
-        published = self.published_ranges()
+        known = {r.key for r in records}
+        published = self.published_shards()
         adopted = [
-            CommitRecord(start, end, instance="recovered")
-            for start, end in published
-            if (start, end) not in known
+            CommitRecord(start, end, instance="recovered", above=above, top=top)
+            for start, end, above, top in published
+            if (start, end, above, top) not in known
         ]
         self._drop_orphan_errors(published)
         if self.local:
@@ -184,11 +206,18 @@ class OutputStore:
         return list(self._records)
 
     def published_ranges(self) -> list[tuple[int, int]]:
+        """Row ranges of the published shards (a range twice when rows of it were dealt by
+        the context they need, in shards of their own)."""
+        return [shard[:2] for shard in self.published_shards()]
+
+    def published_shards(self) -> list[tuple[int, int, int, int | None]]:
+        """(start, end, above, top) of every published shard."""
         self._fresh(self.root)
         if not self.fs.exists(self.root):
             return []
         names = (p.rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False))
-        return sorted(r for r in map(parse_shard_name, names) if r is not None)
+        found = [r for r in map(parse_shard, names) if r is not None]
+        return sorted(found, key=lambda r: (r[0], r[1], r[2], -1 if r[3] is None else r[3]))
 
     def read_ledger(self) -> list[CommitRecord]:
         """Every committed unit on record (base ledger and segments), each once."""
@@ -211,8 +240,8 @@ class OutputStore:
         records, seen = [], set()
         for text in texts:
             for record in _parse_lines(text):
-                if (record.start, record.end) not in seen:
-                    seen.add((record.start, record.end))
+                if record.key not in seen:
+                    seen.add(record.key)
                     records.append(record)
         return records, segments
 
@@ -265,27 +294,30 @@ class OutputStore:
 
     # -- shards -------------------------------------------------------------------------------
 
-    def publish(self, handle: str, start: int, end: int) -> str:
+    def publish(
+        self, handle: str, start: int, end: int, band: tuple[int, int | None] = (0, None)
+    ) -> str:
         """Make a staged shard visible under its final name (a JSONL shard's errors file
-        first, so that a published shard always has it).
+        first, so that a published shard always has it). `band`: the shard holds only the
+        rows of [start, end) needing context in (above, top].
 
         S3: complete the worker's multipart upload (one request, no bytes copied). Local disks:
         an atomic rename. Other stores: a server-side copy and delete.
         """
         upload = PendingUpload.from_handle(handle)
         if upload is not None:
-            if not self._uploads_rows(upload, start, end):
+            if not self._uploads_rows(upload, start, end, band):
                 raise PublishFailed(f"upload for {upload.key!r} committed as [{start}, {end})")
             bucket, _, _ = self.fs.split_path(self.root)
             if upload.companion is not None:
                 self._complete(bucket, upload.companion)
             self._complete(bucket, upload)
-            return self.path(OutputPaths.shard(start, end, _suffix(upload.key)))
-        dst = self.path(OutputPaths.shard(start, end, _suffix(handle)))
+            return self.path(OutputPaths.shard(start, end, _suffix(upload.key), band))
+        dst = self.path(OutputPaths.shard(start, end, _suffix(handle), band))
         src = self.path(OutputPaths.staging(handle))
         errors = errors_name(src)
         if src.endswith(".jsonl") and self.fs.exists(errors):
-            target = self.path(OutputPaths.errors_shard(start, end))
+            target = self.path(OutputPaths.errors_shard(start, end, band))
             self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             self.fs.mv(errors, target)
         self.fs.mv(src, dst)
@@ -300,7 +332,9 @@ class OutputStore:
             MultipartUpload={"Parts": upload.parts()},
         )
 
-    def is_staged(self, handle: str, start: int, end: int) -> bool:
+    def is_staged(
+        self, handle: str, start: int, end: int, band: tuple[int, int | None] = (0, None)
+    ) -> bool:
         """Whether a worker's staging handle names a shard that can be published as rows
         [start, end): an upload to that shard's key, or a file in the staging folder."""
         try:
@@ -308,17 +342,19 @@ class OutputStore:
         except (ValueError, KeyError, TypeError):
             return False  # not an upload handle hetbatch wrote
         if upload is not None:
-            return self.s3 and self._uploads_rows(upload, start, end)
+            return self.s3 and self._uploads_rows(upload, start, end, band)
         try:
             return bool(self.fs.exists(self.path(OutputPaths.staging(handle))))
         except (OSError, ValueError):
             return False
 
-    def _uploads_rows(self, upload: PendingUpload, start: int, end: int) -> bool:
+    def _uploads_rows(
+        self, upload: PendingUpload, start: int, end: int, band: tuple[int, int | None]
+    ) -> bool:
         """Whether an upload (and its errors file's) goes to rows [start, end)'s final keys."""
-        names = [(upload, OutputPaths.shard(start, end, _suffix(upload.key)))]
+        names = [(upload, OutputPaths.shard(start, end, _suffix(upload.key), band))]
         if upload.companion is not None:
-            names.append((upload.companion, OutputPaths.errors_shard(start, end)))
+            names.append((upload.companion, OutputPaths.errors_shard(start, end, band)))
         return all(part.key == self.fs.split_path(self.path(name))[1] for part, name in names)
 
     def discard(self, handle: str) -> None:
@@ -339,7 +375,7 @@ class OutputStore:
                     "abort_multipart_upload", Bucket=bucket, Key=part.key, UploadId=part.upload_id
                 )
 
-    def _drop_orphan_errors(self, published: list[tuple[int, int]]) -> None:
+    def _drop_orphan_errors(self, published: list[tuple[int, int, int, int | None]]) -> None:
         """Remove errors files whose shard was never published (a crash between the two)."""
         folder = self.path(OutputPaths.ERRORS)
         self._fresh(folder)
@@ -347,7 +383,7 @@ class OutputStore:
             return
         kept = set(published)
         for path in self.fs.ls(folder, detail=False):
-            found = parse_shard_name(path)
+            found = parse_shard(path)
             if found is not None and found not in kept:
                 self.fs.rm(path)
 

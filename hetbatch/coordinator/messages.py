@@ -20,6 +20,7 @@ MAX_TEXT = 256
 MAX_ERROR_TEXT = 2000  # a row error quoted in a commit's stats
 MAX_PROGRESS = 4096  # leases one heartbeat may report
 MAX_CONCURRENCY = 1 << 20
+MAX_CONTEXT = 1 << 40  # tokens of context an engine may say it holds
 # A staged shard is a plain file name under the output's staging folder, or (on S3) the handle
 # of an uncompleted multipart upload: `upload-` and URL-safe base64.
 STAGING_NAME = re.compile(
@@ -94,10 +95,12 @@ class Hello(Request):
     weight: float = 1.0
     pool: str = ""
     concurrency: int | None = None
+    context: int | None = None  # tokens its engine holds (max_model_len): prompt plus output
 
     @classmethod
     def from_fields(cls, data: dict[str, Any]) -> Hello:
         concurrency = data.get("concurrency")
+        context = data.get("context")
         weight = _float(data.get("weight", 1.0), "weight", lo=0.0, hi=1e12)
         if weight <= 0:
             raise MessageError("weight: must be positive")
@@ -106,6 +109,7 @@ class Hello(Request):
             weight,
             _text(data.get("pool", ""), "pool"),
             None if concurrency is None else _int(concurrency, "concurrency", 1, MAX_CONCURRENCY),
+            None if context is None else _int(context, "context", 1, MAX_CONTEXT),
         )
 
 
@@ -209,6 +213,25 @@ class Release(Request):
 
 
 @dataclass(frozen=True)
+class HandBack(Request):
+    """The rows of a lease needing more context than `at` tokens are not for this instance
+    (its engine's context, or the lease's limit): the coordinator deals them elsewhere."""
+
+    OP: ClassVar[str] = "handback"
+    instance: str
+    lease: int
+    at: int
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> HandBack:
+        return cls(
+            _instance(data.get("instance")),
+            _int(data.get("lease"), "lease"),
+            _int(data.get("at"), "at", 1, MAX_CONTEXT),
+        )
+
+
+@dataclass(frozen=True)
 class CommitStats:
     """What a worker tells of a finished unit: its counts, its most common row error (for the
     job's error budget) and the null or repeated ids it saw (the id column is meant as a key)."""
@@ -250,7 +273,9 @@ class CommitStats:
 
 @dataclass(frozen=True)
 class Commit(Request):
-    """Rows [start, end) of a lease are finished and staged as `staging` (a plain file name)."""
+    """Rows [start, end) of a lease are finished and staged as `staging` (a plain file name);
+    with `above` or `top`, only its rows needing more than `above` and at most `top` tokens of
+    context (a lease of long rows, or one that handed rows back)."""
 
     OP: ClassVar[str] = "commit"
     instance: str
@@ -259,6 +284,12 @@ class Commit(Request):
     end: int
     staging: str
     stats: CommitStats = CommitStats()
+    above: int = 0
+    top: int | None = None
+
+    @property
+    def band(self) -> tuple[int, int | None]:
+        return self.above, self.top
 
     @classmethod
     def from_fields(cls, data: dict[str, Any]) -> Commit:
@@ -280,17 +311,24 @@ class Commit(Request):
             end,
             staging,
             CommitStats.from_wire(data.get("stats", {})),
+            _int(data.get("above", 0), "above", 0, MAX_CONTEXT),
+            None if data.get("top") is None else _int(data["top"], "top", 1, MAX_CONTEXT),
         )
 
     def to_wire(self, token: str) -> dict[str, Any]:
         wire = super().to_wire(token)
         wire["stats"] = dict(self.stats.__dict__)
+        for name, default in (("above", 0), ("top", None)):
+            if wire[name] == default:
+                del wire[name]
         return wire
 
 
 REQUESTS: dict[str, type[Request]] = {
     cls.OP: cls
-    for cls in (JobRequest, StatusRequest, Hello, LeaseRequest, Bye, Heartbeat, Release, Commit)
+    for cls in (
+        JobRequest, StatusRequest, Hello, LeaseRequest, Bye, Heartbeat, Release, HandBack, Commit
+    )
 }
 _ENVELOPE = {"op", "token"}
 
@@ -325,8 +363,29 @@ def error_reply(text: str) -> dict[str, Any]:
     return {"error": text}
 
 
-def lease_reply(lease_id: int, start: int, end: int) -> dict[str, Any]:
-    return {"lease": {"id": lease_id, "start": start, "end": end}}
+def lease_reply(
+    lease_id: int,
+    start: int,
+    end: int,
+    above: int = 0,
+    below: int | None = None,
+    limit: int | None = None,
+    final: bool = False,
+    largest: int | None = None,
+) -> dict[str, Any]:
+    """A unit of rows [start, end). Rows dealt by the context they need: `above`/`below`, only
+    its rows needing more than `above` and at most `below` tokens; `limit`, rows needing more
+    are to be handed back; `final`, rows the worker's engine cannot hold are row errors (no
+    live engine holds them); `largest`, the largest context of the job's engines (an engine
+    that large keeps every row: none is held by another)."""
+    lease: dict[str, Any] = {"id": lease_id, "start": start, "end": end}
+    for name, value, default in (
+        ("above", above, 0), ("below", below, None), ("limit", limit, None),
+        ("final", final, False), ("largest", largest, None),
+    ):
+        if value != default:
+            lease[name] = value
+    return {"lease": lease}
 
 
 def wait_reply(seconds: float) -> dict[str, Any]:

@@ -40,6 +40,7 @@ from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import CommitStatus, Lease, Scheduler
 from hetbatch.scheduler.pacing import PACING
 from hetbatch.scheduler.ranges import RangeSet
+from hetbatch.scheduler.routing import UNLIMITED
 
 if TYPE_CHECKING:
     from hetbatch.planner.replan import InstanceFigures, Replan, Replanner
@@ -54,6 +55,9 @@ MAX_COMMIT_BATCH = 512
 _RELAYOUT_ARGS = ("max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization",
                   "kv_cache_dtype")
 MAX_UNSENT_BYTES = 16 << 20  # a peer that stops reading its replies is dropped
+# How long rows too long for every joined engine wait for an instance still starting (whose
+# engine may hold them) before they are written as row errors.
+AWAIT_JOIN_S = 1800.0
 _HEADER = struct.Struct(">I")
 
 
@@ -170,10 +174,25 @@ class Coordinator:
             m.LeaseRequest: self._op_lease,
             m.Heartbeat: self._op_heartbeat,
             m.Release: self._op_release,
+            m.HandBack: self._op_hand_back,
             m.Bye: self._op_bye,
         }
+        # Instances of the layout that have not joined yet, with the context they will bring.
+        self._awaited = _expected_contexts(job)
+        self._largest_joined = 0  # the largest context an instance joined with
+        self._await_until = self.started_at + AWAIT_JOIN_S
+        self._set_awaited()
         if scheduler.done:
             self._finish()
+
+    def _set_awaited(self) -> None:
+        self.scheduler.awaited_context = max(self._awaited.values(), default=0)
+
+    def instance_failed(self, instance: str) -> None:
+        """The launcher gave up on an instance: no row waits for it to join."""
+        with self.lock:
+            if self._awaited.pop(instance, None) is not None:
+                self._set_awaited()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -241,6 +260,10 @@ class Coordinator:
             self._stalls.popleft()
         stalled = sum(lag for _, lag in self._stalls)
         with self.lock:
+            if self._awaited and now > self._await_until:
+                log.warning("instances never joined: %s", ", ".join(sorted(self._awaited)))
+                self._awaited.clear()
+                self._set_awaited()
             lapsed = self.scheduler.expire(now - stalled)
             for lease in lapsed:
                 self._returned_rows.add(lease.start, lease.end)
@@ -318,7 +341,10 @@ class Coordinator:
 
     def _op_hello(self, msg: m.Hello, conn: _Connection) -> dict[str, Any]:
         now = self.clock()
-        self.scheduler.join(msg.instance, msg.weight, now, msg.concurrency)
+        self.scheduler.join(msg.instance, msg.weight, now, msg.concurrency, msg.context)
+        self._largest_joined = max(self._largest_joined, msg.context or UNLIMITED)
+        if self._awaited.pop(msg.instance, None) is not None:
+            self._set_awaited()
         conn.instance = msg.instance
         metrics = self.metrics.setdefault(msg.instance, InstanceMetrics(pool=msg.pool))
         metrics.connected = True
@@ -334,7 +360,12 @@ class Coordinator:
             metrics = self.metrics[msg.instance]
             metrics.first_lease_at = metrics.first_lease_at or now
             self._note_lease(result)
-            return m.lease_reply(result.lease_id, result.start, result.end)
+            largest = max(self._largest_joined, self.scheduler.awaited_context)
+            return m.lease_reply(
+                result.lease_id, result.start, result.end, result.above,
+                None if result.below == UNLIMITED else result.below, result.limit, result.final,
+                None if largest >= UNLIMITED else largest,
+            )
         return m.done_reply() if result.done else m.wait_reply(result.seconds)
 
     def _op_heartbeat(self, msg: m.Heartbeat, conn: _Connection) -> dict[str, Any]:
@@ -406,6 +437,24 @@ class Coordinator:
         self._returned_rows.remove(*span)
         self._leased_wall[lease.lease_id] = (time.time(), stolen, redealt)
 
+    def _op_hand_back(self, msg: m.HandBack, conn: _Connection) -> dict[str, Any]:
+        """Rows of a live lease too long for its instance's context (or above its limit) wait
+        for an instance that holds them; a lease no longer live is answered alike (its rows
+        are dealt again whole, and its commit will be refused)."""
+        lease = self.scheduler.leases.get(msg.lease)
+        if lease is None or lease.instance != msg.instance:
+            return m.OK_REPLY
+        state = self.scheduler.instances[msg.instance]
+        top = min(state.context, lease.limit or UNLIMITED)
+        if msg.at != top:
+            return m.error_reply(
+                f"handback: at {msg.at}, but this instance's context and the lease's limit "
+                f"give {top}"
+            )
+        self.scheduler.hand_back(msg.instance, msg.lease, self.clock())
+        self.events["handed_back"] += 1
+        return m.OK_REPLY
+
     def _op_bye(self, msg: m.Bye, conn: _Connection) -> dict[str, Any]:
         self._disconnect(msg.instance)
         conn.instance = None
@@ -457,7 +506,9 @@ class Coordinator:
 
     def _commit_batch(self, batch: list[tuple[m.Commit, _Connection]]) -> None:
         """Verdicts under the lock, one commit at a time; the output folder outside it."""
-        present = [self.store.is_staged(msg.staging, msg.start, msg.end) for msg, _ in batch]
+        present = [
+            self.store.is_staged(msg.staging, msg.start, msg.end, msg.band) for msg, _ in batch
+        ]
         with self.lock:
             verdicts = [
                 self._verdict(msg) if ok else None
@@ -470,7 +521,7 @@ class Coordinator:
         for (msg, _), verdict, note in zip(batch, verdicts, notes, strict=True):
             if verdict is CommitStatus.ACCEPTED:
                 try:
-                    self.store.publish(msg.staging, msg.start, msg.end)
+                    self.store.publish(msg.staging, msg.start, msg.end, msg.band)
                 except Exception as exc:
                     log.exception("rows [%s, %s) accepted but not published", msg.start, msg.end)
                     self.store.note_failed(msg.start, msg.end, exc)
@@ -497,12 +548,32 @@ class Coordinator:
 
     def _verdict(self, msg: m.Commit) -> CommitStatus:
         now = self.clock()
+        band = self._band(msg)
+        if band != msg.band:  # rows other than the lease's: never published
+            log.warning(
+                "commit of rows [%s, %s) needing context in (%s, %s] refused: the lease holds "
+                "%s", msg.start, msg.end, *msg.band, "none" if band is None else band,
+            )
+            return CommitStatus.STALE
         status = self.scheduler.commit(msg.instance, msg.lease, msg.start, msg.end, now)
         if status is CommitStatus.ACCEPTED:
+            rows = msg.end - msg.start if band == (0, None) else msg.stats.rows
             self._write_failures = 0
-            self._count(msg.instance, msg.end - msg.start, msg.stats, now)
-            self._spend_budget(msg.end - msg.start, msg.stats, now)
+            self._count(msg.instance, rows, msg.stats, now)
+            self._spend_budget(rows, msg.stats, now)
         return status
+
+    def _band(self, msg: m.Commit) -> tuple[int, int | None] | None:
+        """Which rows of its range a unit may commit: those needing context in (above, top]
+        as its live lease holds them; every row for a lease no longer live (a late commit is
+        accepted only whole), None for a live lease of another instance."""
+        lease = self.scheduler.leases.get(msg.lease)
+        if lease is None:
+            return (0, None)
+        if lease.instance != msg.instance:
+            return None
+        top = lease.below if lease.handed_at is None else lease.handed_at
+        return lease.above, None if top >= UNLIMITED else top
 
     def _unit_note(self, msg: m.Commit) -> tuple[float, str, bool, bool]:
         """The ledger record's lease time, pool, and whether the rows were stolen or re-dealt."""
@@ -661,7 +732,20 @@ def _record(
         pool=pool,
         stolen=stolen,
         redealt=redealt,
+        above=msg.above,
+        top=msg.top,
+        rows=None if msg.band == (0, None) else msg.stats.rows,
     )
+
+
+def _expected_contexts(job: dict[str, Any]) -> dict[str, int]:
+    """The context each instance of the job's layout will join with: its max_model_len, as
+    large as any when not set (vLLM then takes the model's)."""
+    sim = job.get("spec", {}).get("engine", {}).get("kind") == "sim"
+    return {
+        name: int(spec.get("engine_args", {}).get("max_model_len") or (4096 if sim else UNLIMITED))
+        for name, spec in job.get("instances", {}).items()
+    }
 
 
 def _listen(host: str, port: int) -> socket.socket:

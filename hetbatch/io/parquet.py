@@ -247,21 +247,36 @@ def _read_file_slice(
 SHARD_SUFFIXES = (".parquet", ".jsonl")
 
 
-def shard_name(start: int, end: int, suffix: str = ".parquet") -> str:
-    """Output shards are named after their input row range, so they sort in input order."""
-    return f"part-{start:012d}-{end:012d}{suffix}"
+def shard_name(
+    start: int, end: int, suffix: str = ".parquet", above: int = 0, top: int | None = None
+) -> str:
+    """Output shards are named after their input row range, so they sort in input order. A
+    shard holding only the rows of its range whose context need (prompt plus max_tokens) is
+    in (above, top] says so: `part-S-E.need-ABOVE-TOP` (TOP `max`: no upper bound)."""
+    band = "" if (above, top) == (0, None) else f".need-{above}-{'max' if top is None else top}"
+    return f"part-{start:012d}-{end:012d}{band}{suffix}"
 
 
-def parse_shard_name(name: str) -> tuple[int, int] | None:
+def parse_shard(name: str) -> tuple[int, int, int, int | None] | None:
+    """(start, end, above, top) of a shard's name; None for a name that is not a shard's."""
     stem = name.rsplit("/", 1)[-1]
     suffix = next((s for s in SHARD_SUFFIXES if stem.endswith(s)), None)
     if not (stem.startswith("part-") and suffix):
         return None
+    stem = stem[len("part-") : -len(suffix)]
+    rows, _, band = stem.partition(".need-")
     try:
-        a, b = stem[len("part-") : -len(suffix)].split("-")
-        return int(a), int(b)
+        a, b = rows.split("-")
+        above, top = (0, None) if not band else band.split("-")
+        return int(a), int(b), int(above), None if top in (None, "max") else int(top)
     except ValueError:
         return None
+
+
+def parse_shard_name(name: str) -> tuple[int, int] | None:
+    """The row range of a shard's name (whatever rows of it the shard holds)."""
+    found = parse_shard(name)
+    return None if found is None else found[:2]
 
 
 def write_table(

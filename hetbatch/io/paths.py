@@ -2,6 +2,8 @@
 
     part-000000000000-000000000250.parquet   one shard per committed unit, named by row range
                                              (.jsonl in OpenAI's batch output layout)
+    part-...-....need-4096-max.parquet       a unit's rows needing more than 4,096 tokens of
+                                             context (rows dealt by the context they need)
     errors/part-...-....jsonl                OpenAI batch layout: the failed rows again
     _SUCCESS                                 written last, when every row is committed
     _hetbatch/job.json                       the resolved job and the input's fingerprint
@@ -67,12 +69,15 @@ class OutputPaths:
         return f"{OutputPaths.STAGING}/{file_name}"
 
     @staticmethod
-    def shard(start: int, end: int, suffix: str = ".parquet") -> str:
-        return shard_name(start, end, suffix)
+    def shard(
+        start: int, end: int, suffix: str = ".parquet", band: tuple[int, int | None] = (0, None)
+    ) -> str:
+        """`band`: the shard holds only its rows needing context in (above, top]."""
+        return shard_name(start, end, suffix, *band)
 
     @staticmethod
-    def errors_shard(start: int, end: int) -> str:
-        return f"{OutputPaths.ERRORS}/{shard_name(start, end, '.jsonl')}"
+    def errors_shard(start: int, end: int, band: tuple[int, int | None] = (0, None)) -> str:
+        return f"{OutputPaths.ERRORS}/{shard_name(start, end, '.jsonl', *band)}"
 
     # The filesystem is opened on first use: naming a path needs no connection.
     @cached_property

@@ -82,12 +82,14 @@ def stage_shard(
     end: int,
     table: pa.Table,
     compression: str,
+    band: tuple[int, int | None] = (0, None),
 ) -> str:
-    """Stage one unit's output; returns the handle the coordinator publishes or discards."""
+    """Stage one unit's output; returns the handle the coordinator publishes or discards.
+    `band`: the unit holds only its rows needing context in (above, top]."""
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression=parquet_compression(compression))
     paths = OutputPaths(output_url, storage_options)
-    return _stage(paths, name, OutputPaths.shard(start, end), buffer.getvalue())
+    return _stage(paths, name, OutputPaths.shard(start, end, band=band), buffer.getvalue())
 
 
 def stage_jsonl(
@@ -98,11 +100,12 @@ def stage_jsonl(
     end: int,
     data: bytes,
     errors: bytes,
+    band: tuple[int, int | None] = (0, None),
 ) -> str:
     """Stage one unit's JSONL shard and, when some rows failed, its errors file."""
     paths = OutputPaths(output_url, storage_options)
-    shard = OutputPaths.shard(start, end, ".jsonl")
-    errors_shard = OutputPaths.errors_shard(start, end)
+    shard = OutputPaths.shard(start, end, ".jsonl", band)
+    errors_shard = OutputPaths.errors_shard(start, end, band)
     return _stage(paths, name, shard, data, (errors_shard, errors) if errors else None)
 
 

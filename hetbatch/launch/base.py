@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from hetbatch.coordinator.ledger import OutputStore
+from hetbatch.coordinator.bands import resume_state
+from hetbatch.coordinator.ledger import CommitRecord, OutputStore
 from hetbatch.coordinator.server import Coordinator
 from hetbatch.error_budget import BudgetConfig, ErrorBudget
 from hetbatch.errors import UserError
@@ -31,6 +32,7 @@ from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.prompts import input_columns
 from hetbatch.report import summary_lines
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
+from hetbatch.scheduler.ranges import RangeSet
 from hetbatch.spec import JobSpec
 
 if TYPE_CHECKING:
@@ -152,11 +154,11 @@ class Launcher(ABC):
         if dry_run:
             fresh = self.overwrite or not store.exists()
             complete = not fresh and store.is_complete()
-            committed = 0 if fresh else sum(r.end - r.start for r in store.read_ledger())
+            committed = 0 if fresh else _rows_of(store.read_ledger())
             return PreparedRun(job, dataset, store, instances, committed, complete, dry_run=True,
                                prefix_window_rows=window)
         complete = store.exists() and store.is_complete()
-        committed = 0 if complete else sum(r.end - r.start for r in store.recover())
+        committed = 0 if complete else _rows_of(store.recover())
         if complete:
             committed = dataset.num_rows
         else:
@@ -194,7 +196,7 @@ class Launcher(ABC):
         calibration = load_calibration(self.calibration) if self.calibration else None
         inputs = job_plan_inputs(self.job, calibration, sample=self._input_sample())
         plan = plan_cluster(inputs.model, inputs.pools, inputs.workload, catalog=inputs.catalog,
-                            calibration=inputs.calibration)
+                            calibration=inputs.calibration, pool_workloads=inputs.pool_workloads)
         if self.job.replan.enabled:
             self.replanner = replanner_for(self.job, inputs, plan)
         return plan
@@ -240,17 +242,20 @@ class Launcher(ABC):
     def start_coordinator(self, run: PreparedRun) -> Coordinator:
         job = run.job
         cfg = job.scheduler
+        committed, long_rows = resume_state(r.key for r in run.store.records)
         scheduler = Scheduler(
             run.dataset.num_rows,
             dataclasses.replace(
                 SchedulerConfig.from_spec(cfg), follow_on=run.prefix_window_rows is not None
             ),
-            committed=[(r.start, r.end) for r in run.store.records],
+            committed=committed,
             boundaries=(
                 run.dataset.row_group_boundaries() if run.prefix_window_rows is None
                 else PrefixOrder(run.prefix_window_rows, run.total_rows).boundaries()
             ),
         )
+        for span in long_rows:  # rows handed back before the job stopped
+            scheduler.long_rows.add(span.start, span.end, span.above, span.below)
         coordinator = Coordinator(
             scheduler,
             run.store,
@@ -325,6 +330,15 @@ class Launcher(ABC):
                 for i in run.instances
             },
         }
+
+
+def _rows_of(records: list[CommitRecord]) -> int:
+    """Rows of the committed ranges, each once (rows dealt by the context they need may be
+    in several records of one range)."""
+    ranges = RangeSet()
+    for r in records:
+        ranges.add(r.start, r.end)
+    return ranges.total
 
 
 def _default(key: str) -> Any:

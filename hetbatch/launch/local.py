@@ -98,6 +98,8 @@ class LocalLauncher(Launcher):
         try:
             while not coordinator.finished.wait(self.poll_s):
                 workers.reap(coordinator.finished.is_set)
+                for w in workers.failed:  # rows no longer wait for its engine to join
+                    coordinator.instance_failed(w.instance.instance_id)
                 if not workers.running and not coordinator.finished.is_set():
                     raise JobFailed(_failure_message(workers.workers))
                 p = coordinator.progress()

@@ -8,7 +8,7 @@ pool) that exhaustive search is both fast and easy to explain.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from hetbatch.errors import UserError
@@ -71,15 +71,21 @@ def plan_cluster(
     catalog: Catalog | None = None,
     calibration: Calibration | None = None,
     top_k: int = 3,
+    pool_workloads: Mapping[str, Workload] | None = None,
 ) -> ClusterPlan:
     """Choose a deployment for every pool of the cluster.
+
+    `pool_workloads`: the rows a pool will really receive when they differ from the job's
+    (rows dealt by the context they need: `hetbatch.planner.length_mix`).
 
     objective: "throughput" (most tokens/s), "cost" (most tokens per dollar; needs prices) or
     "deadline" (the cheapest set of nodes that finishes `workload.rows` within `deadline_s`).
     """
     _check_inputs(pools, workload, objective, deadline_s)
     resolved = [_resolve(p, catalog or DEFAULT_CATALOG, calibration) for p in pools]
-    results = [_search_pool(model, rp, workload, objective) for rp in resolved]
+    mixes = pool_workloads or {}
+    results = [_search_pool(model, rp, mixes.get(rp.req.name, workload), objective)
+               for rp in resolved]
     if not any(r.feasible for r in results):
         raise UserError(_fits_nowhere(model, results, workload, catalog or DEFAULT_CATALOG))
     if objective == "deadline":

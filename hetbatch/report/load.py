@@ -69,7 +69,7 @@ def load_run(output: str, prices: dict[str, float] | None = None) -> JobRun:
         prompt_lengths=prompts,
         completion_lengths=completions,
         lengths_note=note,
-        unrecorded_rows=sum(r.end - r.start for r in records if r.leased_at <= 0),
+        unrecorded_rows=sum(r.row_count for r in records if r.leased_at <= 0),
     )
 
 
@@ -99,6 +99,7 @@ def _unit(r: CommitRecord, started: float, pool_of: dict[str, str]) -> Unit:
         errors=r.errors,
         stolen=r.stolen,
         redealt=r.redealt,
+        kept=r.rows,
     )
 
 
@@ -125,7 +126,7 @@ def _read(
     store: OutputStore, r: CommitRecord, columns: list[str], suffix: str
 ) -> dict[str, list]:
     """Columns of a unit's shard, in the job's output format (`suffix`)."""
-    path = store.path(shard_name(r.start, r.end, suffix))
+    path = store.path(shard_name(r.start, r.end, suffix, *r.band))
     if suffix == ".jsonl":  # OpenAI's batch layout
         return shard_columns(store.fs.cat_file(path).decode(), columns)
     with store.fs.open(path, "rb") as fh:

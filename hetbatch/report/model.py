@@ -31,10 +31,11 @@ class Unit:
     errors: int = 0
     stolen: bool = False
     redealt: bool = False
+    kept: int | None = None  # its output rows when it held only some of its range's
 
     @property
     def rows(self) -> int:
-        return self.row1 - self.row0
+        return self.row1 - self.row0 if self.kept is None else self.kept
 
 
 @dataclass(frozen=True)

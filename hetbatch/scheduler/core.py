@@ -170,6 +170,9 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.bounds = bounds if bounds is not None and bounds.any_heavy else None
         self.long_rows = LongRows()  # spans of rows handed back for want of context
+        # The largest context of instances expected but not joined yet (an engine still
+        # starting): rows it would hold are not dealt as final before it comes.
+        self.awaited_context = 0
         self.total_rows = total_rows
         self.committed = RangeSet(committed)
         self.pending = RangeSet([(0, total_rows)])
@@ -414,9 +417,9 @@ class Scheduler:
         final = False
         if key is None:
             key = self.long_rows.largest()
-            if self.pending or key[0] < max(
-                (s.context for s in self.instances.values() if s.alive), default=0
-            ):
+            largest = max((s.context for s in self.instances.values() if s.alive), default=0)
+            if (self.pending or key[0] < largest or key[0] < self.awaited_context
+                    or state.context < largest):  # the largest context runs what it can
                 return None
             final = True
         span = self.long_rows.cut(key, self.config.max_unit_rows)

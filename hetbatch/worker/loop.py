@@ -27,6 +27,7 @@ from hetbatch.coordinator.protocol import (
     RejectedByCoordinator,
 )
 from hetbatch.engines.base import Completion, Engine, EngineRequest, RequestRejected
+from hetbatch.engines.simulated import approx_tokens
 from hetbatch.error_budget import most_common_error
 from hetbatch.input_checks import unit_id_problems
 from hetbatch.io.parquet import read_rows
@@ -34,6 +35,7 @@ from hetbatch.io.paths import OutputPaths
 from hetbatch.io.prefix_order import OrderedReader, PrefixOrder
 from hetbatch.prompts import RowPrompt, build_prompts, input_columns, row_sampling
 from hetbatch.scheduler.pacing import PACING
+from hetbatch.scheduler.routing import UNLIMITED
 from hetbatch.spec import JobSpec
 from hetbatch.worker.output import completion_values, stage_unit
 
@@ -65,6 +67,16 @@ class Unit:
     next_row: int = 0  # index of the next row to hand to the engine
     started_at: float | None = None
     input_rows: list[int] | None = None  # the rows' input indices, in prefix order
+    # Rows dealt by the context they need (prompt tokens plus max_tokens): only the rows
+    # needing more than `above` and at most `below` are this unit's; rows above `limit` or
+    # the engine's context are handed back; `final`, rows no engine holds (those whose prompt
+    # it cannot hold are row errors).
+    above: int = 0
+    below: int | None = None
+    limit: int | None = None
+    final: bool = False
+    largest: int | None = None  # the largest context of the job's engines (None: unknown)
+    band: tuple[int, int | None] = (0, None)  # the rows it keeps: needs in (above, top]
 
     @property
     def submitted(self) -> int:
@@ -129,6 +141,8 @@ class Worker:
         self.hang_timeout_s = hang_timeout_s
         self._step_since: float | None = None  # when the engine step under way began
         self.restart = False  # told to finish its units and restart in a re-planned layout
+        # Tokens the engine holds (prompt plus output): rows needing more are handed back.
+        self.context: int | None = getattr(engine, "max_model_len", None)
 
     # -- main loop ----------------------------------------------------------------------------
 
@@ -236,8 +250,12 @@ class Worker:
         now = time.monotonic()
         if "lease" in reply:
             lease = reply["lease"]
-            unit = Unit(lease["id"], lease["start"], lease["end"])
-            unit.loaded = self._reader.submit(self._load, unit.start, unit.end)
+            unit = Unit(
+                lease["id"], lease["start"], lease["end"], above=lease.get("above", 0),
+                below=lease.get("below"), limit=lease.get("limit"), final=lease.get("final", False),
+                largest=lease.get("largest"),
+            )
+            unit.loaded = self._reader.submit(self._load_unit, unit)
             self.units.append(unit)
         elif reply.get("done"):
             self._done = True
@@ -246,6 +264,42 @@ class Worker:
 
     def _unsubmitted(self) -> int:
         return sum(u.rows - u.next_row for u in self.units)
+
+    def _load_unit(self, unit: Unit) -> tuple[Any, ...]:
+        """A unit's rows read and made ready, and which of them it keeps by the context they
+        need: the others handed back to the coordinator before any of them runs."""
+        table, prompts, input_rows = self._load(unit.start, unit.end)
+        return table, prompts, input_rows, self._route(unit, prompts)
+
+    def _route(self, unit: Unit, prompts: list[RowPrompt]) -> dict[int, dict[str, Any] | None]:
+        """Results settled before the engine: None for a row not this unit's (outside its
+        band, or handed back), a row error for a row of a final unit whose prompt no engine
+        holds. A final unit's rows whose prompt fits run here, their output cut at the
+        context (finish_reason "length"), as vLLM does with a row its context cannot finish."""
+        context = self.context or UNLIMITED  # an engine that does not say holds any row
+        if context == UNLIMITED and unit.band == (0, None) and not (unit.above or unit.below):
+            return {}
+        needs = [row_need(self.job, p) for p in prompts]
+        below = unit.below if unit.below is not None else UNLIMITED
+        top = min(context, unit.limit or UNLIMITED)
+        # An engine as large as any of the job's keeps its rows too long for it: no other
+        # holds them (a final unit's are such rows).
+        last = unit.final or (top == context and context >= (unit.largest or UNLIMITED))
+        if last:
+            keep_to = below
+        elif unit.above < top < below and any(top < n <= below for n in needs):
+            self.client.call("handback", instance=self.instance_id, lease=unit.lease_id, at=top)
+            keep_to = top
+        else:
+            keep_to = below
+        unit.band = (unit.above, None if keep_to >= UNLIMITED else keep_to)
+        settled: dict[int, dict[str, Any] | None] = {}
+        for i, n in enumerate(needs):
+            if not unit.above < n <= keep_to:
+                settled[i] = None
+            elif last and prompt_tokens(prompts[i]) >= context:
+                settled[i] = {"error": too_long(prompts[i], max(context, unit.above))}
+        return settled
 
     def _load(self, start: int, end: int) -> tuple[pa.Table, list[RowPrompt], list[int] | None]:
         """Read a unit's rows and make them ready for the engine (off the engine's thread).
@@ -315,6 +369,8 @@ class Worker:
             unit.loaded.result()  # need its rows settled before shrinking it
             self._settle(unit)
         unit.end = cut
+        for i in [i for i in unit.results if i >= cut - unit.start]:
+            del unit.results[i]  # rows settled before the engine (not this unit's) past the cut
         if unit.table is not None:
             unit.table = unit.table.slice(0, cut - unit.start)
             unit.prompts = unit.prompts[: cut - unit.start]
@@ -342,7 +398,8 @@ class Worker:
             return True
         if unit.loaded is None or not unit.loaded.done():
             return False
-        unit.table, unit.prompts, unit.input_rows = unit.loaded.result()
+        unit.table, unit.prompts, unit.input_rows, settled = unit.loaded.result()
+        unit.results.update(settled)
         unit.started_at = time.monotonic()
         return True
 
@@ -355,7 +412,8 @@ class Worker:
             if not self._settle(unit):
                 break
             while unit.next_row < unit.rows and len(self.in_flight) < self.window:
-                self._submit(unit, unit.next_row)
+                if unit.next_row not in unit.results:  # else settled before the engine
+                    self._submit(unit, unit.next_row)
                 unit.next_row += 1
                 fed = True
         return fed
@@ -395,13 +453,20 @@ class Worker:
             f.result()  # re-raise a failed write here, in the main loop
 
     def _write_and_commit(self, unit: Unit) -> None:
-        results = [unit.results[i] for i in range(unit.rows)]
+        kept = [i for i in range(unit.rows) if unit.results[i] is not None]
+        results = [unit.results[i] for i in kept]
+        prompts = [unit.prompts[i] for i in kept]
         name = f"{self.instance_id}-{unit.lease_id}-{unit.start}-{unit.end}"
+        table, input_rows = unit.table, unit.input_rows
+        if len(kept) < unit.rows or unit.band != (0, None):  # only some rows of its range
+            table = table.take(pa.array(kept, pa.int64()))  # none kept: an empty shard
+            input_rows = [unit.start + i if input_rows is None else input_rows[i] for i in kept]
+        elif input_rows is not None:
+            input_rows = input_rows[: unit.rows]
         try:
             staged = stage_unit(
-                self.job, self.schema, unit.table, unit.start, unit.end, results,
-                unit.prompts[: unit.rows], self.instance_id, name,
-                None if unit.input_rows is None else unit.input_rows[: unit.rows],
+                self.job, self.schema, table, unit.start, unit.end, results, prompts,
+                self.instance_id, name, input_rows, unit.band,
             )
         except Exception as exc:  # disk full, permission lost, an object store's error
             self._write_failed(unit, name, exc)
@@ -410,13 +475,13 @@ class Worker:
             r["error"] for r in results if r.get("error") is not None
         )
         stats = {
-            "rows": unit.rows,
+            "rows": len(kept),
             "prompt_tokens": sum(r.get("prompt_tokens") or 0 for r in results),
             "completion_tokens": sum(r.get("completion_tokens") or 0 for r in results),
             "errors": errors,
             "top_error": top_error,
             "top_error_rows": top_error_rows,
-            **self._id_problems(unit),
+            **self._id_problems(prompts),
             "busy_s": time.monotonic() - (unit.started_at or time.monotonic()),
         }
         reply = self.client.call(
@@ -427,6 +492,7 @@ class Worker:
             end=unit.end,
             staging=staged,
             stats=stats,
+            **({} if unit.band == (0, None) else {"above": unit.band[0], "top": unit.band[1]}),
         )
         self._next_lease_at = 0.0  # its queue changed: what it was told to wait for may have too
         if reply.get("status") == "stale":
@@ -448,9 +514,36 @@ class Worker:
             error=error,
         )
 
-    def _id_problems(self, unit: Unit) -> dict[str, int]:
+    def _id_problems(self, prompts: list[RowPrompt]) -> dict[str, int]:
         """Null and repeated ids among the unit's rows: seen here at no extra read."""
         if not (self.job.input.id_column and self.job.input.id_is_key):
             return {}
-        nulls, duplicates = unit_id_problems([p.key for p in unit.prompts[: unit.rows]])
+        nulls, duplicates = unit_id_problems([p.key for p in prompts])
         return {"null_ids": nulls, "duplicate_ids": duplicates}
+
+
+def prompt_tokens(prompt: RowPrompt) -> int:
+    """A prompt's tokens: its token ids, or the simulated engine's count when the engine
+    tokenizes nothing ahead."""
+    if prompt.token_ids is not None:
+        return len(prompt.token_ids)
+    return approx_tokens(prompt.prompt or "")
+
+
+def row_need(job: JobSpec, prompt: RowPrompt) -> int:
+    """Tokens of context a row needs: its prompt's plus the most it may generate (at least 1;
+    a row that cannot be run at all, an input error, is written wherever its range goes)."""
+    if prompt.error is not None or prompt.prompt is None:
+        return 1
+    if job.task != "generate":
+        return max(prompt_tokens(prompt), 1)
+    max_tokens = prompt.sampling.get("max_tokens", job.sampling.get("max_tokens"))
+    return prompt_tokens(prompt) + int(max_tokens or 1)
+
+
+def too_long(prompt: RowPrompt, context: int) -> str:
+    """The error of a row whose prompt no engine of the job holds."""
+    return (
+        f"prompt is {prompt_tokens(prompt)} tokens, longer than the model's context of "
+        f"{context} (no engine of this job holds more)"
+    )

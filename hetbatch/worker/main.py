@@ -163,6 +163,8 @@ def _work(
     )
     try:
         hello["concurrency"] = engine.max_concurrency
+        if worker.context is not None:  # rows needing more context are dealt elsewhere
+            hello["context"] = worker.context
         client.call("hello", **hello)
         if not worker.run():
             return "stopped"

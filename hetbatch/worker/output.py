@@ -163,21 +163,24 @@ def stage_unit(
     instance: str,
     name: str,
     input_rows: Sequence[int] | None = None,
+    band: tuple[int, int | None] = (0, None),
 ) -> str:
     """Write one unit's output to staging in the job's output format; returns the handle the
     coordinator publishes. `name` is the staged file's name without its suffix; `input_rows`
-    are the rows' input indices when they are not `start` on (prefix order)."""
+    are the rows' input indices when they are not `start` on (prefix order, or only some rows
+    of the unit: those needing context in `band`)."""
     rows = input_rows if input_rows is not None else range(start, end)
     output = job.output
     if output.format == "openai-batch":
         lines, errors = openai_lines(job, table, prompts, results, rows)
         return stage_jsonl(
-            output.path, output.storage_options, f"{name}.jsonl", start, end, lines, errors
+            output.path, output.storage_options, f"{name}.jsonl", start, end, lines, errors,
+            band,
         )
     shard = build_output(job, schema, table, rows, results, instance)
     return stage_shard(
         output.path, output.storage_options, f"{name}.parquet", start, end, shard,
-        output.compression,
+        output.compression, band,
     )
 
 

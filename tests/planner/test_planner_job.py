@@ -104,3 +104,19 @@ def test_job_errors_are_one_line(
 def test_missing_job_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(plan_command, [str(tmp_path / "nope.yaml")])
     assert result.exit_code == UserError.exit_code and "not found" in result.output
+
+
+def test_pools_of_different_contexts_are_planned_for_the_rows_they_receive(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from hetbatch.planning import job_plan_inputs
+
+    pools = [{"name": n, "accelerator": "cpu", "devices_per_node": 1, "tensor_parallel_size": 1,
+              "engine_args": {"max_model_len": ctx}} for n, ctx in (("small", 50), ("big", 512))]
+    inputs = job_plan_inputs(parse_job(_job(tmp_path, tiny_model_dir, pools)), sample_rows=300)
+    small, big = inputs.pool_workloads["small"], inputs.pool_workloads["big"]
+    assert small.input_len_max + 20 <= 50 < big.input_len_max + 20  # long rows: big only
+    assert small.rows + big.rows == pytest.approx(300, abs=2)
+    assert big.input_len_mean > small.input_len_mean
+    same = [{**p, "engine_args": {"max_model_len": 512}} for p in pools]
+    assert job_plan_inputs(parse_job(_job(tmp_path, tiny_model_dir, same))).pool_workloads == {}

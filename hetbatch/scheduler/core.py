@@ -214,6 +214,7 @@ class Scheduler:
         self._split, self._unsplit, self._heavy_waiting = RangeSet(), RangeSet(), RangeSet()
         self._heavy_region = RangeSet()
         self._whole_dealt = self._split_dealt = 0
+        self._heavy_held = True  # whether some live engine's context holds a heavy row
         if self.bounds is not None:
             region = self.bounds.heavy_ranges
             self._heavy_region = RangeSet([(0, total_rows)] if region is None else region)
@@ -426,7 +427,16 @@ class Scheduler:
         assert bounds is not None
         if not (self._heavy_waiting or self._unsplit):
             return None
-        if state.context <= bounds.heavy_bound or not self._takes_heavy(state, now):
+        self._refresh_heavy(now)
+        if state.context <= bounds.heavy_bound:
+            if self._heavy_waiting and not self._heavy_held:
+                # No live engine holds a heavy row: they wait with rows handed back for want of
+                # context (dealt to an engine that joins, else written as row errors).
+                for start, end in list(self._heavy_waiting):
+                    self.long_rows.add(start, end, bounds.heavy_bound)
+                self._heavy_waiting = RangeSet()
+            return None
+        if not self._takes_heavy(state, now):
             return None
         size = self.unit_size(state.instance_id)
         if self._heavy_waiting:
@@ -452,13 +462,7 @@ class Scheduler:
         cfg, bounds = self.config, self.bounds
         if bounds is None or state.concurrency is None:
             return True
-        if now - self._heavy_checked_at >= cfg.rank_interval_s:
-            self._heavy_checked_at = now
-            self._fastest_latency = min(
-                (s.concurrency / self.rate(i) for i, s in self.instances.items()
-                 if s.alive and s.concurrency is not None),
-                default=0.0,
-            )
+        self._refresh_heavy(now)
         rate = self.rate(state.instance_id)
         mine = state.concurrency / rate
         heavy_s = cfg.heavy_lead * cfg.tail_latency_factor * bounds.heavy_over_mean * mine
@@ -466,6 +470,20 @@ class Scheduler:
         if state.queued / rate + heavy_s <= job_left:
             return True
         return mine <= (1 + cfg.refuse_margin) * self._fastest_latency
+
+    def _refresh_heavy(self, now: float) -> None:
+        """The fastest latency of the live engines that hold heavy rows, and whether there is
+        one: O(instances), at most every `rank_interval_s`."""
+        if now - self._heavy_checked_at < self.config.rank_interval_s:
+            return
+        self._heavy_checked_at = now
+        bound = self.bounds.heavy_bound if self.bounds is not None else 0
+        holders = [(i, s) for i, s in self.instances.items() if s.alive and s.context > bound]
+        self._heavy_held = bool(holders)
+        self._fastest_latency = min(
+            (s.concurrency / self.rate(i) for i, s in holders if s.concurrency is not None),
+            default=0.0,
+        )
 
     def _context_now(self, state: InstanceState, now: float) -> int:
         """The longest rows this instance may be dealt now: its context, lowered to the heavy

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 
 from hetbatch.scheduler.bounds import RowBounds
 from hetbatch.scheduler.core import Lease, Scheduler, SchedulerConfig
@@ -82,6 +85,28 @@ def test_exactly_once_with_losses_and_a_late_instance() -> None:
     assert result.completed and (runs_per_row(work, result) == 1).all()
     _, left = _run(work, bounds, faults={"lost_at": 60.0})
     assert left.completed and (runs_per_row(work, left) == 1).all()
+
+
+@pytest.mark.parametrize("lost_at", [30.0, 60.0])
+def test_heavy_rows_no_live_engine_holds_are_written_once_as_errors(lost_at: float) -> None:
+    """The only engines that hold heavy rows are lost while theirs run: those heavy rows end
+    as row errors on the others, each row once, the job complete."""
+    work, bounds = _tail_heavy_job()
+    big, small = 2000, 200
+    assert work.needs[work.needs <= bounds.heavy_bound].max() <= small < bounds.heavy_bound
+    insts = [replace(i, context=big, lost_at=lost_at) if i.instance_id.startswith("fast")
+             else replace(i, context=small) for i in cluster()]
+    context = {i.instance_id: i.context for i in insts}
+    sched = Scheduler(work.rows, CONFIG, bounds=bounds)
+    result = simulate(sched, insts, work, SimConfig())
+    assert result.completed
+    runs = np.zeros(work.rows, dtype=int)
+    for a in result.assignments:
+        runs[a.row0 : a.row1] += work.rows_run(
+            a.row0, a.row1, a.above, a.below, context[a.instance], a.final
+        )
+    assert (runs == 1).all()
+    assert any(a.final for a in result.assignments)
 
 
 def test_resume_deals_only_the_rows_left() -> None:

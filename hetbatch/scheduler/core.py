@@ -7,6 +7,13 @@ gets a share of the remaining rows proportional to its capacity, divided by `fac
 shrink as the job nears its end and every instance finishes at about the same time. When nothing
 is left to deal, an idle instance steals the unstarted tail of the instance with the longest
 estimated remaining time.
+
+Heavy rows apart: when the rows' needs (prompt plus max_tokens) are known up front, the rows that
+may decode far longer than the others (`RowBounds`, by blocks) must not start near the end, where
+one alone sets the makespan. While the front of the queue is dealt, the heavy rows of the job's
+last rows go out as units of heavy rows only, to instances that finish one in time (the fastest
+near the end); the light rows of those ranges are dealt later without them. The heavy rows of a
+unit given back go apart at once and are dealt first.
 """
 
 from __future__ import annotations

@@ -34,6 +34,11 @@ def test_rangeset_matches_a_plain_set(ops) -> None:
     assert {i for a, b in s for i in range(a, b)} == ref
     for a in range(0, 60, 7):
         assert s.overlaps(a, a + 5) == bool(ref & set(range(a, a + 5)))
+        assert {i for p, q in s.pieces(a, a + 9) for i in range(p, q)} == ref & set(range(a, a + 9))
+        after = [r for r, _ in s if r > a]
+        assert s.next_start(a) == (after[0] if after else None)
+    if s:
+        assert s.last()[1] == max(ref) + 1
     assert s.total == len(ref)
     starts = [a for a, _ in s]
     ends = [b for _, b in s]

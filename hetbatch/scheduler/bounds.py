@@ -1,11 +1,11 @@
 """What rows may cost at most, known before the job runs: each row's context need (prompt tokens
 plus its max_tokens).
 
-Two figures of the whole job, not a figure per row: the mean and the largest need. Near the end
-an instance that could not finish a row of the largest need before the job's expected end gets
-its units with a limit: its worker hands back the rows above it (as it hands back rows too long
-for its context), and those go to the instances that finish them soonest. A request that may
-decode for minutes then starts while there is still other work to run beside it.
+The scheduler gets a summary, not a figure per row: the mean and the largest need of the job,
+and where its heavy rows are (rows needing more than `HEAVY_RATIO` times the mean), as the
+blocks of `block_rows` rows that hold one, merged into ranges. A heavy row may decode for
+minutes, and one that starts near the end sets the job's makespan; knowing where they are, the
+scheduler deals them early (see `Scheduler`, "heavy rows apart").
 """
 
 from __future__ import annotations
@@ -16,20 +16,36 @@ import numpy as np
 
 # A row is heavy when it may need this many times the mean row's need.
 HEAVY_RATIO = 2.0
+# Heavy rows are located to blocks of this many rows (one flag per block).
+BLOCK_ROWS = 4096
 
 
 @dataclass(frozen=True)
 class RowBounds:
     mean_bound: float
     max_bound: int
+    # Row ranges (whole blocks) holding every heavy row; None: unknown, any row may be heavy.
+    heavy_ranges: tuple[tuple[int, int], ...] | None = None
 
     @classmethod
-    def from_rows(cls, needs: np.ndarray) -> RowBounds:
-        """The summary of per-row needs, one pass (a column's mean and maximum)."""
+    def from_rows(cls, needs: np.ndarray, block_rows: int = BLOCK_ROWS) -> RowBounds:
+        """The summary of per-row needs, one pass over them (a column's mean, maximum, and which
+        blocks of `block_rows` rows hold a heavy row)."""
         needs = np.asarray(needs)
         if not len(needs):
-            return cls(1.0, 1)
-        return cls(max(float(needs.mean()), 1.0), int(needs.max()))
+            return cls(1.0, 1, ())
+        mean = max(float(needs.mean()), 1.0)
+        heavy = needs > int(HEAVY_RATIO * mean)
+        pad = -len(heavy) % block_rows
+        flags = np.concatenate([heavy, np.zeros(pad, bool)]).reshape(-1, block_rows).any(axis=1)
+        # Runs of flagged blocks, as [start, end) row ranges.
+        edges = np.diff(np.concatenate([[0], flags.astype(np.int8), [0]]))
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        ranges = tuple(
+            (int(a) * block_rows, min(int(b) * block_rows, len(needs)))
+            for a, b in zip(starts, ends, strict=True)
+        )
+        return cls(mean, int(needs.max()), ranges)
 
     @property
     def heavy_bound(self) -> int:
@@ -38,4 +54,9 @@ class RowBounds:
 
     @property
     def any_heavy(self) -> bool:
-        return self.max_bound > self.heavy_bound
+        return self.max_bound > self.heavy_bound and self.heavy_ranges != ()
+
+    @property
+    def heavy_over_mean(self) -> float:
+        """How many mean rows' latency a heavy row may take, at most."""
+        return self.max_bound / self.mean_bound

@@ -7,6 +7,13 @@ gets a share of the remaining rows proportional to its capacity, divided by `fac
 shrink as the job nears its end and every instance finishes at about the same time. When nothing
 is left to deal, an idle instance steals the unstarted tail of the instance with the longest
 estimated remaining time.
+
+Heavy rows apart: when the rows' needs (prompt plus max_tokens) are known up front, the rows that
+may decode far longer than the others (`RowBounds`, by blocks) must not start near the end, where
+one alone sets the makespan. While the front of the queue is dealt, the heavy rows of the job's
+last rows go out as units of heavy rows only, to instances that finish one in time (the fastest
+near the end); the light rows of those ranges are dealt later without them. The heavy rows of a
+unit given back go apart at once and are dealt first.
 """
 
 from __future__ import annotations
@@ -56,10 +63,14 @@ class SchedulerConfig:
     # share its prefixes, which its engine holds), and an instance that cannot follow on
     # starts a lane of its own instead of taking the rows just after another's.
     follow_on: bool = False
-    # With per-row needs known, an instance takes heavy rows only while it would finish one
-    # before the job's expected end with this margin (a heavy row's latency: the instance's mean
-    # engine latency times the largest need over the mean need, times tail_latency_factor).
-    heavy_lead: float = 1.0
+    # Heavy rows apart (per-row needs known up front): an instance takes heavy rows while it
+    # would finish one before the job's expected end with this margin (a heavy row's latency:
+    # the instance's mean engine latency times the largest need over the mean need, times
+    # tail_latency_factor), or when it is about the fastest to finish one.
+    heavy_lead: float = 2.0
+    # ... and the heavy rows of the job's last rows go out early, this many rows of them for
+    # every row dealt from the front: the two meet at 1 / (1 + heavy_pull) of the rows.
+    heavy_pull: float = 1.0
 
     @classmethod
     def from_spec(cls, spec: SchedulerSpec) -> SchedulerConfig:
@@ -84,16 +95,21 @@ class Lease:
     submitted: int = -1
     done: int = 0
     release_to: int | None = None
-    limit: int | None = None  # rows needing more than this are handed back (near the end)
+    limit: int | None = None  # rows needing more than this are handed back
     above: int = 0  # a span of long rows: only its rows needing more context than this
     below: int = UNLIMITED  # ... and at most this
     final: bool = False  # long rows no live instance holds: written as row errors
     handed_at: int | None = None  # its rows needing more than this were handed back
+    split: bool = False  # rows whose heavy rows are dealt apart: its light rows, or its heavy
 
     @property
     def routed(self) -> bool:
-        """Whether it holds only some of its range's rows (by the context they need)."""
-        return bool(self.above) or self.below != UNLIMITED or self.handed_at is not None
+        """Whether it holds only some of its range's rows by the context they need (the light
+        rows of split rows count as whole: dealt, stolen and re-dealt like any others)."""
+        return (
+            bool(self.above) or (self.below != UNLIMITED and not self.split)
+            or self.handed_at is not None
+        )
 
     def __post_init__(self) -> None:
         if self.submitted < 0:
@@ -202,6 +218,19 @@ class Scheduler:
         self._cursor_count: dict[int, int] = {}  # instances whose cursor is at a position
         self._heavy_checked_at = -math.inf
         self._fastest_latency = 0.0  # mean engine latency of the fastest alive instance
+        # Heavy rows apart: rows whose heavy rows run in units of their own are `split` (for
+        # good); `_unsplit`, pending rows of the heavy blocks not split yet; `_heavy_waiting`,
+        # split rows whose heavy rows wait to be dealt (again). Ranges, never rows.
+        self._split, self._unsplit, self._heavy_waiting = RangeSet(), RangeSet(), RangeSet()
+        self._heavy_region = RangeSet()
+        self._whole_dealt = self._split_dealt = 0
+        self._heavy_held = True  # whether some live engine's context holds a heavy row
+        if self.bounds is not None:
+            region = self.bounds.heavy_ranges
+            self._heavy_region = RangeSet([(0, total_rows)] if region is None else region)
+            for a, b in self._heavy_region:
+                for piece in self.pending.pieces(a, b):
+                    self._unsplit.add(*piece)
 
     # -- membership ---------------------------------------------------------------------------
 
@@ -248,7 +277,10 @@ class Scheduler:
 
     @property
     def done(self) -> bool:
-        return not self.pending and not self.leases and not self.long_rows
+        return (
+            not self.pending and not self.leases and not self.long_rows
+            and not self._heavy_waiting
+        )
 
     def request(self, instance_id: str, now: float) -> Lease | Wait:
         """Give `instance_id` its next unit, or say why not (wait and ask again, or done)."""
@@ -278,10 +310,12 @@ class Scheduler:
         reserved = self._reserved.pop(instance_id, None)
         if reserved is not None and self.pending.contains(*reserved):
             self.pending.remove(*reserved)
-            return self._issue(instance_id, *reserved, now)
+            return self._issue_rows(instance_id, *reserved, now)
         state.last_heard_at = now
         self._set_alive(state, True)
         if self.long_rows and (lease := self._deal_long_rows(state, now)) is not None:
+            return lease
+        if self.bounds is not None and (lease := self._deal_heavy(state, now)) is not None:
             return lease
         if self._too_late(instance_id, now):
             return self._nothing_free(state)
@@ -289,10 +323,7 @@ class Scheduler:
             self._plan_steal(instance_id, now)
             return self._nothing_free(state)
         start, end = self._cut_unit(self.unit_size(instance_id), self._unit_start(instance_id))
-        lease = self._issue(instance_id, start, end, now)
-        if self.bounds is not None and not self._takes_heavy(state, now):
-            lease.limit = self.bounds.heavy_bound
-        return lease
+        return self._issue_rows(instance_id, start, end, now)
 
     def unit_size(self, instance_id: str) -> int:
         """Weighted factoring: this instance's share of the remaining rows, over `factor`."""
@@ -304,6 +335,11 @@ class Scheduler:
     def _cut_unit(self, size: int, at: int | None = None) -> tuple[int, int]:
         """A unit of about `size` rows from the first pending row, or from pending row `at`."""
         start, end = self.pending.first() if at is None else (at, self.pending.end_of(at))
+        if self._split:  # split rows and rows with their heavy rows in never share a unit
+            if self._split.contains(start, start + 1):
+                end = min(end, self._split.end_of(start))
+            else:
+                end = min(end, self._split.next_start(start) or end)
         cut = self._align(start + size, start, end)
         if end - cut < self.config.min_unit_rows:
             cut = end
@@ -320,6 +356,18 @@ class Scheduler:
             if start < b < end and abs(b - cut) <= slack:
                 return b
         return cut
+
+    def _issue_rows(self, instance_id: str, start: int, end: int, now: float) -> Lease:
+        """A unit of queued rows: of split rows only their light rows (below the heavy bound),
+        else every row (their heavy rows with them)."""
+        lease = self._issue(instance_id, start, end, now)
+        if self.bounds is not None:
+            if self._split.overlaps(start, end):
+                lease.below, lease.split = self.bounds.heavy_bound, True
+            else:
+                self._unsplit.remove(start, end)
+                self._whole_dealt += end - start
+        return lease
 
     def _issue(self, instance_id: str, start: int, end: int, now: float) -> Lease:
         lease = Lease(self._next_lease_id, instance_id, start, end, -math.inf)
@@ -378,32 +426,78 @@ class Scheduler:
         self._cursor[instance_id] = position
         self._cursor_count[position] = self._cursor_count.get(position, 0) + 1
 
-    # -- longest first ------------------------------------------------------------------------
+    # -- heavy rows apart ----------------------------------------------------------------------
+
+    def _deal_heavy(self, state: InstanceState, now: float) -> Lease | None:
+        """A unit of heavy rows only (needing more than the heavy bound), for an instance that
+        would finish them in time: first those waiting to be dealt again, then, paced against
+        the rows dealt from the front, those of the job's last rows not dealt yet (their range
+        becomes split: its light rows are dealt later, without them)."""
+        bounds, cfg = self.bounds, self.config
+        assert bounds is not None
+        if not (self._heavy_waiting or self._unsplit):
+            return None
+        self._refresh_heavy(now)
+        if state.context <= bounds.heavy_bound:
+            if self._heavy_waiting and not self._heavy_held:
+                # No live engine holds a heavy row: they wait with rows handed back for want of
+                # context (dealt to an engine that joins, else written as row errors).
+                for start, end in list(self._heavy_waiting):
+                    self.long_rows.add(start, end, bounds.heavy_bound)
+                self._heavy_waiting = RangeSet()
+            return None
+        if not self._takes_heavy(state, now):
+            return None
+        size = self.unit_size(state.instance_id)
+        if self._heavy_waiting:
+            start, end = self._heavy_waiting.first()
+            end = min(end, start + size)
+            self._heavy_waiting.remove(start, end)
+        elif self._unsplit and self._split_dealt < cfg.heavy_pull * self._whole_dealt:
+            start, end = self._unsplit.last()
+            if end - start > size + cfg.min_unit_rows:
+                start = self._align(end - size, start + cfg.min_unit_rows, end)
+            self._unsplit.remove(start, end)
+            self._split.add(start, end)
+            self._split_dealt += end - start
+        else:
+            return None
+        lease = self._issue(state.instance_id, start, end, now)
+        lease.above, lease.split = bounds.heavy_bound, True
+        return lease
 
     def _takes_heavy(self, state: InstanceState, now: float) -> bool:
         """Whether heavy rows may go to this instance: it would finish one before the job's
-        expected end, or it is about the fastest to finish one and nothing else is left."""
+        expected end (with `heavy_lead` to spare), or it is about the fastest to finish one."""
         cfg, bounds = self.config, self.bounds
-        if state.concurrency is None:
+        if bounds is None or state.concurrency is None:
             return True
-        if now - self._heavy_checked_at >= cfg.rank_interval_s:
-            self._heavy_checked_at = now
-            self._fastest_latency = min(
-                (s.concurrency / self.rate(i) for i, s in self.instances.items()
-                 if s.alive and s.concurrency is not None),
-                default=0.0,
-            )
+        self._refresh_heavy(now)
         rate = self.rate(state.instance_id)
-        heavy_s = cfg.heavy_lead * cfg.tail_latency_factor * bounds.max_bound / bounds.mean_bound
         mine = state.concurrency / rate
+        heavy_s = cfg.heavy_lead * cfg.tail_latency_factor * bounds.heavy_over_mean * mine
         job_left = (self.pending.total + self._leased_unfinished) / self._total_rate()
-        if state.queued / rate + heavy_s * mine <= job_left:
+        if state.queued / rate + heavy_s <= job_left:
             return True
-        return not self.pending and mine <= (1 + cfg.refuse_margin) * self._fastest_latency
+        return mine <= (1 + cfg.refuse_margin) * self._fastest_latency
+
+    def _refresh_heavy(self, now: float) -> None:
+        """The fastest latency of the live engines that hold heavy rows, and whether there is
+        one: O(instances), at most every `rank_interval_s`."""
+        if now - self._heavy_checked_at < self.config.rank_interval_s:
+            return
+        self._heavy_checked_at = now
+        bound = self.bounds.heavy_bound if self.bounds is not None else 0
+        holders = [(i, s) for i, s in self.instances.items() if s.alive and s.context > bound]
+        self._heavy_held = bool(holders)
+        self._fastest_latency = min(
+            (s.concurrency / self.rate(i) for i, s in holders if s.concurrency is not None),
+            default=0.0,
+        )
 
     def _context_now(self, state: InstanceState, now: float) -> int:
         """The longest rows this instance may be dealt now: its context, lowered to the heavy
-        bound near the end for an instance that would not finish a heavy row in time."""
+        bound for an instance that would not finish a heavy row in time."""
         if self.bounds is None or self._takes_heavy(state, now):
             return state.context
         return min(state.context, self.bounds.heavy_bound)
@@ -442,8 +536,16 @@ class Scheduler:
     def _requeue(self, lease: Lease, start: int, end: int) -> None:
         """Rows of a lease given back go where they came from: the queue, or their span (less
         the rows it handed back, which wait in a span of their own)."""
+        if lease.split and lease.above and lease.handed_at is None:
+            self._heavy_waiting.add(start, end)  # heavy rows: dealt again first
+            return
         if not lease.routed:
             self.pending.add(start, end)
+            if self.bounds is not None and not lease.split:
+                # Its heavy rows go apart now, to be dealt first; its light rows queue.
+                for a, b in self._heavy_region.pieces(start, end):
+                    self._split.add(a, b)
+                    self._heavy_waiting.add(a, b)
             return
         below = lease.below if lease.handed_at is None else lease.handed_at
         self.long_rows.add(start, end, lease.above, below)
@@ -712,8 +814,12 @@ class Scheduler:
             self._add_queued(state, -lease.unfinished_rows)
         elif self.committed.contains(start, end):
             return CommitStatus.DUPLICATE
+        elif self._split.overlaps(start, end):
+            # Its heavy rows went apart since: whole, they would run twice.
+            return CommitStatus.STALE
         elif self.pending.contains(start, end):
             self.pending.remove(start, end)
+            self._unsplit.remove(start, end)
         else:
             return CommitStatus.STALE
         self.committed.add(start, end)

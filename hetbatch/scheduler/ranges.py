@@ -89,3 +89,20 @@ class RangeSet:
         """Whether any of [start, end) is in the set."""
         i = bisect.bisect_right(self._ends, start)
         return i < len(self._starts) and self._starts[i] < end
+
+    def last(self) -> tuple[int, int]:
+        return self._starts[-1], self._ends[-1]
+
+    def next_start(self, position: int) -> int | None:
+        """The start of the first range after `position`, if any."""
+        i = bisect.bisect_right(self._starts, position)
+        return self._starts[i] if i < len(self._starts) else None
+
+    def pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) in the set, in order."""
+        i = bisect.bisect_right(self._ends, start)
+        out = []
+        while i < len(self._starts) and self._starts[i] < end:
+            out.append((max(self._starts[i], start), min(self._ends[i], end)))
+            i += 1
+        return out

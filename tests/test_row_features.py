@@ -51,10 +51,11 @@ def _run(tmp: Path, name: str, job: dict) -> pl.DataFrame:
 def test_n_samples_with_logprobs_are_placement_independent(tmp_path, tiny_model) -> None:
     """Three samples per row with log-probabilities; two instances and small units, then one
     instance and large units: every row's samples are the same."""
-    src = _input(tmp_path / "in.parquet", 120)
+    rows = 1200  # enough that the second instance is up before the first has done them all
+    src = _input(tmp_path / "in.parquet", rows)
     sampling = {"max_tokens": 12, "temperature": 0.9, "n": 3, "logprobs": 2, "prompt_logprobs": 1}
     two = _run(tmp_path, "two", _job(tmp_path / "two", tiny_model, src, 2, sampling=sampling))
-    assert two.height == 120 and two["error"].null_count() == 120
+    assert two.height == rows and two["error"].null_count() == rows
     assert two["instance"].n_unique() == 2
     for row in two.iter_rows(named=True):
         texts, reasons, counts = (

@@ -1,0 +1,126 @@
+"""Longest first, live: the coordinator reads the job's per-row max_tokens column before the
+job starts (`RowBounds`, streamed one row group at a time) and deals the rows that may decode
+longest early, however late they sit in the input; each row is written exactly once, across a
+kill and a resume too.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hetbatch.io.parquet import open_dataset
+from hetbatch.io.row_bounds import BoundsBuilder, read_row_bounds
+from hetbatch.scheduler.bounds import RowBounds
+from tests.jobutil import (
+    assert_exactly_once,
+    input_table,
+    ledger,
+    run_cli,
+    sim_job,
+    sim_pool,
+    start_run,
+    write_job,
+)
+
+ROWS = 6_000
+HEAVY = range(5_900, 5_912)  # a few rows near the end that may decode 50 times longer
+LIGHT_TOKENS, HEAVY_TOKENS = 8, 400
+
+
+def heavy_input(path: Path, rows: int = ROWS, nulls: bool = True) -> Path:
+    """The test input with a max_tokens column: heavy rows near the end; some null cells (the
+    job's max_tokens)."""
+    limit = [HEAVY_TOKENS if i in HEAVY else None if nulls and i % 5 == 0 else LIGHT_TOKENS
+             for i in range(rows)]
+    table = input_table(rows).append_column("limit", pa.array(limit, pa.int64()))
+    pq.write_table(table, path, row_group_size=500)
+    return path
+
+
+def heavy_job(tmp: Path, **scheduler) -> Path:
+    job = sim_job(
+        tmp, heavy_input(tmp / "in.parquet"),
+        [sim_pool("a", 3_000, max_num_seqs=16), sim_pool("b", 3_000, max_num_seqs=16)],
+        sampling={"max_tokens": LIGHT_TOKENS},
+        row_overrides={"max_tokens": "limit"},
+        scheduler={"max_unit_rows": 200, **scheduler},
+    )
+    return write_job(tmp / "job.yaml", job)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 4096])
+def test_streamed_bounds_match_the_whole_column(block_rows: int) -> None:
+    rng = np.random.default_rng(block_rows)
+    needs = rng.integers(1, 50, 10_001)
+    needs[rng.integers(0, len(needs), 9)] = 900
+    builder = BoundsBuilder(len(needs), block_rows)
+    for chunk in np.array_split(needs, 13):
+        builder.add(chunk)
+    assert builder.bounds() == RowBounds.from_rows(needs, block_rows)
+
+
+def test_bounds_read_only_the_column_and_default_nulls(tmp_path) -> None:
+    path = heavy_input(tmp_path / "in.parquet")
+    dataset = open_dataset(str(path), ["limit"])
+    bounds = read_row_bounds(dataset, "limit", default_max_tokens=LIGHT_TOKENS, prompt_tokens=5,
+                             block_rows=100)
+    needs = np.array([HEAVY_TOKENS if i in HEAVY else LIGHT_TOKENS for i in range(ROWS)]) + 5
+    assert bounds == RowBounds.from_rows(needs, 100)
+    assert bounds.heavy_ranges == ((5_900, 6_000),)
+    again = read_row_bounds(dataset, "limit", LIGHT_TOKENS, 5, block_rows=100)
+    assert again == bounds  # a resumed job deals by the same bounds
+
+
+def heavy_position(out: Path) -> tuple[int, int]:
+    """The ledger index of the commit that wrote the last heavy row, and the ledger's length."""
+    records = ledger(out)
+    last = max(i for i, r in enumerate(records)
+               for row in HEAVY if r["start"] <= row < r["end"]
+               and r.get("above", 0) < HEAVY_TOKENS + 20 <= (r.get("top") or 1 << 62))
+    return last, len(records)
+
+
+def test_heavy_rows_near_the_end_are_committed_early(tmp_path) -> None:
+    job_file = heavy_job(tmp_path)
+    result = run_cli("run", str(job_file), timeout=240)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert_exactly_once(out, ROWS)
+    last, total = heavy_position(out)
+    assert last < total // 2, (last, total)
+    split = [r for r in ledger(out) if "above" in r]
+    assert split, "no range was split into light and heavy rows"
+    names = [p.name for p in out.glob("part-*")]
+    assert len(names) == len(set(names)) == len(ledger(out))  # one shard a commit
+
+
+def test_input_order_without_longest_first(tmp_path) -> None:
+    job_file = heavy_job(tmp_path, longest_first=False)
+    result = run_cli("run", str(job_file), timeout=240)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert_exactly_once(out, ROWS)
+    assert not [r for r in ledger(out) if "above" in r]
+    last, total = heavy_position(out)
+    assert last >= total // 2, (last, total)
+
+
+def test_resume_with_longest_first_is_exactly_once(tmp_path) -> None:
+    job_file = heavy_job(tmp_path)
+    out = tmp_path / "out"
+    proc = start_run(job_file, out, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = ledger(out)
+    assert not (out / "_SUCCESS").exists()
+    result = run_cli("run", str(job_file), timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "resuming with" in result.stdout
+    assert_exactly_once(out, ROWS)
+    assert ledger(out)[: len(before)] == before

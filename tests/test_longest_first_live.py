@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hetbatch.io.parquet import open_dataset
+from hetbatch.io.parquet import open_dataset, parse_shard, shard_name
 from hetbatch.io.row_bounds import BoundsBuilder, read_row_bounds
 from hetbatch.scheduler.bounds import RowBounds
 from tests.jobutil import (
@@ -114,13 +114,23 @@ def test_input_order_without_longest_first(tmp_path) -> None:
 def test_resume_with_longest_first_is_exactly_once(tmp_path) -> None:
     job_file = heavy_job(tmp_path)
     out = tmp_path / "out"
-    proc = start_run(job_file, out, 4)
+    proc = start_run(job_file, out, 8)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = ledger(out)
+    assert any("above" in r for r in before)  # killed with ranges split in halves
     assert not (out / "_SUCCESS").exists()
     result = run_cli("run", str(job_file), timeout=240)
     assert result.returncode == 0, result.stderr
     assert "resuming with" in result.stdout
     assert_exactly_once(out, ROWS)
     assert ledger(out)[: len(before)] == before
+    heavy_position(out)  # the heavy rows were written, once (assert_exactly_once)
+
+
+def test_split_halves_have_their_own_shards() -> None:
+    light = shard_name(5_800, 6_000, above=0, top=45)
+    heavy = shard_name(5_800, 6_000, above=45, top=None)
+    whole = shard_name(5_800, 6_000)
+    assert len({light, heavy, whole}) == 3
+    assert parse_shard(light)[2:] == (0, 45) and parse_shard(heavy)[2:] == (45, None)

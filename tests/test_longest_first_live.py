@@ -134,3 +134,11 @@ def test_split_halves_have_their_own_shards() -> None:
     whole = shard_name(5_800, 6_000)
     assert len({light, heavy, whole}) == 3
     assert parse_shard(light)[2:] == (0, 45) and parse_shard(heavy)[2:] == (45, None)
+
+
+def test_a_column_of_text_leaves_input_order(tmp_path) -> None:
+    path = tmp_path / "in.parquet"
+    table = input_table(50).append_column("limit", pa.array(["8", "x"] * 25))
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match="not whole numbers"):
+        read_row_bounds(open_dataset(str(path), ["limit"]), "limit", 8)

@@ -69,8 +69,13 @@ class BoundsBuilder:
 
 
 def needs_of(column: pa.ChunkedArray | pa.Array, default: int, prompt_tokens: int) -> np.ndarray:
-    """A chunk's needs: its max_tokens cells (null: `default`) plus the prompt estimate."""
-    values = pc.fill_null(pc.cast(column, pa.int64()), default)
+    """A chunk's needs: its max_tokens cells (null: `default`) plus the prompt estimate.
+    Raises ValueError for cells that are not whole numbers (those rows' errors are the
+    worker's to write; the bounds are then not known)."""
+    try:
+        values = pc.fill_null(pc.cast(column, pa.int64()), default)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"not whole numbers: {exc}") from None
     return np.maximum(values.to_numpy(), 1) + prompt_tokens
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import secrets
 import socket
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -303,18 +304,26 @@ class Launcher(ABC):
         from hetbatch.io.row_bounds import read_row_bounds
 
         default = int(job.sampling.get("max_tokens") or 16)
-        return read_row_bounds(run.dataset, column, default, self._prompt_estimate(run))
+        try:
+            return read_row_bounds(run.dataset, column, default, self._prompt_estimate(run))
+        except ValueError as exc:
+            print(f"row_overrides.max_tokens column {column!r}: {exc}; rows are dealt in "
+                  "input order", file=sys.stderr)
+            return None
 
     def _prompt_estimate(self, run: PreparedRun) -> int:
         """Mean prompt tokens of the input's sample (about four bytes a token): the part of
         each row's need its max_tokens column does not give."""
-        column = run.job.input.prompt_column
+        column = run.job.input.prompt_column or run.job.input.messages_column
         if column is None:
             return 0
+        import json
+
         from hetbatch.engines.simulated import approx_tokens
 
         rows = self._input_sample(run.dataset).rows
-        texts = [str(r.get(column) or "") for r in rows]
+        texts = [v if isinstance(v := r.get(column), str) else json.dumps(v, default=str)
+                 for r in rows]
         return round(sum(approx_tokens(t) for t in texts) / len(texts)) if texts else 0
 
     def print_summary(self, run: PreparedRun, coordinator: Coordinator, started: float) -> None:

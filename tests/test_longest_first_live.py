@@ -142,3 +142,13 @@ def test_a_column_of_text_leaves_input_order(tmp_path) -> None:
     pq.write_table(table, path)
     with pytest.raises(ValueError, match="not whole numbers"):
         read_row_bounds(open_dataset(str(path), ["limit"]), "limit", 8)
+
+
+def test_bounds_read_from_object_storage(tmp_path, s3_server) -> None:
+    bucket = s3_server.new_bucket()
+    local = heavy_input(tmp_path / "in.parquet")
+    s3_server.filesystem().put_file(str(local), f"{bucket}/in/a.parquet")
+    remote = open_dataset(f"s3://{bucket}/in/", ["limit"], s3_server.storage_options)
+    here = open_dataset(str(local), ["limit"])
+    assert read_row_bounds(remote, "limit", LIGHT_TOKENS, 5, 100) == read_row_bounds(
+        here, "limit", LIGHT_TOKENS, 5, 100)

@@ -18,9 +18,11 @@ from hetbatch.io.parquet import open_dataset, parse_shard, shard_name
 from hetbatch.io.row_bounds import BoundsBuilder, read_row_bounds
 from hetbatch.scheduler.bounds import RowBounds
 from tests.jobutil import (
+    TINY_ENGINE_ARGS,
     assert_exactly_once,
     input_table,
     ledger,
+    read_output,
     run_cli,
     sim_job,
     sim_pool,
@@ -152,3 +154,39 @@ def test_bounds_read_from_object_storage(tmp_path, s3_server) -> None:
     here = open_dataset(str(local), ["limit"])
     assert read_row_bounds(remote, "limit", LIGHT_TOKENS, 5, 100) == read_row_bounds(
         here, "limit", LIGHT_TOKENS, 5, 100)
+
+
+@pytest.mark.vllm
+def test_heavy_rows_go_early_on_vllm(tmp_path, tiny_model) -> None:
+    """The real engine on CPU (tiny model): a few rows near the end may write 96 tokens, the
+    others 4; the rows that may write most are dealt among the first, every row once."""
+    rows, heavy = 640, range(630, 634)
+    limit = [96 if i in heavy else 4 for i in range(rows)]
+    table = pa.table({"id": [f"r{i:06d}" for i in range(rows)],
+                      "prompt": [f"row {i} says" for i in range(rows)], "limit": limit})
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=64)
+    job = {
+        "model": {"path": str(tiny_model), "engine_args": dict(TINY_ENGINE_ARGS)},
+        "input": {"path": str(tmp_path / "in.parquet"), "prompt_column": "prompt",
+                  "id_column": "id"},
+        "sampling": {"max_tokens": 4, "ignore_eos": True},
+        "row_overrides": {"max_tokens": "limit"},
+        "output": {"path": str(tmp_path / "out")},
+        "scheduler": {"max_unit_rows": 32, "heartbeat_s": 0.5},
+        "cluster": {"pools": [{"name": "cpu", "accelerator": "cpu", "devices_per_node": 1,
+                               "tensor_parallel_size": 1}]},
+    }
+    result = run_cli("run", "--no-progress", str(write_job(tmp_path / "job.yaml", job)),
+                     timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    df = read_output(out).sort("id")
+    assert df["id"].to_list() == [f"r{i:06d}" for i in range(rows)]
+    assert df["error"].null_count() == rows
+    assert df["completion_tokens"].to_list() == limit
+    # Here the heavy rows' decode is most of the job: they start first and end last.
+    records = sorted(ledger(out), key=lambda r: r["leased_at"])
+    last = max(i for i, r in enumerate(records) for row in heavy
+               if r["start"] <= row < r["end"] and r.get("above", 0) < 96
+               and (r.get("top") or 1 << 62) > 96)
+    assert last < len(records) // 4, (last, len(records))

@@ -190,3 +190,16 @@ def test_heavy_rows_go_early_on_vllm(tmp_path, tiny_model) -> None:
                if r["start"] <= row < r["end"] and r.get("above", 0) < 96
                and (r.get("top") or 1 << 62) > 96)
     assert last < len(records) // 4, (last, len(records))
+
+
+def test_simulate_deals_by_the_jobs_bounds(tmp_path) -> None:
+    """`hetbatch simulate` runs each row to its own max_tokens and deals by the job's bounds,
+    as `hetbatch run` does: the heavy rows near the end no longer set the makespan."""
+    from hetbatch.cli.simulate import predict
+    from hetbatch.spec import load_job
+
+    def makespan(**scheduler) -> float:
+        return predict(load_job(heavy_job(tmp_path, **scheduler))).makespan
+
+    on, off = makespan(), makespan(longest_first=False)
+    assert on < off, (on, off)

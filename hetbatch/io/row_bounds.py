@@ -104,3 +104,17 @@ def read_row_bounds(
     if shown >= 0:
         print(file=sys.stderr)
     return builder.bounds()
+
+
+def read_max_tokens(dataset: Any, column: str, default_max_tokens: int) -> np.ndarray:
+    """Every row's max_tokens (null: the job's), for the simulator: one figure per row."""
+    if not isinstance(dataset, InputDataset):
+        raise UserError("per-row max_tokens are read from Parquet input only")
+    fs = filesystem_of(dataset.protocol, dataset.storage_options)
+    parts = []
+    for f in dataset.files:
+        sized = {} if is_local(fs) else {"size": f.size}
+        with fs.open(f.path, "rb", **sized) as fh:
+            table = pq.ParquetFile(fh).read(columns=[column])
+        parts.append(needs_of(table.column(0), default_max_tokens, 0))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)

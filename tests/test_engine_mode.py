@@ -53,3 +53,29 @@ def test_break_even_counts_samples_and_tasks(tmp_path) -> None:
     assert engine_in_own_process(parse_job(four, "t"), rows / 2, spare_core=True)
     embed = {**base, "task": "embed"}
     assert not engine_in_own_process(parse_job(embed, "t"), rows * 10, spare_core=True)
+
+
+def test_worker_threads_keep_off_the_engines_cores(tmp_path) -> None:
+    """A worker's own threads (and vLLM's front end) run on the cores of its node that no
+    engine runs on; all of them when engines fill the node, or off the CPU."""
+    from hetbatch.worker.main import cpu_split
+
+    cores = sorted(os.sched_getaffinity(0))
+    src = make_input(tmp_path / "in.parquet", 10)
+    spec = sim_job(tmp_path, src, [sim_pool("cpu", 1000.0, devices_per_node=1)])
+    launcher = LocalLauncher(parse_job(spec, "test"))
+    instances = launcher.worker_job(launcher.prepare())["instances"]
+    (one,) = instances.values()
+    engine, helpers = cpu_split(instances, {**one, "accelerator": "cpu"})
+    assert engine == {one["devices"][0]}
+    assert helpers == (set(cores) - engine or set(cores))
+    # Two engines on the node fill a 2-core node: the helpers may use every core.
+    two = {"a": {**one, "accelerator": "cpu", "devices": [cores[0]]},
+           "b": {**one, "accelerator": "cpu", "devices": [cores[-1]]}}
+    if len(cores) == 2:
+        assert cpu_split(two, two["a"]) == ({cores[0]}, set(cores))
+    # Another node's engines take nothing from this one.
+    elsewhere = {**two, "b": {**two["b"], "node": one["node"] + 1}}
+    assert cpu_split(elsewhere, elsewhere["a"])[1] == (set(cores) - {cores[0]} or set(cores))
+    # Off the CPU the engine has no cores of its own.
+    assert cpu_split(instances, {**one, "accelerator": "gpu"}) == (set(), set(cores))

@@ -7,6 +7,7 @@ which only needs `vllm_version()` does not pay vLLM's import (about 5 s on a CPU
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -90,14 +91,27 @@ class VllmEngine:
         if task != "generate":
             engine_args = {"runner": "pooling", "convert": task, **engine_args}
         self._load: EngineLoad | None = None
+        # vLLM's statistics stay on (its scheduler's figures are the engine's load), but
+        # only the load is kept: vLLM's Prometheus metrics and periodic log lines are not
+        # made (nothing reads them here; they cost a histogram observation per generated
+        # token, in the worker's process), nor the per-token figures they are made from.
+        quiet = logging.getLogger("vllm.v1.metrics.loggers")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
         from vllm.usage.usage_lib import UsageContext
 
-        # An offline batch engine: vLLM's defaults for its offline `LLM` class (on the CPU
-        # max_num_seqs 256 and max_num_batched_tokens 4096; without a context, 128 and 2048).
-        self._engine: LLMEngine | None = LLMEngine.from_engine_args(
-            EngineArgs(model=model, **engine_args), usage_context=UsageContext.LLM_CLASS,
-            stat_loggers=[self._load_logger()],
-        )
+        try:
+            # An offline batch engine: vLLM's defaults for its offline `LLM` class (on the CPU
+            # max_num_seqs 256 and max_num_batched_tokens 4096; without a context, 128, 2048).
+            self._engine: LLMEngine | None = LLMEngine.from_engine_args(
+                EngineArgs(model=model, **engine_args), usage_context=UsageContext.LLM_CLASS,
+                stat_loggers=[self._load_logger()],
+            )
+        finally:
+            quiet.setLevel(level)
+        for part in (self._engine, getattr(self._engine, "output_processor", None)):
+            if hasattr(part, "log_stats"):
+                part.log_stats = False  # no per-token figures; the scheduler's still come
         self._tokenizer = self._engine.get_tokenizer()
         self._max_model_len: int = self._engine.model_config.max_model_len
         self._max_num_seqs: int = self._engine.vllm_config.scheduler_config.max_num_seqs
@@ -112,13 +126,17 @@ class VllmEngine:
 
     def _load_logger(self) -> Any:
         """A vLLM stat logger (its documented hook for engine statistics) that keeps the last
-        scheduler figures for `load`; it works in-process and in multiprocess mode alike."""
-        from vllm.v1.metrics.loggers import StatLoggerBase
+        scheduler figures for `load`; it works in-process and in multiprocess mode alike. It
+        stands in for vLLM's Prometheus logger, which is then not made."""
+        try:
+            from vllm.v1.metrics.loggers import PrometheusStatLogger as Base
+        except ImportError:
+            from vllm.v1.metrics.loggers import StatLoggerBase as Base
 
         engine = self
 
-        class LoadLogger(StatLoggerBase):
-            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+        class LoadLogger(Base):  # type: ignore[misc, valid-type]
+            def __init__(self, vllm_config: Any, engine_indexes: Any = None) -> None:
                 pass
 
             def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any,
@@ -131,6 +149,15 @@ class VllmEngine:
                     )
 
             def log_engine_initialized(self) -> None:
+                pass
+
+            def log(self) -> None:
+                pass
+
+            def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
+                pass
+
+            def record_admission_rejection(self, *args: Any, **kwargs: Any) -> None:
                 pass
 
         return LoadLogger

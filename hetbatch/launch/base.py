@@ -358,6 +358,7 @@ class Launcher(ABC):
                     "pool": i.pool,
                     "accelerator": i.accelerator,
                     "devices": list(i.devices),
+                    "node": i.node,
                     "weight": i.weight,
                     "engine_args": i.engine_args,
                     "own_process": engine_in_own_process(

@@ -9,6 +9,7 @@ needs no copy of the job file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -71,8 +72,15 @@ def run_worker(
     window = job_data.get("prefix_window_rows")
     prefix_order = None if window is None else PrefixOrder(window, dataset.num_rows)
     prepare_environment(job, instance["accelerator"], instance.get("own_process"))
-    cpus = os.sched_getaffinity(0)  # before an in-process engine pins this thread
+    engine_cpus, helper_cpus = cpu_split(job_data["instances"], instance)
+    own_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1"
     started = time.monotonic()
+    if own_process and engine_cpus:
+        # vLLM's engine core (its scheduler) and everything of this process (vLLM's front
+        # end, the reader, writer and coordinator threads) run on the cores no engine runs
+        # on: they inherit them from this thread. vLLM's model runner binds itself to the
+        # engine's cores, and has them to itself.
+        _pin_process(helper_cpus)
     engine = _start_engine(job, instance)
     if job.engine.kind == "vllm":
         where = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1"
@@ -82,7 +90,7 @@ def run_worker(
     try:
         # Join only once the engine is up, so that no lease waits on a loading model.
         while (ending := _work(
-            client, hello, job, dataset, engine, stop, prefix_order, cpus
+            client, hello, job, dataset, engine, stop, prefix_order, helper_cpus
         )) == "restarted":
             log.warning("coordinator restarted: in-flight units dropped, joining the new one")
         if ending == "stopped":
@@ -93,6 +101,35 @@ def run_worker(
     finally:
         engine.close()
         client.close()
+
+
+def cpu_split(
+    instances: dict[str, dict[str, Any]], instance: dict[str, Any]
+) -> tuple[set[int], set[int]]:
+    """The cores of this CPU instance's engine, and those its worker's own work runs on: the
+    cores of the process that no engine on the node runs on, or all of them when engines
+    fill the node (no cores are told apart off the CPU, or when the layout names other cores
+    than this process has)."""
+    cpus = os.sched_getaffinity(0)
+    if instance["accelerator"].lower() != "cpu":
+        return set(), cpus
+    own = set(instance["devices"])
+    taken = set().union(*(
+        i["devices"] for i in instances.values()
+        if i["pool"] == instance["pool"] and i.get("node") == instance.get("node")
+        and i["accelerator"].lower() == "cpu"
+    ))
+    if not own <= cpus:
+        return set(), cpus
+    return own, (cpus - taken) or cpus
+
+
+def _pin_process(cpus: set[int]) -> None:
+    """Move every thread of this process to `cpus` (Linux sets affinity per thread); what
+    they start inherits them."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cpus)
 
 
 MAX_ENGINE_STARTS = 4

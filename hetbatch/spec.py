@@ -316,6 +316,11 @@ class SchedulerSpec(_Strict):
     prefix_window_rows: int = Field(
         default=16384, ge=1, description="rows grouped by prefix within windows of this many"
     )
+    longest_first: bool = Field(
+        default=True,
+        description="deal rows that may decode longest early, from the per-row max_tokens "
+        "column (row_overrides.max_tokens) read before the job starts; false: input order",
+    )
 
     @field_validator("prefix_groups", mode="before")
     @classmethod

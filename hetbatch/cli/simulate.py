@@ -16,6 +16,7 @@ from hetbatch.errors import UserError
 from hetbatch.io.prefix_order import PrefixOrder, resolve_window, sampled_keys
 from hetbatch.io.sample import read_sample
 from hetbatch.layout import InstanceSpec, instance_layout
+from hetbatch.scheduler.bounds import RowBounds
 from hetbatch.scheduler.core import SchedulerConfig
 from hetbatch.scheduler.policies import POLICIES, make_scheduler
 from hetbatch.sim.prefix_cache import DEFAULT_CACHE_TOKENS, PrefixProfile, cache_rows
@@ -238,14 +239,44 @@ def simulate_job(
     else:
         work = (RowWork.resample(rows, rng, sample[0], outputs, prefill) if sample is not None
                 else RowWork.sample(rows, rng, LengthDist(input_len), outputs, prefill))
+    bounds = None
+    if window is None and (known := _known_max_tokens(job, rows)) is not None:
+        # Each row capped at its own max_tokens (the simulated engine writes exactly that);
+        # the scheduler deals by the job's bounds, as `hetbatch run` does.
+        inputs = (rng.choice(np.asarray(sample[0]), size=rows, replace=True)
+                  if sample is not None else LengthDist(input_len).sample(rng, rows))
+        outs = known if job.engine.kind == "sim" else np.minimum(
+            replace(outputs, maximum=None).sample(rng, rows), known)
+        work = RowWork(inputs, outs, prefill, needs=inputs + known)
+        mean_prompt = round(float(np.mean(sample[0]))) if sample is not None else 0
+        if job.scheduler.longest_first:
+            bounds = RowBounds.from_rows(known + mean_prompt)
     config = replace(SchedulerConfig.from_spec(job.scheduler), follow_on=window is not None)
     boundaries = PrefixOrder(window, rows).boundaries() if window is not None else ()
-    sched = make_scheduler(policy, rows, config, boundaries=boundaries)
+    sched = make_scheduler(policy, rows, config, boundaries=boundaries, bounds=bounds)
     sim_cfg = SimConfig(heartbeat_s=job.scheduler.heartbeat_s, poll_s=_step_s(job, insts))
     result = simulate(sched, insts, work, sim_cfg)
     if not result.completed:
         raise UserError("the simulated job never finished: every instance was lost")
     return result
+
+
+def _known_max_tokens(job: JobSpec, rows: int) -> np.ndarray | None:
+    """Each row's max_tokens from the job's per-row column (Parquet input of `rows` rows);
+    else None."""
+    column = job.row_overrides.max_tokens
+    if column is None or job.input.format != "parquet":
+        return None
+    try:
+        from hetbatch.io.parquet import open_dataset
+        from hetbatch.io.row_bounds import read_max_tokens
+
+        ds = open_dataset(job.input.path, [column], job.input.storage_options)
+        if ds.num_rows != rows:
+            return None
+        return read_max_tokens(ds, column, _max_tokens(job))
+    except (OSError, UserError, ValueError):
+        return None
 
 
 def _prefix_profile(job: JobSpec, rows: int) -> tuple[int | None, PrefixProfile | None]:

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import secrets
 import socket
+import sys
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from hetbatch.io.sample import InputSample, read_sample
 from hetbatch.layout import InstanceSpec, instance_layout, needs_plan
 from hetbatch.prompts import input_columns
 from hetbatch.report import summary_lines
+from hetbatch.scheduler.bounds import RowBounds
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 from hetbatch.scheduler.ranges import RangeSet
 from hetbatch.spec import JobSpec
@@ -253,6 +255,7 @@ class Launcher(ABC):
                 run.dataset.row_group_boundaries() if run.prefix_window_rows is None
                 else PrefixOrder(run.prefix_window_rows, run.total_rows).boundaries()
             ),
+            bounds=self.row_bounds(run),
         )
         for span in long_rows:  # rows handed back before the job stopped
             scheduler.long_rows.add(span.start, span.end, span.above, span.below)
@@ -287,6 +290,41 @@ class Launcher(ABC):
             },
         )
         return coordinator
+
+    def row_bounds(self, run: PreparedRun) -> RowBounds | None:
+        """What each row may cost, for dealing the heaviest early: from the job's per-row
+        max_tokens column, streamed (only that column) from Parquet input in input order.
+        None (input order) without that column, with `scheduler.longest_first: false`, or in
+        prefix order (its positions are not input rows)."""
+        job = run.job
+        column = job.row_overrides.max_tokens
+        if (column is None or not job.scheduler.longest_first or run.already_complete
+                or run.prefix_window_rows is not None or job.input.format != "parquet"):
+            return None
+        from hetbatch.io.row_bounds import read_row_bounds
+
+        default = int(job.sampling.get("max_tokens") or 16)
+        try:
+            return read_row_bounds(run.dataset, column, default, self._prompt_estimate(run))
+        except ValueError as exc:
+            print(f"row_overrides.max_tokens column {column!r}: {exc}; rows are dealt in "
+                  "input order", file=sys.stderr)
+            return None
+
+    def _prompt_estimate(self, run: PreparedRun) -> int:
+        """Mean prompt tokens of the input's sample (about four bytes a token): the part of
+        each row's need its max_tokens column does not give."""
+        column = run.job.input.prompt_column or run.job.input.messages_column
+        if column is None:
+            return 0
+        import json
+
+        from hetbatch.engines.simulated import approx_tokens
+
+        rows = self._input_sample(run.dataset).rows
+        texts = [v if isinstance(v := r.get(column), str) else json.dumps(v, default=str)
+                 for r in rows]
+        return round(sum(approx_tokens(t) for t in texts) / len(texts)) if texts else 0
 
     def print_summary(self, run: PreparedRun, coordinator: Coordinator, started: float) -> None:
         """What each instance did, once the coordinator has stopped."""

@@ -14,6 +14,7 @@ from types import ModuleType
 
 import pytest
 
+from tests.coordinatorutil import served  # noqa: F401  (a coordinator on loopback TCP)
 from tests.s3server import s3_env, s3_server  # noqa: F401  (the S3 server on loopback)
 
 os.environ["HF_HUB_OFFLINE"] = "1"

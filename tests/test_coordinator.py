@@ -9,7 +9,6 @@ import struct
 import threading
 import time
 
-import pyarrow as pa
 import pytest
 
 from hetbatch.coordinator.ledger import OutputStore
@@ -21,38 +20,15 @@ from hetbatch.coordinator.protocol import (
     send_message,
 )
 from hetbatch.coordinator.server import Coordinator
-from hetbatch.io.parquet import write_table
 from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def served(tmp_path):
-    clock = FakeClock()
-    store = OutputStore(str(tmp_path / "out"))
-    store.recover()
-    sched = Scheduler(1000, SchedulerConfig(max_unit_rows=100, lease_timeout_s=10))
-    coord = Coordinator(sched, store, {"spec": {}}, token="s3cret", clock=clock)
-    coord.start()
-    yield coord, clock, store
-    coord.stop()
+from tests.coordinatorutil import stage
 
 
 def _client(coord: Coordinator, token: str = "s3cret") -> Client:
     host, port = coord.address
     return Client(host, port, token, retry_s=2)
 
-
-def _stage(store: OutputStore, name: str, rows: int) -> None:
-    write_table(store.staging_url(name), pa.table({"x": list(range(rows))}), "zstd")
 
 
 def test_request_without_token_is_refused(served) -> None:
@@ -86,7 +62,7 @@ def test_stale_commit_is_not_published(served) -> None:
     again = b.call("lease", instance="b")["lease"]
     assert (again["start"], again["end"]) == (lease["start"], lease["end"])
     rows = lease["end"] - lease["start"]
-    _stage(store, "b.parquet", rows)
+    stage(store, "b.parquet", rows)
     assert (
         b.call(
             "commit",
@@ -98,7 +74,7 @@ def test_stale_commit_is_not_published(served) -> None:
         )["status"]
         == "accepted"
     )
-    _stage(store, "a.parquet", rows)
+    stage(store, "a.parquet", rows)
     assert (
         a.call(
             "commit",
@@ -148,7 +124,7 @@ def test_concurrent_commits_are_published_once_and_success_comes_last(tmp_path) 
                 continue
             lease = reply["lease"]
             staging = f"{name}-{lease['id']}.parquet"
-            _stage(store, staging, lease["end"] - lease["start"])
+            stage(store, staging, lease["end"] - lease["start"])
             client.call("commit", instance=name, lease=lease["id"], start=lease["start"],
                         end=lease["end"], staging=staging)
         client.close()

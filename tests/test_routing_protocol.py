@@ -15,28 +15,13 @@ from hetbatch.io.parquet import parse_shard, parse_shard_name, shard_name, write
 from hetbatch.io.paths import OutputPaths
 from hetbatch.scheduler.core import Scheduler, SchedulerConfig
 from hetbatch.scheduler.routing import UNLIMITED, Span
-from tests.test_coordinator import FakeClock
-
-
-@pytest.fixture
-def served(tmp_path):
-    clock = FakeClock()
-    store = OutputStore(str(tmp_path / "out"))
-    store.recover()
-    sched = Scheduler(1000, SchedulerConfig(max_unit_rows=100, lease_timeout_s=10))
-    coord = Coordinator(sched, store, {"spec": {}}, token="s3cret", clock=clock)
-    coord.start()
-    yield coord, clock, store
-    coord.stop()
+from tests.coordinatorutil import stage
 
 
 def _client(coord: Coordinator) -> Client:
     host, port = coord.address
     return Client(host, port, "s3cret", retry_s=2)
 
-
-def _stage(store: OutputStore, name: str, rows: int) -> None:
-    write_table(store.staging_url(name), pa.table({"x": list(range(rows))}), "zstd")
 
 
 def _commit(client: Client, instance: str, lease: dict, name: str, **band) -> str:
@@ -89,11 +74,11 @@ def test_handed_back_rows_are_dealt_to_a_larger_context_and_published_apart(serv
     span = big.call("lease", instance="big")["lease"]  # the long rows first
     assert (span["start"], span["end"], span["above"]) == (lease["start"], lease["end"], 64)
     assert "below" not in span and not span.get("final")
-    _stage(store, "whole.parquet", 3)
+    stage(store, "whole.parquet", 3)
     assert _commit(small, "small", lease, "whole.parquet") == "stale"  # not the rows it holds
-    _stage(store, "short.parquet", 3)
+    stage(store, "short.parquet", 3)
     assert _commit(small, "small", lease, "short.parquet", top=64) == "accepted"
-    _stage(store, "long.parquet", 3)
+    stage(store, "long.parquet", 3)
     assert _commit(big, "big", span, "long.parquet", above=64) == "accepted"
     start, end = lease["start"], lease["end"]
     assert store.published_shards() == [(start, end, 0, 64), (start, end, 64, None)]

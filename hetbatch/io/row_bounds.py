@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -84,23 +85,15 @@ def read_row_bounds(
     block_rows: int = BLOCK_ROWS,
 ) -> RowBounds:
     """Stream `column` of a Parquet dataset, one row group at a time, into `RowBounds`."""
-    if not isinstance(dataset, InputDataset):
-        raise UserError("per-row bounds are read from Parquet input only")
-    fs = filesystem_of(dataset.protocol, dataset.storage_options)
     builder = BoundsBuilder(dataset.num_rows, block_rows)
     started, shown = time.monotonic(), -1.0
-    for f in dataset.files:
-        sized = {} if is_local(fs) else {"size": f.size}
-        with fs.open(f.path, "rb", **sized) as fh:
-            pf = pq.ParquetFile(fh)
-            for g in range(pf.num_row_groups):
-                table = pf.read_row_group(g, columns=[column])
-                builder.add(needs_of(table.column(0), default_max_tokens, prompt_tokens))
-                elapsed = time.monotonic() - started
-                if elapsed > PROGRESS_AFTER_S and elapsed - shown >= 1.0:
-                    shown = elapsed
-                    done = builder.rows / max(dataset.num_rows, 1)
-                    print(f"\rreading per-row max_tokens: {done:6.1%}", end="", file=sys.stderr)
+    for chunk in _column_chunks(dataset, column):
+        builder.add(needs_of(chunk, default_max_tokens, prompt_tokens))
+        elapsed = time.monotonic() - started
+        if elapsed > PROGRESS_AFTER_S and elapsed - shown >= 1.0:
+            shown = elapsed
+            done = builder.rows / max(dataset.num_rows, 1)
+            print(f"\rreading per-row max_tokens: {done:6.1%}", end="", file=sys.stderr)
     if shown >= 0:
         print(file=sys.stderr)
     return builder.bounds()
@@ -108,13 +101,18 @@ def read_row_bounds(
 
 def read_max_tokens(dataset: Any, column: str, default_max_tokens: int) -> np.ndarray:
     """Every row's max_tokens (null: the job's), for the simulator: one figure per row."""
+    parts = [needs_of(c, default_max_tokens, 0) for c in _column_chunks(dataset, column)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def _column_chunks(dataset: Any, column: str) -> Iterator[pa.ChunkedArray]:
+    """One column of a Parquet dataset, a row group at a time, in row order."""
     if not isinstance(dataset, InputDataset):
         raise UserError("per-row max_tokens are read from Parquet input only")
     fs = filesystem_of(dataset.protocol, dataset.storage_options)
-    parts = []
     for f in dataset.files:
         sized = {} if is_local(fs) else {"size": f.size}
         with fs.open(f.path, "rb", **sized) as fh:
-            table = pq.ParquetFile(fh).read(columns=[column])
-        parts.append(needs_of(table.column(0), default_max_tokens, 0))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            pf = pq.ParquetFile(fh)
+            for g in range(pf.num_row_groups):
+                yield pf.read_row_group(g, columns=[column]).column(0)

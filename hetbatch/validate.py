@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -45,6 +47,7 @@ def check_job(job: JobSpec) -> None:
     for i, pool in enumerate(job.cluster.pools):
         check_engine_args(pool.engine_args, f"cluster.pools[{i}].engine_args")
     check_accelerators(job)
+    check_task_head(job)
 
 
 # -- sampling ---------------------------------------------------------------------------------
@@ -163,3 +166,35 @@ def check_accelerators(job: JobSpec) -> None:
             catalog.get(pool.accelerator)
         except UserError as exc:
             raise JobError(f"cluster.pools[{i}].accelerator", str(exc)) from None
+
+
+# -- task ---------------------------------------------------------------------------------------
+
+# Ways a checkpoint can carry a classifier vLLM will load: its own head, or one vLLM derives from
+# the LM head's rows (hf_overrides).
+_CLASSIFIER_KEYS = ("classifier_from_token", "method")
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def check_task_head(job: JobSpec) -> None:
+    """`task: classify` on a generative checkpoint without a classification head would give
+    scores from a layer vLLM creates but never loads (uninitialised memory, not a model):
+    refuse it. Only a local folder can be checked; a hub name is left to vLLM."""
+    if job.task != "classify":
+        return
+    config_file = Path(job.model.path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return
+    overrides = job.model.engine_args.get("hf_overrides") or {}
+    if any(key in config or key in overrides for key in _CLASSIFIER_KEYS):
+        return
+    architectures = config.get("architectures") or []
+    if architectures and all(a.endswith(_GENERATIVE_SUFFIXES) for a in architectures):
+        raise JobError(
+            "task",
+            f"classify needs a classification head; {config_file} is a generative checkpoint "
+            f"({', '.join(architectures)}): use a *ForSequenceClassification checkpoint, or "
+            "model.engine_args.hf_overrides with classifier_from_token",
+        )

@@ -37,3 +37,21 @@ def _load_builder() -> ModuleType:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path to a freshly built tiny random-weight Llama model (about 4 s, once per session)."""
     return _load_builder().build(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a seeded two-label classification head (LlamaForSequenceClassification):
+    a generative checkpoint has no head for vLLM to load."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    out = tmp_path_factory.mktemp("tiny-classifier") / "model"
+    shutil.copytree(tiny_model, out)
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    model.config.architectures = ["LlamaForSequenceClassification"]
+    model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +40,7 @@ from tests.jobutil import (
     wait_for,
     write_job,
 )
-from tests.replan_vllm import STALE_CPU, rate_per_instance, write_replan_job
+from tests.replan_vllm import STALE_CPU, write_replan_job
 
 # L40S coefficients from somewhere else: twice its bandwidth and no cost per engine step. The
 # plan they make runs max_num_seqs 128 at about half the speed it promises.
@@ -200,16 +201,20 @@ def test_vllm_pool_planned_at_8_seqs_is_restarted_with_more_each_row_once(
     metrics = json.loads((out / "_hetbatch" / "metrics.json").read_text())
     (replan,) = metrics["replans"]
     assert replan["engine_args"]["max_num_seqs"] > 8
-    # Units leased after the re-plan ran on the restarted engines, faster than before it.
+    # Units leased after the re-plan ran on the restarted engines, which ran more than the
+    # old 8 sequences at once (as vLLM's scheduler reported them). Their speed is measured by
+    # bench/replan.py, not here.
     at = metrics["started_at"] + replan["at_s"]
-    before = [r for r in ledger(out) if r["at"] <= at]
-    after = [r for r in ledger(out) if r["leased_at"] > at]
-    assert before and after
-    assert rate_per_instance(after) > 1.5 * rate_per_instance(before)
+    assert [r for r in ledger(out) if r["at"] <= at]
+    assert [r for r in ledger(out) if r["leased_at"] > at]
+    seqs = replan["engine_args"]["max_num_seqs"]
     for name in ("cpu-0-0", "cpu-0-1"):
         log = (out / "_hetbatch" / "logs" / f"{name}.log").read_text()
         assert log.count(f"started {name} on devices") == 2
         assert "re-planned: finishing " in log
+        ready = re.findall(r"engine ready in [0-9.]+ s: up to (\d+) sequences", log)
+        assert [int(n) for n in ready] == [8, seqs]
+        assert metrics["instances"][name]["peak_running"] > 8
 
 
 @pytest.mark.vllm

@@ -210,7 +210,7 @@ def test_per_row_overrides_from_columns(tmp_path, tiny_model) -> None:
     assert len(sampled) > 3
 
 
-def test_embed_and_classify_give_one_vector_per_row(tmp_path, tiny_model) -> None:
+def test_embed_and_classify_give_one_vector_per_row(tmp_path, tiny_model, tiny_classifier) -> None:
     """Pooling tasks through the same scheduling: two instances, then one, the same vectors;
     a row that cannot run is still that row's error."""
     import numpy as np
@@ -236,10 +236,32 @@ def test_embed_and_classify_give_one_vector_per_row(tmp_path, tiny_model) -> Non
     one = _run(tmp_path, "embed1", one_job).filter(pl.col("error").is_null())
     assert np.allclose(np.array(one["embedding"].to_list()), vectors, atol=1e-4)
 
-    scores = _run(tmp_path, "cls", _job(tmp_path / "cls", tiny_model, src, task="classify"))
-    probs = np.array(scores.filter(pl.col("error").is_null())["class_scores"].to_list())
-    assert probs.shape == (rows - 1, 2)  # the default two labels of a converted checkpoint
+    cls_two = _job(tmp_path / "cls2", tiny_classifier, src, 2, task="classify")
+    two = _run(tmp_path, "cls2", cls_two).filter(pl.col("error").is_null())
+    probs = np.array(two["class_scores"].to_list())
+    assert probs.shape == (rows - 1, 2)  # the head's two labels
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    assert probs.min() > 0.0 and probs.max() < 1.0  # a trained-size head, not saturated
+    one = _run(tmp_path, "cls1", _job(tmp_path / "cls1", tiny_classifier, src, task="classify"))
+    probs_one = np.array(one.filter(pl.col("error").is_null())["class_scores"].to_list())
+    assert np.allclose(probs_one, probs, atol=1e-4)  # the same scores wherever a row ran
+
+
+def test_classify_refuses_a_generative_checkpoint_without_a_head(tmp_path, tiny_model) -> None:
+    """vLLM would score with a layer it creates but never loads: refused before any engine."""
+    src = _input(tmp_path / "in.parquet", 10)
+    job = _job(tmp_path / "out", tiny_model, src, task="classify")
+    result = run_cli("run", str(write_job(tmp_path / "cls.yaml", job)), timeout=60)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "task: classify needs a classification head" in line
+    assert str(tiny_model / "config.json") in line and "LlamaForCausalLM" in line
+    assert not (tmp_path / "out").exists()
+    job["model"]["engine_args"] = {
+        **job["model"]["engine_args"], "hf_overrides": {"classifier_from_token": ["a", "b"]},
+    }
+    result = run_cli("plan", str(write_job(tmp_path / "cls.yaml", job)), timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_cost_per_pool_and_overall(tmp_path, tiny_model) -> None:

@@ -77,6 +77,7 @@ class InstanceMetrics:
     engine: tuple[int, int, float] | None = None  # running, waiting, KV-cache use, as reported
     running_sum: float = 0.0  # requests running in its engine, summed over heartbeats
     running_n: int = 0
+    peak_running: int = 0  # the most requests its engine has reported running at once
 
     def to_dict(self, t0: float = 0.0) -> dict[str, Any]:
         span = (self.last_commit_at or 0) - (self.first_lease_at or 0)
@@ -95,6 +96,7 @@ class InstanceMetrics:
             "engine": None if self.engine is None else dict(
                 zip(("running", "waiting", "kv_cache_usage"), self.engine, strict=True)
             ),
+            "peak_running": self.peak_running,
             "first_lease_s": _since(self.first_lease_at, t0),
             "last_commit_s": _since(self.last_commit_at, t0),
         }
@@ -375,6 +377,7 @@ class Coordinator:
             if msg.engine[0]:  # an idle engine (start, drain) says nothing of its batch
                 metrics.running_sum += msg.engine[0]
                 metrics.running_n += 1
+                metrics.peak_running = max(metrics.peak_running, msg.engine[0])
         reply = self.scheduler.heartbeat(msg.instance, msg.progress, self.clock())
         return m.heartbeat_reply(
             [(r.lease_id, r.cut) for r in reply.releases], reply.revoked, self.finished.is_set(),

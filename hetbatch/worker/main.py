@@ -84,8 +84,9 @@ def run_worker(
     engine = _start_engine(job, instance)
     if job.engine.kind == "vllm":
         where = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "1"
-        log.info("engine ready in %.1f s (engine core in %s process)",
-                 time.monotonic() - started, "its own" if where else "this")
+        log.info("engine ready in %.1f s: up to %d sequences at once (engine core in %s "
+                 "process)", time.monotonic() - started, engine.max_concurrency,
+                 "its own" if where else "this")
     stop = _stop_on_sigterm()
     try:
         # Join only once the engine is up, so that no lease waits on a loading model.

@@ -111,16 +111,20 @@ def make_job(tmp: Path, name: str, rows: int, instances: int, max_tokens: int) -
 HETBATCH_MODES = {"hetbatch": None, "hetbatch-mp": True, "hetbatch-inproc": False}
 
 
-def run_bare(job: Path, rows: int, envs: list[dict[str, str]]) -> dict:
+def start_bare(job: Path, rows: int, envs: list[dict[str, str]]) -> list[subprocess.Popen]:
     """One process per instance, each given its share of the rows, all started at once."""
     bounds = [rows * k // len(envs) for k in range(len(envs) + 1)]
-    t0 = time.time()
-    procs = [
+    return [
         subprocess.Popen([sys.executable, "-c", BARE, str(job), str(a), str(b)],
                          env={**BASE_ENV, **env}, stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, text=True)
         for env, a, b in zip(envs, bounds, bounds[1:], strict=False)
     ]
+
+
+def run_bare(job: Path, rows: int, envs: list[dict[str, str]]) -> dict:
+    t0 = time.time()
+    procs = start_bare(job, rows, envs)
     outs = [p.communicate()[0] for p in procs]
     wall = time.time() - t0
     if any(p.returncode for p in procs):

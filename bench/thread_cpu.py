@@ -4,12 +4,16 @@ Runs the overhead benchmark's long job (`bench/overhead.py`'s prompts and engine
 each way and samples every thread of every process of the run from /proc each second, keeping
 each thread's last CPU time (user + system). Python thread names come from `py-spy dump` when
 py-spy is installed (`pip install py-spy`), taken once a minute into the run; native threads stay
-unnamed. What it answers: how much of the CPU a run takes is the engine's thread and how much
-is everything beside it (reading, tokenizing, writing, the coordinator), which with an engine on
-every core is taken from the engines.
+unnamed. What it answers: how much of the CPU a run takes is the engines' threads and how much
+is everything beside them (reading, tokenizing, writing, the coordinator), which with an engine
+on every core is taken from the engines; printed as a share of the engines' threads, with the
+threads that ended while their process ran (start-up work, e.g. importing vLLM) apart.
 
     python bench/thread_cpu.py                   # 20,000 rows, two instances
     python bench/thread_cpu.py --rows 12000 --instances 1
+
+The split assumes engines in the workers' processes (two instances here); with the engine core in
+a process of its own (one instance here) every process's main thread counts as main.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,6 +33,18 @@ import overhead  # the same job, sides and environments
 
 TICK = os.sysconf("SC_CLK_TCK")
 NAME_AFTER_S = 60.0
+
+
+@dataclass
+class Sample:
+    """Last CPU seconds seen per (pid, tid), and what is known of them."""
+
+    cpu: dict[tuple[int, int], float] = field(default_factory=dict)
+    ended: set[tuple[int, int]] = field(default_factory=set)  # gone while their process lived
+    commands: dict[int, str] = field(default_factory=dict)
+    names: dict[tuple[int, int], str] = field(default_factory=dict)  # Python thread names
+    wall_s: float = 0.0
+    root: int = 0  # the launcher: its main thread runs no engine
 
 
 def descendants(root: int) -> list[int]:
@@ -87,62 +103,64 @@ def python_names(pid: int) -> dict[int, str]:
     return names
 
 
-def watch(procs: list[subprocess.Popen], root: int) -> tuple[dict, dict, dict, float]:
-    """Sample until every process ends: last CPU per (pid, tid), commands, thread names, wall."""
-    cpu: dict[tuple[int, int], float] = {}
-    commands: dict[int, str] = {}
-    names: dict[tuple[int, int], str] = {}
+def watch(procs: list[subprocess.Popen], root: int) -> Sample:
+    """Sample every thread under `root` each second until every process in `procs` ends."""
+    sample = Sample(root=root)
     named: set[int] = set()
     t0 = time.monotonic()
     while any(p.poll() is None for p in procs):
         for pid in descendants(root):
             if pid == os.getpid():
                 continue
-            commands.setdefault(pid, command(pid))
-            for tid, seconds in thread_cpu(pid).items():
-                cpu[(pid, tid)] = seconds
+            sample.commands.setdefault(pid, command(pid))
+            now = thread_cpu(pid)
+            if now:  # threads gone from a live process ended early (start-up work)
+                seen = {tid for p, tid in sample.cpu if p == pid}
+                sample.ended |= {(pid, tid) for tid in seen - now.keys()}
+            sample.cpu.update({(pid, tid): seconds for tid, seconds in now.items()})
             if pid not in named and time.monotonic() - t0 > NAME_AFTER_S:
                 named.add(pid)
-                names.update({(pid, t): n for t, n in python_names(pid).items()})
+                sample.names.update({(pid, t): n for t, n in python_names(pid).items()})
         time.sleep(1.0)
-    return cpu, commands, names, time.monotonic() - t0
+    sample.wall_s = time.monotonic() - t0
+    return sample
 
 
-def report(label: str, cpu: dict, commands: dict, names: dict, wall: float) -> None:
-    print(f"{label}: wall {wall:.1f} s")
-    per_process: dict[int, float] = defaultdict(float)
-    for (pid, tid), seconds in sorted(cpu.items()):
-        per_process[pid] += seconds
+def report(label: str, sample: Sample) -> None:
+    """Every thread that used CPU, then the run's split: the workers' main threads (where an
+    in-process engine steps) against the work beside them, threads that ended early apart."""
+    print(f"{label}: wall {sample.wall_s:.1f} s")
+    main = beside = early = 0.0
+    for (pid, tid), seconds in sorted(sample.cpu.items()):
+        if tid == pid and pid != sample.root:
+            main += seconds
+        elif (pid, tid) in sample.ended:
+            early += seconds
+        else:
+            beside += seconds
         if seconds >= 0.05:
-            name = names.get((pid, tid), "main" if tid == pid else "native or ended")
-            print(f"  {pid:>7} {tid:>7}  {name:<18} {seconds:8.2f} s  {commands[pid]}")
-    for pid, seconds in per_process.items():
-        if seconds >= 0.5:
-            mains = cpu.get((pid, pid), 0.0)
-            print(f"  process {pid}: {seconds:.1f} CPU s, {mains:.1f} on its main thread, "
-                  f"{seconds - mains:.1f} beside it  ({commands[pid]})")
+            name = sample.names.get((pid, tid), "main" if tid == pid else "native")
+            if (pid, tid) in sample.ended:
+                name += " (ended early)"
+            print(f"  {pid:>7} {tid:>7}  {name:<24} {seconds:8.2f} s  {sample.commands[pid]}")
+    print(f"  main threads {main:.1f} CPU s; beside them {beside:.1f} s "
+          f"({beside / max(main, 1e-9):.1%} of the main threads'), and {early:.1f} s in threads "
+          "that ended early")
 
 
 def run_hetbatch(job: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "hetbatch", "run", str(job), "--overwrite"],
                             env=overhead.BASE_ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    report("hetbatch run", *watch([proc], proc.pid))
+    report("hetbatch run", watch([proc], proc.pid))
     if proc.returncode:
         raise SystemExit(f"hetbatch run failed with exit code {proc.returncode}")
 
 
 def run_bare(job: Path, rows: int, instances: int) -> None:
-    envs = overhead.BEST[instances]
-    bounds = [rows * k // len(envs) for k in range(len(envs) + 1)]
-    procs = [
-        subprocess.Popen([sys.executable, "-c", overhead.BARE, str(job), str(a), str(b)],
-                         env={**overhead.BASE_ENV, **env}, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-        for env, a, b in zip(envs, bounds, bounds[1:], strict=False)
-    ]
-    report("bare vLLM, best setting", *watch(procs, os.getpid()))
-    if any(p.returncode for p in procs):
+    procs = overhead.start_bare(job, rows, overhead.BEST[instances])
+    report("bare vLLM, best setting", watch(procs, os.getpid()))
+    if any(p.wait() for p in procs):  # each prints one result line: its pipe cannot fill
         raise SystemExit("bare vLLM failed")
 
 

@@ -182,10 +182,12 @@ def check_task_head(job: JobSpec) -> None:
     refuse it. Only a local folder can be checked; a hub name is left to vLLM."""
     if job.task != "classify":
         return
-    config_file = Path(job.model.path) / "config.json"
+    config_file = Path(job.model.path).expanduser() / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):
+        return
+    if not isinstance(config, dict):
         return
     overrides = job.model.engine_args.get("hf_overrides") or {}
     if any(key in config or key in overrides for key in _CLASSIFIER_KEYS):

@@ -52,6 +52,5 @@ def tiny_classifier(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     shutil.copytree(tiny_model, out)
     torch.manual_seed(0)
     model = LlamaForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
-    model.config.architectures = ["LlamaForSequenceClassification"]
     model.save_pretrained(out, safe_serialization=True)
     return out

@@ -221,7 +221,7 @@ def test_vllm_pool_planned_at_8_seqs_is_restarted_with_more_each_row_once(
 def test_vllm_replanned_run_interrupted_resumes_each_row_once(
     tmp_path: Path, tiny_model: Path
 ) -> None:
-    rows = 2_000
+    rows = 4_000  # with 2,000 the restarted engines could finish every row before the interrupt
     _job, args = _run_replanned(tmp_path, tiny_model, rows)
     out = tmp_path / "out"
     proc = start_cli(*args)

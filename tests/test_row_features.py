@@ -236,15 +236,16 @@ def test_embed_and_classify_give_one_vector_per_row(tmp_path, tiny_model, tiny_c
     one = _run(tmp_path, "embed1", one_job).filter(pl.col("error").is_null())
     assert np.allclose(np.array(one["embedding"].to_list()), vectors, atol=1e-4)
 
-    cls_two = _job(tmp_path / "cls2", tiny_classifier, src, 2, task="classify")
-    two = _run(tmp_path, "cls2", cls_two).filter(pl.col("error").is_null())
-    probs = np.array(two["class_scores"].to_list())
+    def class_scores(name: str, devices: int) -> np.ndarray:
+        job = _job(tmp_path / name, tiny_classifier, src, devices, task="classify")
+        scored = _run(tmp_path, name, job).filter(pl.col("error").is_null())
+        return np.array(scored["class_scores"].to_list())
+
+    probs = class_scores("cls2", 2)
     assert probs.shape == (rows - 1, 2)  # the head's two labels
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     assert probs.min() > 0.0 and probs.max() < 1.0  # a trained-size head, not saturated
-    one = _run(tmp_path, "cls1", _job(tmp_path / "cls1", tiny_classifier, src, task="classify"))
-    probs_one = np.array(one.filter(pl.col("error").is_null())["class_scores"].to_list())
-    assert np.allclose(probs_one, probs, atol=1e-4)  # the same scores wherever a row ran
+    assert np.allclose(class_scores("cls1", 1), probs, atol=1e-4)  # wherever a row ran
 
 
 def test_classify_refuses_a_generative_checkpoint_without_a_head(tmp_path, tiny_model) -> None:

@@ -33,6 +33,7 @@ import overhead  # the same job, sides and environments
 
 TICK = os.sysconf("SC_CLK_TCK")
 NAME_AFTER_S = 60.0
+EARLY_S = 10.0  # a thread that ended this long before its process did ran start-up work
 
 
 @dataclass
@@ -40,7 +41,8 @@ class Sample:
     """Last CPU seconds seen per (pid, tid), and what is known of them."""
 
     cpu: dict[tuple[int, int], float] = field(default_factory=dict)
-    ended: set[tuple[int, int]] = field(default_factory=set)  # gone while their process lived
+    ended_at: dict[tuple[int, int], float] = field(default_factory=dict)  # gone, process alive
+    last_seen: dict[int, float] = field(default_factory=dict)  # per process
     commands: dict[int, str] = field(default_factory=dict)
     names: dict[tuple[int, int], str] = field(default_factory=dict)  # Python thread names
     wall_s: float = 0.0
@@ -114,9 +116,12 @@ def watch(procs: list[subprocess.Popen], root: int) -> Sample:
                 continue
             sample.commands.setdefault(pid, command(pid))
             now = thread_cpu(pid)
-            if now:  # threads gone from a live process ended early (start-up work)
+            if now:
+                at = time.monotonic()
+                sample.last_seen[pid] = at
                 seen = {tid for p, tid in sample.cpu if p == pid}
-                sample.ended |= {(pid, tid) for tid in seen - now.keys()}
+                for tid in seen - now.keys():
+                    sample.ended_at.setdefault((pid, tid), at)
             sample.cpu.update({(pid, tid): seconds for tid, seconds in now.items()})
             if pid not in named and time.monotonic() - t0 > NAME_AFTER_S:
                 named.add(pid)
@@ -124,6 +129,12 @@ def watch(procs: list[subprocess.Popen], root: int) -> Sample:
         time.sleep(1.0)
     sample.wall_s = time.monotonic() - t0
     return sample
+
+
+def ended_early(sample: Sample, pid: int, tid: int) -> bool:
+    """Gone while its process ran on for a while: start-up work, not the process's shutdown."""
+    at = sample.ended_at.get((pid, tid))
+    return at is not None and sample.last_seen.get(pid, at) - at > EARLY_S
 
 
 def report(label: str, sample: Sample) -> None:
@@ -134,13 +145,13 @@ def report(label: str, sample: Sample) -> None:
     for (pid, tid), seconds in sorted(sample.cpu.items()):
         if tid == pid and pid != sample.root:
             main += seconds
-        elif (pid, tid) in sample.ended:
+        elif ended_early(sample, pid, tid):
             early += seconds
         else:
             beside += seconds
         if seconds >= 0.05:
             name = sample.names.get((pid, tid), "main" if tid == pid else "native")
-            if (pid, tid) in sample.ended:
+            if ended_early(sample, pid, tid):
                 name += " (ended early)"
             print(f"  {pid:>7} {tid:>7}  {name:<24} {seconds:8.2f} s  {sample.commands[pid]}")
     print(f"  main threads {main:.1f} CPU s; beside them {beside:.1f} s "
